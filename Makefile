@@ -1,0 +1,36 @@
+# The two commands of the README. Everything runs from a venv made here, on CPU by default.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VAEPIPE := $(VENV)/bin/vaepipe
+QS_DATA ?= data/synth
+QS_SHARDS ?= data/shards/synth64
+
+.PHONY: install quickstart test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU torch first and pinned, so no dependency can pull a CUDA build.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: install
+	@start=$$(date +%s); set -e; \
+	$(VAEPIPE) data synth --out $(QS_DATA) --n 2000 --seed 0; \
+	$(VAEPIPE) data shard --source $(QS_DATA) --out $(QS_SHARDS) --resolution 64 --shard-size 250; \
+	$(VAEPIPE) train --config jobs/quickstart.yaml; \
+	$(VAEPIPE) sample --model models:/vae-quickstart@champion --n 64 --out quickstart_samples.png; \
+	echo; echo "quickstart finished in $$(( $$(date +%s) - start )) s"; \
+	echo "  MLflow UI:   $(VAEPIPE:vaepipe=mlflow) ui --backend-store-uri sqlite:///mlruns.db   (images under each run's artifacts/images)"; \
+	echo "  registered:  models:/vae-quickstart@champion"; \
+	echo "  samples:     quickstart_samples.png"
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf data runs mlruns.db mlartifacts quickstart_samples.png

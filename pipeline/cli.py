@@ -1,0 +1,203 @@
+"""The ``vaepipe`` command line (Typer + rich).
+
+Heavy imports (torch, ray, mlflow) happen inside commands so ``vaepipe --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed VAE training: shards -> Ray Train + DeepSpeed -> MLflow.")
+data_app = typer.Typer(no_args_is_help=True, help="Make, shard and inspect data sets.")
+config_app = typer.Typer(no_args_is_help=True, help="Show the resolved config.")
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+console = Console()
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(2)
+
+
+def _load(config: Optional[Path], overrides: List[str]):
+    from pipeline.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., help="Folder to write the CelebA-format data set into."),
+    n: int = typer.Option(5000, help="Number of images."),
+    seed: int = typer.Option(0, help="Random seed (the set is deterministic for a seed)."),
+    workers: Optional[int] = typer.Option(None, help="Processes (default: all cores)."),
+):
+    """Generate synthetic faces with ground-truth factors, in CelebA's exact layout."""
+    from pipeline.data.synth import generate_synthetic_celeba
+
+    path = generate_synthetic_celeba(out, n=n, seed=seed, workers=workers)
+    console.print(f"[green]wrote[/] {n} images to {path}")
+
+
+@data_app.command("shard")
+def data_shard(
+    source: str = typer.Option(..., help="CelebA folder (img_align_celeba/ or .zip + list files) or a folder of square images."),
+    out: str = typer.Option(..., help="Output: local folder, file:// or s3://bucket/prefix."),
+    resolution: int = typer.Option(64, help="Stored square resolution."),
+    shard_size: int = typer.Option(1000, help="Samples per tar shard."),
+    image_format: str = typer.Option("jpg", "--format", help="jpg, png or webp."),
+    workers: Optional[int] = typer.Option(None, help="Processes (default: all cores)."),
+):
+    """Write WebDataset shards per split plus manifest.json (re-runs skip matching shards)."""
+    from pipeline.data.shards import write_shards
+
+    try:
+        manifest = write_shards(source, out, resolution=resolution, shard_size=shard_size, image_format=image_format, workers=workers)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    _print_manifest(out, manifest)
+
+
+def _print_manifest(url: str, manifest: dict, checks: Optional[list] = None) -> None:
+    table = Table(title=f"{url}  ({manifest['resolution']}px {manifest.get('image_format', 'jpg')}, source: {manifest.get('source', '?')})")
+    for col in ("split", "shards", "samples"):
+        table.add_column(col)
+    for split, info in manifest["splits"].items():
+        table.add_row(split, str(len(info["shards"])), str(info["num_samples"]))
+    console.print(table)
+    if manifest.get("skipped_corrupt"):
+        console.print(f"[yellow]skipped corrupt source images:[/] {manifest['skipped_corrupt']}")
+    if checks is not None:
+        bad = [c for c in checks if not c[1]]
+        console.print(f"sha256: {len(checks) - len(bad)}/{len(checks)} shards verified")
+        for name, _, expected, actual in bad:
+            console.print(f"[red]MISMATCH[/] {name}: manifest {expected} != file {actual}")
+
+
+@data_app.command("inspect")
+def data_inspect(url: str = typer.Argument(..., help="Shard set folder or URL."),
+                 verify: bool = typer.Option(True, help="Recompute the sha256 of every shard.")):
+    """Summarise a shard set's manifest and verify every shard's checksum."""
+    from pipeline.data.shards import read_manifest, verify_shards
+
+    try:
+        manifest = read_manifest(url)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    checks = verify_shards(url) if verify else None
+    _print_manifest(url, manifest, checks)
+    if checks and not all(c[1] for c in checks):
+        raise typer.Exit(1)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def train(
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, help="Job YAML (e.g. jobs/quickstart.yaml)."),
+    resume: Optional[str] = typer.Option(None, help="Checkpoint folder, Ray run folder or MLflow run id to continue."),
+):
+    """Train on Ray Train + DeepSpeed; extra args are dotted overrides (model.latent_dim=64)."""
+    cfg = _load(config, ctx.args)
+    from pipeline.config import ConfigError
+    from pipeline.train.trainer import run_training
+
+    try:
+        result = run_training(cfg, resume=resume)
+    except (ConfigError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    table = Table(title="vaepipe train: done", show_header=False)
+    table.add_row("MLflow run", result.run_id)
+    table.add_row("tracking URI", result.tracking_uri)
+    table.add_row("model", result.model_uri or "-")
+    table.add_row("checkpoint", result.checkpoint_path or "-")
+    for k in ("loss", "recon", "kl", "val_neg_elbo", "images_per_sec", "skipped_steps", "corrupt_samples"):
+        if k in result.metrics:
+            table.add_row(k, f"{result.metrics[k]:.4g}")
+    table.add_row("wall time", f"{result.wall_s:.0f} s")
+    console.print(table)
+    console.print(f"images: mlflow artifacts of run {result.run_id} under images/  (mlflow ui --backend-store-uri {result.tracking_uri})")
+
+
+@app.command()
+def register(
+    run_id: str = typer.Option(..., help="MLflow run whose model to register."),
+    name: str = typer.Option(..., help="Registered model name."),
+    alias: Optional[str] = typer.Option(None, help="Alias to point at the new version (e.g. champion)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="Default: MLFLOW_TRACKING_URI or sqlite:///mlruns.db."),
+):
+    """Register a run's model in the MLflow Model Registry and set an alias."""
+    from pipeline.config import VaepipeConfig
+    from pipeline.tracking import register_model, resolve_tracking_uri
+
+    cfg = VaepipeConfig()
+    cfg.tracking.tracking_uri = tracking_uri
+    uri = resolve_tracking_uri(cfg)
+    try:
+        version = register_model(uri, run_id, name, alias)
+    except ValueError as exc:
+        _fail(str(exc))
+    target = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
+    console.print(f"[green]registered[/] {name} version {version} -> {target}")
+
+
+@app.command()
+def sample(
+    model: str = typer.Option(..., help="Model URI, e.g. models:/vae-celeba@champion or runs:/<id>/model."),
+    n: int = typer.Option(64, help="Number of samples."),
+    out: Path = typer.Option(Path("samples.png"), help="PNG grid to write."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    tracking_uri: Optional[str] = typer.Option(None, help="Default: MLFLOW_TRACKING_URI or sqlite:///mlruns.db."),
+):
+    """Draw samples from a logged or registered model and save them as a PNG grid."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.config import VaepipeConfig
+    from pipeline.tracking import make_client, make_grid, resolve_tracking_uri
+
+    cfg = VaepipeConfig()
+    cfg.tracking.tracking_uri = tracking_uri
+    make_client(resolve_tracking_uri(cfg))
+    import mlflow.pyfunc
+
+    pyfunc = mlflow.pyfunc.load_model(model)
+    images = pyfunc.predict(np.zeros((1, 1, 1, 1), np.float32), params={"method": "sample", "n": n, "seed": seed})
+    Image.fromarray(make_grid(images, nrow=int(math.ceil(math.sqrt(n))))).save(out)
+    console.print(f"[green]wrote[/] {n} samples {tuple(images.shape[1:])} to {out}")
+
+
+@config_app.command("show", context_settings={"allow_extra_args": True})
+def config_show(ctx: typer.Context, config: Optional[Path] = typer.Option(None, help="Job YAML.")):
+    """Print the resolved config (defaults <- YAML <- overrides) as YAML."""
+    from pipeline.config import to_yaml
+
+    console.print(to_yaml(_load(config, ctx.args)), highlight=False, markup=False)
+
+
+@app.command("models")
+def list_models_cmd():
+    """List the registered model families."""
+    from models import list_models
+
+    for name in list_models():
+        console.print(name)
+
+
+def main() -> None:  # console script entry point
+    app(prog_name="vaepipe")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The one typed configuration tree of vaepipe.
+
+Defaults (these dataclasses) <- a YAML job file <- dotted CLI overrides
+(``model.latent_dim=128``), merged with OmegaConf's structured mode so an unknown key
+or a value of the wrong type fails at once, naming the key. ``validate`` then checks
+what types cannot say (ranges, combinations) before any Ray worker starts.
+
+The tree crosses the Ray boundary as a plain dict (``to_dict``) and is rebuilt with
+``from_dict`` inside each worker, so workers always see the same validated config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the key and the value."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shards/synth64"
+    """Shard set: a local folder, ``file://`` or ``s3://bucket/prefix`` holding manifest.json."""
+    resolution: int = 64
+    """Resolution fed to the model; shards are resized on the fly (must be <= stored resolution)."""
+    channels: int = 3
+    """3 for RGB, 1 to convert images to grayscale."""
+    batch_size: int = 32
+    """Micro-batch per worker; the global batch is batch_size * num_workers * grad_accum_steps."""
+    shuffle_buffer: int = 1000
+    """Samples held in the streaming shuffle buffer."""
+    loader_workers: int = 1
+    """DataLoader processes decoding images inside each Ray worker (0 = decode in the train loop)."""
+    val_batches: int = 4
+    """Validation batches per rank at each evaluation (0 disables validation)."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "conv_vae"
+    """Registered model family (``vaepipe models`` lists them)."""
+    flavor: Literal["base", "debug"] = "base"
+    """``debug`` shrinks widths so a CPU test runs in seconds."""
+    latent_dim: int = 128
+    """Latent dimensions of the Gaussian posterior."""
+    in_channels: int = 3
+    """Image channels; set from ``data.channels`` by ``validate``."""
+    resolution: int = 64
+    """Input resolution; set from ``data.resolution`` by ``validate``."""
+    base_channels: int = 32
+    """Width of the first conv block (32 is the reference architecture)."""
+    hidden_dim: int = 512
+    """Width of the dense layer between the conv stack and the latent."""
+    likelihood: Literal["bernoulli", "gaussian", "mse"] = "bernoulli"
+    """Decoder likelihood p(x|z)."""
+    obs_std: float = 0.1
+    """Fixed standard deviation of the Gaussian likelihood."""
+    beta: float = 1.0
+    """Target weight of the KL term (beta-VAE when > 1); annealing multiplies it."""
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw"] = "adam"
+    """Optimizer, built by DeepSpeed from its config."""
+    lr: float = 1e-3
+    """Learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    weight_decay: float = 0.0
+    """Weight decay (decoupled for adamw)."""
+    grad_clip: float = 5.0
+    """Gradient clipping by global norm (0 disables)."""
+    skip_grad_norm: float = 1e4
+    """A step whose gradient norm exceeds this (or is not finite) is skipped on all ranks."""
+
+
+@dataclass
+class ScheduleConfig:
+    kl_warmup_steps: int = 0
+    """Linear KL warm-up: beta_t = beta * min(1, step / kl_warmup_steps); 0 disables."""
+    free_bits: float = 0.0
+    """Free bits lambda per latent dimension: KL_i = max(lambda, KL_i); 0 disables."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps in total (a resumed run continues up to this number)."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto = bf16 where the hardware does it fast, fp16 on older GPUs, fp32 otherwise."""
+    activation_checkpointing: bool = False
+    """Recompute encoder/decoder blocks in backward instead of storing activations."""
+    seed: int = 0
+    """Seed of model init, shuffling and sampling."""
+    log_every: int = 10
+    """Steps between metric logs (and Ray reports)."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (all ranks save their DeepSpeed shard, then one Ray report)."""
+    image_every: int = 200
+    """Steps between image grids (reconstructions, samples) logged to MLflow."""
+    val_every: int = 100
+    """Steps between validation passes."""
+    keep_checkpoints: int = 2
+    """Ray checkpoints kept on storage."""
+    storage_path: str = "runs"
+    """Where Ray stores run folders and checkpoints (local folder or s3://...)."""
+    run_name: Optional[str] = None
+    """Ray run folder name; default vaepipe-<timestamp>."""
+
+
+@dataclass
+class DistConfig:
+    num_workers: int = 2
+    """Ray Train workers (one DeepSpeed rank each)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    gpus_per_worker: float = 0.0
+    """GPUs per worker; > 0 trains on CUDA with NCCL."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3."""
+    offload_optimizer: bool = False
+    """ZeRO offload of optimizer state to CPU (stages 1-3)."""
+    offload_params: bool = False
+    """ZeRO-3 offload of parameters to CPU."""
+    address: Optional[str] = None
+    """Ray cluster address; None = RAY_ADDRESS or a local Ray started for this run."""
+    max_failures: int = 1
+    """Worker-group restarts from the latest checkpoint before the run fails."""
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: Optional[str] = None
+    """MLflow tracking URI; None = MLFLOW_TRACKING_URI or sqlite:///mlruns.db in the working dir."""
+    artifact_location: str = "mlartifacts"
+    """Artifact folder for experiments created on the embedded SQLite store."""
+    experiment: str = "vaepipe"
+    """MLflow experiment name."""
+    run_name: Optional[str] = None
+    """MLflow run name."""
+    log_model: bool = True
+    """Log the trained model as an MLflow pyfunc at the end."""
+    register_name: Optional[str] = None
+    """Register the logged model under this name when set."""
+    register_alias: Optional[str] = None
+    """Alias set on the registered version (e.g. champion)."""
+    image_grid_size: int = 8
+    """Images per side of the reconstruction and sample grids (n*n images)."""
+
+
+@dataclass
+class VaepipeConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _merge(base: Any, other: Any, origin: str) -> Any:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        detail = str(exc).splitlines()[0]  # OmegaConf appends object/reference types below
+        raise ConfigError(f"{origin}: bad config key or value at '{key}': {detail}") from None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> VaepipeConfig:
+    """Defaults <- YAML file <- dotted overrides, validated; raises ConfigError naming the key."""
+    cfg = OmegaConf.structured(VaepipeConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        cfg = _merge(cfg, OmegaConf.load(path), f"config file '{path}'")
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. model.latent_dim=64)")
+    if overrides:
+        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command-line override")
+    typed: VaepipeConfig = OmegaConf.to_object(cfg)
+    validate(typed)
+    return typed
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {why}")
+
+
+def validate(cfg: VaepipeConfig) -> VaepipeConfig:
+    """Check ranges and combinations, and derive the model's input shape from the data."""
+    d, m, o, t, s = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.dist
+    res = d.resolution
+    _check(res >= 4 and 2 ** int(round(math.log2(res))) == res, "data.resolution", res, "must be a power of two")
+    _check(d.channels in (1, 3), "data.channels", d.channels, "must be 1 or 3")
+    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
+    _check(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "must be >= 0")
+    _check(m.latent_dim >= 1, "model.latent_dim", m.latent_dim, "must be >= 1")
+    _check(m.beta >= 0, "model.beta", m.beta, "must be >= 0")
+    _check(m.obs_std > 0, "model.obs_std", m.obs_std, "must be > 0")
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "must be two values in [0, 1)")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+    _check(cfg.schedule.kl_warmup_steps >= 0, "schedule.kl_warmup_steps", cfg.schedule.kl_warmup_steps, "must be >= 0")
+    _check(cfg.schedule.free_bits >= 0, "schedule.free_bits", cfg.schedule.free_bits, "must be >= 0")
+    _check(t.max_steps >= 1, "train.max_steps", t.max_steps, "must be >= 1")
+    _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
+    for key in ("log_every", "checkpoint_every", "image_every", "val_every", "keep_checkpoints"):
+        _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
+    _check(s.num_workers >= 1, "dist.num_workers", s.num_workers, "must be >= 1")
+    _check(s.zero_stage in (0, 1, 2, 3), "dist.zero_stage", s.zero_stage, "must be 0, 1, 2 or 3")
+    _check(not s.offload_params or s.zero_stage == 3, "dist.offload_params", s.offload_params, "needs dist.zero_stage=3")
+    _check(not s.offload_optimizer or s.zero_stage >= 1, "dist.offload_optimizer", s.offload_optimizer, "needs dist.zero_stage >= 1")
+    _check(not (t.precision == "fp16" and s.gpus_per_worker == 0), "train.precision", t.precision,
+           "fp16 needs CUDA (dist.gpus_per_worker > 0); DeepSpeed has no fp16 on CPU, use fp32 or bf16")
+    # The model sees what the data layer produces: derive rather than ask users to repeat it.
+    m.resolution, m.in_channels = res, d.channels
+    return cfg
+
+
+def to_dict(cfg: VaepipeConfig) -> dict:
+    """Plain, JSON-able dict of the resolved config (crosses the Ray boundary, goes into checkpoints)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def from_dict(data: dict) -> VaepipeConfig:
+    """Rebuild the typed config from ``to_dict`` output, re-validating it."""
+    cfg = _merge(OmegaConf.structured(VaepipeConfig), OmegaConf.create(data), "config dict")
+    return validate(OmegaConf.to_object(cfg))
+
+
+def to_yaml(cfg: VaepipeConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(cfg: VaepipeConfig) -> dict[str, Any]:
+    """Dotted key -> value, for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = node
+
+    walk("", to_dict(cfg))
+    return out
+
+
+def known_keys() -> list[str]:
+    """Every dotted key of the tree (used to validate sweep spaces and to list the reference)."""
+    return sorted(flatten(VaepipeConfig()))

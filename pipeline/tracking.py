@@ -1,0 +1,173 @@
+"""MLflow, the only way vaepipe records anything.
+
+The driver owns a run's life (create, params, resolved config, end status); rank 0 of the
+workers logs metrics, images and the model into that run through ``RankZeroLogger``.
+Metrics go through ``log_batch(..., synchronous=False)``: one HTTP call per batch of
+values, in the background, never one call per value per step.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from pipeline.config import VaepipeConfig, flatten, to_yaml
+
+DEFAULT_DB = "mlruns.db"
+
+
+def resolve_tracking_uri(cfg: VaepipeConfig) -> str:
+    """Config > MLFLOW_TRACKING_URI > the embedded SQLite file in the working directory.
+
+    Made absolute here, in the driver, because Ray workers do not share its cwd.
+    """
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{(Path.cwd() / DEFAULT_DB).resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def _is_local_store(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def make_client(uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(client, name: str, artifact_location: str, uri: str) -> str:
+    """Experiment id for ``name``, created on first use.
+
+    With the embedded SQLite store artifacts go to ``artifact_location`` beside it; a
+    tracking server chooses its own artifact store (e.g. S3), so none is imposed there.
+    """
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if _is_local_store(uri):
+        location = Path(artifact_location).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_run(cfg: VaepipeConfig, uri: str, tags: Optional[dict] = None) -> str:
+    """Create the run of a training job; log its params and resolved config. Returns run id."""
+    from mlflow.entities import Param
+
+    client = make_client(uri)
+    exp_id = ensure_experiment(client, cfg.tracking.experiment, cfg.tracking.artifact_location, uri)
+    run = client.create_run(exp_id, run_name=cfg.tracking.run_name, tags={"vaepipe.model": cfg.model.name, **(tags or {})})
+    run_id = run.info.run_id
+    params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()]
+    for i in range(0, len(params), 100):  # MLflow caps a batch at 100 params
+        client.log_batch(run_id, params=params[i : i + 100])
+    client.log_text(run_id, to_yaml(cfg), "config/resolved.yaml")
+    return run_id
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    make_client(uri).set_terminated(run_id, status=status)
+
+
+def make_grid(images: np.ndarray, nrow: int) -> np.ndarray:
+    """Tile ``[N, C, H, W]`` floats in [0, 1] into one ``[H', W', C]`` uint8 image (1-px gaps)."""
+    n, c, h, w = images.shape
+    ncol = int(np.ceil(n / nrow))
+    grid = np.ones((c, ncol * (h + 1) + 1, nrow * (w + 1) + 1), dtype=np.float32)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = images[i]
+    out = (np.clip(grid, 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
+    return out[..., 0] if c == 1 else out
+
+
+class RankZeroLogger:
+    """What rank 0 logs into the driver's run; every other rank gets ``enabled=False``."""
+
+    def __init__(self, uri: str, run_id: str, enabled: bool):
+        self.enabled = enabled
+        self.run_id = run_id
+        self.uri = uri
+        self.client = make_client(uri) if enabled else None
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None and np.isfinite(v)]
+        self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+
+    def image(self, array: np.ndarray, artifact_file: str) -> None:
+        if not self.enabled:
+            return
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        self._log_bytes(buf.getvalue(), artifact_file)
+
+    def figure(self, fig, artifact_file: str) -> None:
+        if self.enabled:
+            self.client.log_figure(self.run_id, fig, artifact_file)
+
+    def _log_bytes(self, data: bytes, artifact_file: str) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_bytes(data)
+            parent = str(Path(artifact_file).parent)
+            self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+
+    def tags(self, values: dict[str, Any]) -> None:
+        if self.enabled:
+            for k, v in values.items():
+                self.client.set_tag(self.run_id, k, str(v))
+
+    def flush(self) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.flush_async_logging()
+
+
+def register_model(uri: str, run_id: str, name: str, alias: Optional[str] = None, artifact_path: str = "model") -> int:
+    """Register the model logged by ``run_id`` under ``name``; point ``alias`` at it. Returns the version."""
+    import mlflow
+
+    client = make_client(uri)
+    run = client.get_run(run_id)  # raises with the id in the message if it does not exist
+    source = _logged_model_uri(client, run, artifact_path)
+    mv = mlflow.register_model(source, name)
+    if alias:
+        client.set_registered_model_alias(name, alias, mv.version)
+    client.set_model_version_tag(name, mv.version, "vaepipe.run_id", run_id)
+    return int(mv.version)
+
+
+def _logged_model_uri(client, run, artifact_path: str) -> str:
+    """The model URI of the pyfunc a run logged, or an error saying the run logged none."""
+    outputs = getattr(run, "outputs", None)
+    model_outputs = getattr(outputs, "model_outputs", None) or []
+    if model_outputs:
+        return f"models:/{model_outputs[-1].model_id}"
+    tag = run.data.tags.get("vaepipe.model_uri")
+    if tag:
+        return tag
+    raise ValueError(
+        f"run {run.info.run_id} has no logged model at '{artifact_path}': was it trained with tracking.log_model=true and did it finish?"
+    )

@@ -1,0 +1,1 @@
+"""Training: DeepSpeed config, schedules, the per-worker loop and the Ray Train driver."""

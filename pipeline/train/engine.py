@@ -1,0 +1,106 @@
+"""Everything DeepSpeed decides, decided once.
+
+``build_deepspeed_config`` is the only place that turns the typed config into a DeepSpeed
+config dict: ZeRO stage and offload, precision, gradient accumulation, clipping and the
+optimizer. The training loop never re-decides any of these. DeepSpeed itself is imported
+inside functions because it must only be imported in Ray workers, after
+``DS_ACCELERATOR`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from pipeline.config import VaepipeConfig
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What precision choice depends on, gathered once so the choice is testable."""
+
+    cuda: bool
+    cuda_capability: tuple[int, int] = (0, 0)
+    cpu_fast_bf16: bool = False
+
+    @classmethod
+    def detect(cls, use_cuda: bool) -> "DeviceFacts":
+        if use_cuda and torch.cuda.is_available():
+            return cls(cuda=True, cuda_capability=torch.cuda.get_device_capability())
+        return cls(cuda=False, cpu_fast_bf16=cpu_has_fast_bf16())
+
+
+def cpu_has_fast_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """True only with AMX tiles: AVX512-BF16 alone converts but multiplies slower than fp32
+    (measured ~2x slower on the EPYC CI machines), so it does not count as fast."""
+    try:
+        flags = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags.split()
+
+
+def resolve_precision(requested: str, facts: DeviceFacts) -> Precision:
+    """``auto`` -> bf16 on Ampere+ GPUs or AMX CPUs, fp16 (+loss scaling) on older GPUs, else fp32."""
+    if requested == "fp16" and not facts.cuda:
+        raise ValueError("train.precision=fp16 needs a CUDA device; DeepSpeed has no fp16 on CPU (use fp32 or bf16)")
+    if requested != "auto":
+        return requested  # type: ignore[return-value]
+    if facts.cuda:
+        return "bf16" if facts.cuda_capability >= (8, 0) else "fp16"
+    return "bf16" if facts.cpu_fast_bf16 else "fp32"
+
+
+def build_deepspeed_config(cfg: VaepipeConfig, world_size: int, precision: Precision) -> dict:
+    """The DeepSpeed config dict for this run (``precision`` already resolved for the device)."""
+    o, s = cfg.optim, cfg.dist
+    zero: dict = {"stage": s.zero_stage}
+    if s.zero_stage >= 1 and s.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(s.gpus_per_worker)}
+    if s.zero_stage == 3:
+        # DeepSpeed keeps parameters under 1e5 elements replicated by default, which for a VAE
+        # is most of them: partition every parameter so stage 3 really shards the model.
+        zero["stage3_param_persistence_threshold"] = 0
+        if s.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": bool(s.gpus_per_worker)}
+    optimizer_type = "AdamW" if o.name == "adamw" else "Adam"
+    ds: dict = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
+        "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum_steps * world_size,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": optimizer_type,
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "weight_decay": o.weight_decay,
+                # DeepSpeed's fused CPU Adam needs a C++ build; torch's Adam is plenty here
+                # and behaves identically across ZeRO stages.
+                "torch_adam": True,
+                "adam_w_mode": o.name == "adamw",
+            },
+        },
+        # With optimizer offload DeepSpeed insists on its compiled CPU Adam unless told otherwise.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,  # we log ourselves, rank 0 only
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    return ds
+
+
+def set_accelerator_env(use_cuda: bool) -> None:
+    """DeepSpeed picks its accelerator at import; make the CPU choice explicit where there is no GPU."""
+    if not use_cuda or not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")

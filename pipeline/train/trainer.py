@@ -1,0 +1,151 @@
+"""The driver side of training: check everything, start Ray, run a TorchTrainer, close the run.
+
+The Ray boundary is thin: workers receive ``{"config": plain dict, "run_id", "tracking_uri"}``
+and rebuild the typed config themselves (``pipeline.train.loop``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+from pipeline.config import ConfigError, VaepipeConfig, to_dict
+from pipeline.train.loop import STATE_FILE, train_loop_per_worker
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    tracking_uri: str
+    checkpoint_path: Optional[str]
+    metrics: dict
+    run_dir: str
+    model_uri: Optional[str]
+    wall_s: float
+
+
+def _absolute(path: str) -> str:
+    """Local paths are made absolute for the workers; URLs (s3://, file://) pass through."""
+    if "://" in path:
+        return path
+    return str(Path(path).resolve())
+
+
+def preflight(cfg: VaepipeConfig) -> dict:
+    """Fail before any worker starts: the shard set must exist and fit the requested shape."""
+    from pipeline.data.shards import read_manifest
+
+    manifest = read_manifest(cfg.data.path)
+    stored = int(manifest["resolution"])
+    if cfg.data.resolution > stored:
+        raise ConfigError(f"data.resolution={cfg.data.resolution} is larger than the shards' stored resolution "
+                          f"{stored} at {cfg.data.path}; re-shard at a higher resolution or lower data.resolution")
+    n_train = manifest["splits"].get("train", {}).get("num_samples", 0)
+    needed = cfg.data.batch_size * cfg.dist.num_workers
+    if n_train < needed:
+        raise ConfigError(f"data.path={cfg.data.path} has {n_train} training samples, fewer than one global batch "
+                          f"(data.batch_size={cfg.data.batch_size} x dist.num_workers={cfg.dist.num_workers})")
+    return manifest
+
+
+def find_checkpoint(resume: str, uri: str) -> Path:
+    """``--resume`` accepts a checkpoint folder, a Ray run folder, or an MLflow run id."""
+    p = Path(resume)
+    if not p.exists():
+        from pipeline.tracking import make_client
+
+        try:
+            run = make_client(uri).get_run(resume)
+        except Exception as exc:
+            raise ConfigError(f"--resume {resume!r} is neither a folder nor an MLflow run id at {uri} ({exc})") from None
+        run_dir = run.data.tags.get("vaepipe.run_dir")
+        if not run_dir:
+            raise ConfigError(f"MLflow run {resume} has no vaepipe.run_dir tag; pass the checkpoint folder instead")
+        p = Path(run_dir)
+    if (p / STATE_FILE).exists():
+        return p
+    candidates = sorted((c for c in p.glob("**/checkpoint_*") if (c / STATE_FILE).exists()), key=lambda c: json.loads((c / STATE_FILE).read_text())["train_state"]["step"])
+    if not candidates:
+        raise ConfigError(f"--resume {resume!r}: no vaepipe checkpoint (a folder with {STATE_FILE}) under {p}")
+    return candidates[-1]
+
+
+def init_ray(cfg: VaepipeConfig) -> None:
+    """Connect to ``dist.address`` / RAY_ADDRESS, or start a local Ray sized to this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.dist.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def run_training(cfg: VaepipeConfig, resume: Optional[str] = None) -> TrainResult:
+    """Train ``cfg`` on Ray Train + DeepSpeed, tracked in MLflow; optionally resume a run."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline import tracking
+
+    t0 = time.perf_counter()
+    cfg = replace(cfg, data=replace(cfg.data, path=_absolute(cfg.data.path)),
+                  train=replace(cfg.train, storage_path=_absolute(cfg.train.storage_path)),
+                  tracking=replace(cfg.tracking, artifact_location=_absolute(cfg.tracking.artifact_location)))
+    preflight(cfg)
+    uri = tracking.resolve_tracking_uri(cfg)
+    checkpoint = None
+    if resume:
+        ckpt_dir = find_checkpoint(resume, uri)
+        saved = json.loads((ckpt_dir / STATE_FILE).read_text())
+        run_id = saved.get("mlflow_run_id") or tracking.start_run(cfg, uri)
+        tracking.make_client(uri).update_run(run_id, status="RUNNING")
+        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
+        print(f"[vaepipe] resuming from {ckpt_dir} (step {saved['train_state']['step']})")
+    else:
+        run_id = tracking.start_run(cfg, uri)
+    name = cfg.train.run_name or f"vaepipe-{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}"
+    run_dir = str(Path(cfg.train.storage_path) / name) if "://" not in cfg.train.storage_path else f"{cfg.train.storage_path}/{name}"
+    tracking.make_client(uri).set_tag(run_id, "vaepipe.run_dir", run_dir)
+    init_ray(cfg)
+    use_gpu = cfg.dist.gpus_per_worker > 0
+    resources = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": cfg.dist.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": to_dict(cfg), "run_id": run_id, "tracking_uri": uri,
+            "fault": {k: v for k, v in os.environ.items() if k.startswith("VAEPIPE_FAULT_")},
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=cfg.train.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+        resume_from_checkpoint=checkpoint,
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    tracking.end_run(uri, run_id, "FINISHED")
+    run = tracking.make_client(uri).get_run(run_id)
+    if cfg.tracking.register_name and run.data.tags.get("vaepipe.model_uri"):
+        version = tracking.register_model(uri, run_id, cfg.tracking.register_name, cfg.tracking.register_alias)
+        alias = f"@{cfg.tracking.register_alias}" if cfg.tracking.register_alias else f"/{version}"
+        print(f"[vaepipe] registered models:/{cfg.tracking.register_name}{alias} (version {version})")
+    return TrainResult(
+        run_id=run_id, tracking_uri=uri,
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        metrics=dict(result.metrics or {}), run_dir=run_dir,
+        model_uri=run.data.tags.get("vaepipe.model_uri"), wall_s=time.perf_counter() - t0,
+    )
