@@ -1,0 +1,20 @@
+"""Model families and their math (torch only).
+
+Importing this package registers every family, so ``build_model(cfg)`` works right after
+``import models``.
+"""
+
+from models.registry import build_model, list_models, register_model
+from models.likelihoods import build_likelihood
+from models.kl import gaussian_kl, standard_normal_kl
+from models.conv_vae import ConvVAE  # importing a family module registers it
+
+__all__ = [
+    "ConvVAE",
+    "build_likelihood",
+    "build_model",
+    "gaussian_kl",
+    "list_models",
+    "register_model",
+    "standard_normal_kl",
+]

@@ -1,0 +1,130 @@
+"""Registry behaviour and the models/ import boundary."""
+
+import ast
+import pathlib
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import models
+from models import registry
+from models.conv_vae import ConvVAE
+
+MODELS_DIR = pathlib.Path(models.__file__).parent
+ALLOWED_IMPORT_ROOTS = {
+    "torch", "math", "numbers", "dataclasses", "typing", "types", "__future__", "models"
+}
+
+
+@dataclass
+class ModelConfigLike:
+    """Mirror of the pipeline's ModelConfig fields, to prove duck typing works with a dataclass."""
+
+    name: str = "conv_vae"
+    flavor: str = "base"
+    latent_dim: int = 128
+    in_channels: int = 3
+    resolution: int = 64
+    base_channels: int = 32
+    hidden_dim: int = 512
+    likelihood: str = "bernoulli"
+    obs_std: float = 0.1
+    beta: float = 1.0
+
+
+def test_conv_vae_is_registered_on_import():
+    assert "conv_vae" in models.list_models()
+    assert models.list_models() == sorted(models.list_models())
+    assert ConvVAE.model_name == "conv_vae"
+
+
+def test_build_by_name_from_dataclass_namespace_and_dict():
+    from_dc = models.build_model(ModelConfigLike(flavor="debug", resolution=32))
+    from_ns = models.build_model(SimpleNamespace(name="conv_vae", flavor="debug", resolution=32))
+    from_dict = models.build_model({"name": "conv_vae", "flavor": "debug", "resolution": 32})
+    for model in (from_dc, from_ns, from_dict):
+        assert isinstance(model, ConvVAE)
+        assert model.config["latent_dim"] == 8 and model.config["base_channels"] == 8
+        assert model.config["hidden_dim"] == 64 and model.config["resolution"] == 32
+
+
+def test_base_flavor_uses_config_values():
+    model = models.build_model(ModelConfigLike(resolution=32, latent_dim=20, in_channels=1, beta=4.0))
+    assert model.config == {
+        "in_channels": 1, "resolution": 32, "latent_dim": 20, "base_channels": 32,
+        "hidden_dim": 512, "likelihood": "bernoulli", "obs_std": 0.1, "beta": 4.0,
+    }
+
+
+def test_debug_flavor_yields_to_explicit_non_default_fields():
+    model = models.build_model(ModelConfigLike(flavor="debug", resolution=32, latent_dim=16))
+    assert model.config["latent_dim"] == 16
+    assert model.config["base_channels"] == 8
+
+
+def test_unknown_flavor_is_rejected():
+    with pytest.raises(ValueError, match="model.flavor"):
+        models.build_model(ModelConfigLike(flavor="huge"))
+
+
+def test_unknown_name_lists_registered_models():
+    with pytest.raises(ValueError) as err:
+        models.build_model(SimpleNamespace(name="nope"))
+    message = str(err.value)
+    assert "unknown model 'nope'" in message
+    assert "registered: " in message and "conv_vae" in message
+
+
+def test_duplicate_registration_raises_and_keeps_original():
+    class Impostor:
+        @classmethod
+        def from_config(cls, cfg):
+            return cls()
+
+    with pytest.raises(ValueError, match="already registered"):
+        models.register_model("conv_vae")(Impostor)
+    assert registry._REGISTRY["conv_vae"] is ConvVAE
+
+
+def test_register_and_build_custom_family():
+    class Tiny(torch.nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.width = width
+
+        @classmethod
+        def from_config(cls, cfg):
+            return cls(cfg.width)
+
+    try:
+        models.register_model("tiny_test_model")(Tiny)
+        built = models.build_model(SimpleNamespace(name="tiny_test_model", width=3))
+        assert isinstance(built, Tiny) and built.width == 3
+        assert "tiny_test_model" in models.list_models()
+        with pytest.raises(ValueError):
+            models.register_model("tiny_test_model")(Tiny)
+    finally:
+        registry._REGISTRY.pop("tiny_test_model", None)
+
+
+def test_class_without_from_config_is_rejected():
+    with pytest.raises(TypeError, match="from_config"):
+        models.register_model("no_from_config_test")(type("NoFromConfig", (), {}))
+    assert "no_from_config_test" not in models.list_models()
+
+
+@pytest.mark.parametrize("path", sorted(MODELS_DIR.glob("*.py")), ids=lambda p: p.name)
+def test_models_imports_only_torch_and_stdlib(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            assert name.split(".")[0] in ALLOWED_IMPORT_ROOTS, f"{path.name} imports {name}"
+            assert not name.startswith("torch.distributed"), f"{path.name} imports {name}"
