@@ -8,11 +8,13 @@ side effects go through ``RankZeroLogger``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -105,23 +107,48 @@ def build_worker(loop_config: dict) -> Worker:
     log = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
     worker = Worker(cfg, engine, stream, TrainState(), log, device, rank, world, precision,
                     fault=loop_config.get("fault", {}))
-    _restore(worker)
+    _restore(worker, loop_config.get("run_dir"))
     return worker
 
 
-def _restore(w: Worker) -> None:
-    """Load the latest Ray checkpoint (automatic restart or ``--resume``) into engine, state and data."""
+def _restore(w: Worker, run_dir: Optional[str]) -> None:
+    """Load the newest checkpoint into engine, train state and data position.
+
+    Ray hands over the latest checkpoint it registered (automatic restart, ``--resume``). A
+    report that reached storage but not the controller (a rank died within the controller's
+    poll interval of reporting) is found by scanning the run folder for complete checkpoints;
+    the one with the highest step wins.
+    """
     import ray.train
 
+    candidates: list[Path] = []
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return
-    with ckpt.as_directory() as d:
-        w.engine.load_checkpoint(d, tag=CKPT_TAG)
-        saved = json.loads((Path(d) / STATE_FILE).read_text())
+    with (ckpt.as_directory() if ckpt is not None else contextlib.nullcontext()) as ray_dir:
+        if ray_dir is not None:
+            candidates.append(Path(ray_dir))
+        if run_dir and "://" not in run_dir:
+            candidates += complete_checkpoints(Path(run_dir), w.world_size, w.cfg.dist.zero_stage)
+        if not candidates:
+            return
+        best = max(candidates, key=lambda d: json.loads((d / STATE_FILE).read_text())["train_state"]["step"])
+        w.engine.load_checkpoint(str(best), tag=CKPT_TAG)
+        saved = json.loads((best / STATE_FILE).read_text())
     w.state.load_state_dict(saved["train_state"])
     w.stream.load_state_dict(saved["data_state"])
     w.resumed_from = w.state.step
+
+
+def complete_checkpoints(run_dir: Path, world_size: int, zero_stage: int) -> list[Path]:
+    """Checkpoint folders under ``run_dir`` holding the state file and every rank's ZeRO shard."""
+    out = []
+    for d in run_dir.glob("checkpoint_*"):
+        tag = d / CKPT_TAG
+        if not (d / STATE_FILE).exists() or not list(tag.glob("*model_states.pt")):
+            continue
+        if zero_stage >= 1 and len(list(tag.glob("*optim_states.pt"))) < world_size:
+            continue
+        out.append(d)
+    return out
 
 
 def train_step(w: Worker, batch: dict) -> dict[str, float]:
@@ -149,9 +176,9 @@ def train_step(w: Worker, batch: dict) -> dict[str, float]:
     return {
         "boundary": boundary,
         "loss": loss.item(),
-        "recon": float(out["recon"]),
-        "kl": float(out["kl"]),
-        "elbo": float(out["elbo"]),
+        "recon": out["recon"].detach().item(),
+        "kl": out["kl"].detach().item(),
+        "elbo": out["elbo"].detach().item(),
         "beta": beta,
         "kl_per_dim": out["kl_per_dim"].detach().float().cpu(),
         "skipped": 0.0,
@@ -173,6 +200,8 @@ def _drop_nonfinite_grads(w: Worker) -> None:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Entry point of every Ray Train worker. ``loop_config`` is a plain dict (see trainer)."""
+    # torch.distributed warns on every ZeRO collective that DeepSpeed still uses the old names.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     w = build_worker(loop_config)
     cfg, st = w.cfg, w.state
     if w.rank == 0 and w.resumed_from is not None:
@@ -351,7 +380,8 @@ def _export_model(w: Worker) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "weights.pt"
-        model_config = dict(getattr(module, "config", {})) or to_dict(w.cfg)["model"]
+        # the family's constructor args (what build_model needs), keyed by the registered name
+        model_config = {"name": w.cfg.model.name, **dict(getattr(module, "config", {}) or to_dict(w.cfg)["model"])}
         torch.save({"model_config": model_config, "state_dict": state, "config": to_dict(w.cfg)}, path)
         uri = log_pyfunc(w.log.run_id, path, model_config, to_yaml(w.cfg))
     w.log.tags({"vaepipe.model_uri": uri})

@@ -84,7 +84,9 @@ def init_ray(cfg: VaepipeConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # The dashboard process serves the State API that Train V2's placement-group cleaner
+        # polls; without it finished runs leak their workers' CPUs. Bound to loopback.
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def run_training(cfg: VaepipeConfig, resume: Optional[str] = None) -> TrainResult:
@@ -120,7 +122,7 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None) -> TrainResul
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "config": to_dict(cfg), "run_id": run_id, "tracking_uri": uri,
+            "config": to_dict(cfg), "run_id": run_id, "tracking_uri": uri, "run_dir": run_dir,
             "fault": {k: v for k, v in os.environ.items() if k.startswith("VAEPIPE_FAULT_")},
         },
         scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu, resources_per_worker=resources),

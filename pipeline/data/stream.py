@@ -1,0 +1,321 @@
+"""Per-rank streaming of WebDataset shards into fixed-size training batches.
+
+Used inside Ray Train workers but deliberately free of Ray: the caller passes ``rank`` and
+``world_size``, so the same class runs in a unit test, a notebook or any launcher.
+
+Guarantees the training loop relies on:
+
+* **Equal steps on every rank.** ``steps_per_epoch = num_samples // (world_size * batch_size)``
+  for every rank, whatever the shard sizes; a rank whose share runs dry starts over on its
+  shards rather than finishing early (a rank that stops while the others wait in an
+  all-reduce hangs the job). A split with fewer than ``world_size * batch_size`` samples is
+  an error, not a silent one-step epoch.
+* **Full batches.** Every training batch has exactly ``batch_size`` samples.
+* **Disjoint shares.** With at least ``world_size * max(num_workers, 1)`` shards, each
+  (rank, DataLoader worker) slot reads its own shards; with fewer, every slot reads all
+  shards and keeps every ``slots``-th sample, so no slot ever gets an empty stream.
+* **Corrupt samples are skipped and counted** (``batch["n_corrupt"]``), never fatal.
+* **Cheap resume.** ``iter_epoch(epoch, start_step)`` drops ``start_step`` batches' worth of
+  raw samples *after* the shuffle buffer but *before* decoding, so the remaining batches are
+  those an uninterrupted run would have produced, up to corrupt samples met while skipping
+  (skipping cannot tell them apart without decoding) and the order in which DataLoader
+  workers' batches interleave. Resume positions are therefore exact in the usual case and
+  approximate by at most a few samples otherwise.
+
+Shards are read as streams (``tarfile`` in pipe mode over ``storage.open_read``), so an
+``s3://`` shard is never downloaded whole before its first sample is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import posixpath
+import random
+import tarfile
+from typing import Iterator, Optional
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data import storage
+from pipeline.data.shards import DECODE_ERRORS, IMAGE_FORMATS, read_manifest
+
+log = logging.getLogger(__name__)
+
+_BAD_SAMPLE = DECODE_ERRORS + (KeyError, TypeError, AttributeError)
+_MAX_CORRUPT_IN_A_ROW = 10_000
+
+
+def iter_tar_samples(url: str) -> Iterator[dict]:
+    """Stream ``{"__key__": key, ext: bytes...}`` samples from one tar, WebDataset-style.
+
+    Consecutive members sharing a key (path up to the first dot of the file name) form one sample.
+    """
+    try:
+        with contextlib.closing(storage.open_read(url)) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            sample: Optional[dict] = None
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, base = posixpath.split(member.name)
+                key, _, ext = base.partition(".")
+                key = posixpath.join(folder, key)
+                data = tar.extractfile(member).read()
+                if sample is not None and sample["__key__"] != key:
+                    yield sample
+                    sample = None
+                sample = sample or {"__key__": key}
+                sample[ext.lower()] = data
+            if sample is not None:
+                yield sample
+    except tarfile.TarError as err:
+        raise OSError(f"shard {url} is not a readable tar ({err}): run verify_shards on the data set "
+                      "and re-shard it") from err
+
+
+def decode_sample(sample: dict, resolution: int, channels: int, attr_names: list, factor_names: list):
+    """Raw sample -> (key, uint8 image [C,R,R], attrs, factors), or None if it cannot be decoded."""
+    try:
+        data = next(sample[ext] for ext in (*IMAGE_FORMATS, "jpeg") if ext in sample)
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+        if img.size != (resolution, resolution):
+            # PIL's bicubic widens its kernel when shrinking, i.e. it antialiases.
+            img = img.resize((resolution, resolution), Image.BICUBIC)
+        meta = json.loads(sample["json"])
+        attrs = [int(meta["attrs"].get(name, 0)) for name in attr_names]
+        factors = [int((meta.get("factors") or {}).get(name, -1)) for name in factor_names]
+    except (StopIteration, *_BAD_SAMPLE) as err:
+        log.warning("skipping undecodable sample %s: %s", sample.get("__key__"), err)
+        return None
+    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return sample["__key__"], pixels.view(resolution, resolution, channels).permute(2, 0, 1), attrs, factors
+
+
+def collate(items: list, n_corrupt: int, n_attrs: int, n_factors: int) -> dict:
+    """Stack decoded samples into the batch dict the training loop consumes.
+
+    ``attrs`` is [B, 0] for sources without attributes (CelebA-HQ folders); ``factors`` is
+    present only when the shard set has ground-truth factors.
+    """
+    batch = {"image": torch.stack([it[1] for it in items]).float().div_(255.0),
+             "key": [it[0] for it in items],
+             "n_corrupt": n_corrupt,
+             "attrs": torch.tensor([it[2] for it in items], dtype=torch.long).reshape(len(items), n_attrs)}
+    if n_factors:
+        batch["factors"] = torch.tensor([it[3] for it in items], dtype=torch.long).reshape(len(items), n_factors)
+    return batch
+
+
+def assign_shards(urls: list[str], slot: int, slots: int) -> tuple[list[str], Optional[int]]:
+    """This slot's shards, and ``slot`` again if it must keep every ``slots``-th sample instead.
+
+    Shard-level splitting reads least data; when shards are fewer than slots some slot would
+    get nothing, so every slot then reads everything and keeps a disjoint stride of samples.
+    """
+    if len(urls) >= slots:
+        return urls[slot::slots], None
+    return list(urls), slot
+
+
+def batches_of_worker(worker: int, num_workers: int, start: int, stop: int) -> int:
+    """How many of the global batch indices ``start..stop-1`` are worker's (``b % num_workers``).
+
+    The DataLoader hands out worker batches round-robin, so batch b comes from worker
+    ``b % num_workers``; this lets every worker produce exactly its share.
+    """
+    def below(h: int) -> int:
+        return max(0, (h - worker + num_workers - 1) // num_workers)
+
+    return below(stop) - below(start)
+
+
+class _SliceDataset(IterableDataset):
+    """One epoch (or eval pass) of one rank; each DataLoader worker takes its slot of it.
+
+    Plain data only, so it pickles into DataLoader worker processes.
+    """
+
+    def __init__(self, plan: dict):
+        self.plan = plan
+
+    def _pass(self, urls: list[str], stride_slot: Optional[int], slots: int):
+        """One pass over this slot's shards (or its stride of samples when it has none of its own)."""
+        index = 0
+        for url in urls:
+            for sample in iter_tar_samples(url):
+                index += 1
+                if stride_slot is None or (index - 1) % slots == stride_slot:
+                    yield sample
+
+    def _raw_samples(self, urls: list[str], stride_slot: Optional[int], slots: int, rng: random.Random):
+        """Shuffled samples of this slot; when ``plan["repeat"]``, passes repeat forever.
+
+        The buffer is drained at the end of each pass so a pass shows every sample once
+        before any repeats (a buffer spanning passes would mix in duplicates early).
+        """
+        p = self.plan
+        while True:
+            seen = 0
+            for sample in self._shuffled(self._pass(urls, stride_slot, slots), rng):
+                seen += 1
+                yield sample
+            if not p["repeat"]:
+                return
+            if seen == 0:
+                raise RuntimeError(f"rank {p['rank']}: a full pass over {len(urls)} shard(s) of split "
+                                   f"{p['split']!r} gave no samples for this worker: use fewer loader workers")
+            if stride_slot is None:  # a new order on each repeat; strided slots must keep the order
+                urls = rng.sample(urls, len(urls))
+
+    def _shuffled(self, samples, rng: random.Random):
+        """Reservoir-style shuffle buffer over raw (undecoded) samples."""
+        size = self.plan["shuffle_buffer"]
+        if size <= 1:
+            yield from samples
+            return
+        buffer = []
+        for sample in samples:
+            if len(buffer) < size:
+                buffer.append(sample)
+                continue
+            i = rng.randrange(size)
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self):
+        p = self.plan
+        info = get_worker_info()
+        worker, nw = (info.id, info.num_workers) if info else (0, 1)
+        slot, slots = p["rank"] * nw + worker, p["world_size"] * nw
+        rng = random.Random(f"{p['seed']}-{p['epoch']}-{slot}")
+        urls, stride_slot = assign_shards(p["urls"], slot, slots)
+        samples = self._raw_samples(urls, stride_slot, slots, rng)
+        skip = batches_of_worker(worker, nw, 0, p["start_step"]) * p["batch_size"]
+        for _ in range(skip):  # resume: drop samples before paying for their decode
+            if next(samples, None) is None:
+                return
+        quota = None if p["steps"] is None else batches_of_worker(worker, nw, p["start_step"], p["steps"])
+        yield from self._batches(samples, quota)
+
+    def _batches(self, samples, quota: Optional[int]):
+        """Decode and group into batches; only the last batch of a non-repeating pass may be short."""
+        p, items, corrupt, made = self.plan, [], 0, 0
+        if quota == 0:
+            return
+        for sample in samples:
+            decoded = decode_sample(sample, p["resolution"], p["channels"], p["attr_names"], p["factor_names"])
+            if decoded is None:
+                corrupt += 1
+                if corrupt > _MAX_CORRUPT_IN_A_ROW:  # a repeating stream of only bad samples never ends
+                    raise RuntimeError(f"rank {p['rank']}: {corrupt} undecodable samples in a row in split "
+                                       f"{p['split']!r}: run verify_shards and re-shard the data")
+                continue
+            items.append(decoded)
+            if len(items) == p["batch_size"]:
+                yield collate(items, corrupt, len(p["attr_names"]), len(p["factor_names"]))
+                items, corrupt, made = [], 0, made + 1
+                if quota is not None and made >= quota:
+                    return
+        if items:
+            yield collate(items, corrupt, len(p["attr_names"]), len(p["factor_names"]))
+
+
+class ShardStream:
+    """This rank's view of a shard set: fixed-size shuffled training batches and eval batches."""
+
+    def __init__(self, url: str, split: str, batch_size: int, resolution: int, rank: int, world_size: int,
+                 seed: int = 0, shuffle_buffer: int = 1000, num_workers: int = 1, channels: int = 3,
+                 mp_context: Optional[str] = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        if batch_size < 1 or channels not in (1, 3) or num_workers < 0:
+            raise ValueError(f"batch_size={batch_size} (>= 1), channels={channels} (1 or 3), "
+                             f"num_workers={num_workers} (>= 0): one of these is invalid")
+        self.url, self.split, self.batch_size, self.resolution = url, split, batch_size, resolution
+        self.rank, self.world_size, self.seed, self.shuffle_buffer = rank, world_size, seed, shuffle_buffer
+        self.num_workers, self.channels, self.mp_context = num_workers, channels, mp_context
+        self.manifest = read_manifest(url)
+        stored = self.manifest["resolution"]
+        if resolution > stored:
+            raise ValueError(f"resolution {resolution} is larger than the stored resolution {stored} of {url}: "
+                             "re-shard at a higher resolution or train at <= the stored one")
+        self.num_samples = self._split_info(split)["num_samples"]
+        self.steps_per_epoch = self.num_samples // (world_size * batch_size)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"split {split!r} of {url} has {self.num_samples} samples, fewer than "
+                             f"world_size*batch_size = {world_size}*{batch_size}: lower the batch size")
+        self.epoch, self.step_in_epoch = 0, 0
+
+    def _split_info(self, split: str) -> dict:
+        if split not in self.manifest["splits"]:
+            raise KeyError(f"split {split!r} not in {self.url}: it has {sorted(self.manifest['splits'])}")
+        return self.manifest["splits"][split]
+
+    def _plan(self, split: str, urls: list[str], epoch: int, start_step: int, steps: Optional[int],
+              train: bool) -> dict:
+        return {"split": split, "urls": urls, "rank": self.rank, "world_size": self.world_size, "seed": self.seed,
+                "epoch": epoch, "start_step": start_step, "steps": steps, "batch_size": self.batch_size,
+                "shuffle_buffer": self.shuffle_buffer if train else 0, "repeat": train,
+                "resolution": self.resolution, "channels": self.channels,
+                "attr_names": list(self.manifest["attr_names"]), "factor_names": list(self.manifest["factor_names"])}
+
+    def _loader(self, plan: dict):
+        dataset = _SliceDataset(plan)
+        if self.num_workers == 0:
+            return iter(dataset)
+        return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                               multiprocessing_context=self.mp_context))
+
+    def _urls(self, split: str) -> list[str]:
+        return [storage.join(self.url, s["name"]) for s in self._split_info(split)["shards"]]
+
+    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        """Yield batches ``start_step..steps_per_epoch-1`` of ``epoch`` (same count on every rank).
+
+        The shard order and shuffle are seeded by ``seed`` and ``epoch`` (identical on all ranks,
+        so shard shares stay disjoint), hence an epoch replays identically on resume.
+        """
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step={start_step} outside [0, steps_per_epoch={self.steps_per_epoch}]")
+        urls = self._urls(self.split)
+        urls = random.Random(f"{self.seed}-{epoch}-shards").sample(urls, len(urls))
+        self.epoch, self.step_in_epoch = epoch, start_step
+        if start_step == self.steps_per_epoch:
+            return
+        plan = self._plan(self.split, urls, epoch, start_step, self.steps_per_epoch, train=True)
+        for batch in self._loader(plan):
+            self.step_in_epoch += 1  # counted as consumed once handed out: a checkpoint after it resumes past it
+            yield batch
+
+    def iter_eval(self, split: Optional[str] = None, max_batches: Optional[int] = None) -> Iterator[dict]:
+        """This rank's share of ``split`` (default: the stream's split), unshuffled, read once.
+
+        Every sample of the split goes to exactly one rank; the last batch of each loader worker
+        may be short and ranks may differ by a batch, so reduce metrics once after the loop, not
+        per batch (or pass ``max_batches`` small enough for every rank to fill it).
+        """
+        split = split or self.split
+        plan = self._plan(split, self._urls(split), 0, 0, max_batches, train=False)
+        yield from self._loader(plan)
+
+    def state_dict(self) -> dict:
+        """Data position: the epoch and how many of its batches were handed out."""
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position; a finished epoch becomes the start of the next one.
+
+        Resume with ``for e in range(s.epoch, n): s.iter_epoch(e, s.step_in_epoch if e == s.epoch else 0)``
+        after reading ``s.epoch``/``s.step_in_epoch`` once.
+        """
+        epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
+        if step >= self.steps_per_epoch:
+            epoch, step = epoch + 1, 0
+        self.epoch, self.step_in_epoch = epoch, step

@@ -1,0 +1,144 @@
+"""Shared fixtures: one local Ray for the whole session, a real MLflow server on loopback,
+and one small synthetic shard set. Services are started here and stopped at the end."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every integration test: a 2-worker fit costs ~30 s of start-up."""
+    import ray
+
+    # 4 logical CPUs on a 2-core machine: 2 training workers plus Train's controller.
+    # The dashboard serves the State API Train V2's placement-group cleaner needs (loopback only).
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_source(tmp_path_factory) -> Path:
+    from pipeline.data.synth import generate_synthetic_celeba
+
+    out = tmp_path_factory.mktemp("synth")
+    return generate_synthetic_celeba(out / "celeba", n=300, seed=0, workers=2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def shards32(synth_source, tmp_path_factory) -> str:
+    """300 synthetic faces at 32 px; train split in uneven shards (100, 100, ~40)."""
+    from pipeline.data.shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards") / "synth32"
+    write_shards(str(synth_source), str(out), resolution=32, shard_size=100, workers=2, progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 with its own SQLite store and artifact root."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+           "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", timeout=120, proc=proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def base_overrides(shards: str, tmp: Path, tracking_uri: str | None = None, **extra) -> list[str]:
+    """A short debug-model job on the test shards, everything written under ``tmp``."""
+    values = {
+        "data.path": shards, "data.resolution": 32, "data.batch_size": 8, "data.loader_workers": 0,
+        "data.val_batches": 1, "data.shuffle_buffer": 64,
+        "model.flavor": "debug", "model.latent_dim": 8, "model.likelihood": "mse", "optim.lr": 1e-2,
+        "train.max_steps": 12, "train.log_every": 3, "train.val_every": 6, "train.image_every": 12,
+        "train.checkpoint_every": 6, "train.storage_path": str(tmp / "runs"),
+        "dist.num_workers": 2, "dist.max_failures": 0,
+        "tracking.tracking_uri": tracking_uri or f"sqlite:///{tmp / 'mlruns.db'}",
+        "tracking.artifact_location": str(tmp / "mlartifacts"), "tracking.image_grid_size": 2,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def corrupt_shards32(shards32, tmp_path_factory) -> str:
+    """A copy of the test shards whose train split is 64 samples, one of them an undecodable JPEG."""
+    import hashlib
+    import json
+    import shutil
+    import tarfile
+
+    import webdataset as wds
+
+    src = Path(shards32)
+    manifest = json.loads((src / "manifest.json").read_text())
+    out = tmp_path_factory.mktemp("corrupt") / "synth32"
+    out.mkdir()
+    urls = [str(src / s["name"]) for s in manifest["splits"]["train"]["shards"]]
+    samples = []
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        samples.append({k: v for k, v in sample.items() if k in ("__key__", "jpg", "json")})
+        if len(samples) == 64:
+            break
+    samples[10]["jpg"] = b"\xff\xd8 this is not a jpeg"
+    shards = []
+    for i in range(2):
+        name = f"train-{i:06d}.tar"
+        with wds.TarWriter(str(out / name)) as sink:
+            for s in samples[i * 32 : (i + 1) * 32]:
+                sink.write(s)
+        digest = hashlib.sha256((out / name).read_bytes()).hexdigest()
+        shards.append({"name": name, "num_samples": 32, "sha256": digest})
+    for split in ("valid", "test"):
+        for s in manifest["splits"].get(split, {}).get("shards", []):
+            shutil.copy(src / s["name"], out / s["name"])
+    manifest["splits"]["train"] = {"num_samples": 64, "shards": shards}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert tarfile.is_tarfile(out / shards[0]["name"])
+    return str(out)

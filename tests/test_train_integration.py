@@ -1,0 +1,144 @@
+"""End to end on real local services: shards -> Ray Train (2 workers) + DeepSpeed -> MLflow.
+
+Every test here runs real ``fit()`` calls on the session's local Ray, so they are kept to a
+dozen steps of the debug model at 32 px.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import base_overrides
+from pipeline.config import ConfigError, load_config
+
+pytestmark = pytest.mark.integration
+
+
+def _train(overrides, resume=None):
+    from pipeline.train.trainer import run_training
+
+    return run_training(load_config(None, overrides), resume=resume)
+
+
+def _client(uri):
+    from pipeline.tracking import make_client
+
+    return make_client(uri)
+
+
+def _metric_steps(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def _assert_run_recorded(client, run_id, max_steps):
+    import mlflow
+
+    mlflow.flush_async_logging()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("loss", "recon", "kl", "beta", "active_units", "images_per_sec", "skipped_steps", "val_loss", "kl_dim/000"):
+        assert key in run.data.metrics, f"metric {key} missing from run {run_id}"
+    assert run.data.params["dist.num_workers"] == "2"
+    arts = {a.path for a in client.list_artifacts(run_id, "images")}
+    assert f"images/reconstructions_step{max_steps:07d}.png" in arts
+    assert f"images/samples_step{max_steps:07d}.png" in arts
+    assert any(a.path == "config/resolved.yaml" for a in client.list_artifacts(run_id, "config"))
+    loss = _metric_steps(client, run_id, "loss")
+    assert loss[-1][0] == max_steps
+    # The first window already includes a few updates; the last must be clearly lower.
+    assert loss[-1][1] < 0.9 * loss[0][1], f"loss did not fall: {loss}"
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_train_zero_stage_local_mlflow(ray_session, shards32, tmp_path, stage):
+    result = _train(base_overrides(shards32, tmp_path, **{"dist.zero_stage": stage, "tracking.log_model": stage == 3}))
+    client = _client(result.tracking_uri)
+    _assert_run_recorded(client, result.run_id, 12)
+    assert result.metrics["step"] == 12
+    ckpt = Path(result.checkpoint_path)
+    saved = json.loads((ckpt / "vaepipe_state.json").read_text())
+    assert saved["train_state"]["step"] == 12 and saved["config"]["dist"]["zero_stage"] == stage
+    # every rank's ZeRO shard is in the one reported checkpoint
+    shards = list(ckpt.glob("ds/*optim_states.pt"))
+    assert len(shards) == 2, sorted(p.name for p in ckpt.rglob("*"))
+
+
+def test_zero2_over_mlflow_server_register_and_load(ray_session, shards32, tmp_path, mlflow_server):
+    import mlflow.pyfunc
+
+    from pipeline.tracking import register_model
+
+    result = _train(base_overrides(shards32, tmp_path, tracking_uri=mlflow_server, **{"dist.zero_stage": 2}))
+    assert result.tracking_uri == mlflow_server
+    client = _client(mlflow_server)
+    _assert_run_recorded(client, result.run_id, 12)
+    version = register_model(mlflow_server, result.run_id, "vae-test", "champion")
+    assert client.get_model_version_by_alias("vae-test", "champion").version == str(version)
+    model = mlflow.pyfunc.load_model("models:/vae-test@champion")
+    images = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)
+    recon = model.predict(images)
+    assert recon.shape == (3, 3, 32, 32) and np.isfinite(recon).all() and recon.min() >= 0 and recon.max() <= 1
+    codes = model.predict(images, params={"method": "encode"})
+    assert codes.shape == (3, 8, 1, 1)
+    decoded = model.predict(codes, params={"method": "decode"})
+    np.testing.assert_allclose(decoded, recon, atol=1e-5)  # reconstruct == decode(encode mean)
+    samples = model.predict(np.zeros((1, 1, 1, 1), np.float32), params={"method": "sample", "n": 5})
+    assert samples.shape == (5, 3, 32, 32)
+
+
+def test_killed_worker_restarts_from_last_checkpoint(ray_session, shards32, tmp_path, monkeypatch):
+    marker = tmp_path / "fault.marker"
+    monkeypatch.setenv("VAEPIPE_FAULT_AT_STEP", "8")
+    monkeypatch.setenv("VAEPIPE_FAULT_MARKER", str(marker))
+    result = _train(base_overrides(shards32, tmp_path, **{"dist.max_failures": 1, "train.checkpoint_every": 5,
+                                                            "tracking.log_model": False}))
+    assert marker.read_text() == "8", "the fault was not injected"
+    assert result.metrics["step"] == 12
+    run = _client(result.tracking_uri).get_run(result.run_id)
+    assert run.data.tags["vaepipe.resumed_from_step"] == "5"
+
+
+def test_manual_resume_continues_step_count(ray_session, shards32, tmp_path):
+    first = _train(base_overrides(shards32, tmp_path, **{"train.max_steps": 6, "tracking.log_model": False}))
+    assert first.metrics["step"] == 6
+    second = _train(base_overrides(shards32, tmp_path, **{"train.max_steps": 9, "tracking.log_model": False}),
+                    resume=first.run_id)
+    assert second.run_id == first.run_id  # same MLflow run continues
+    assert second.metrics["step"] == 9
+    saved = json.loads((Path(second.checkpoint_path) / "vaepipe_state.json").read_text())
+    assert saved["train_state"]["step"] == 9
+    client = _client(second.tracking_uri)
+    steps = [s for s, _ in _metric_steps(client, second.run_id, "loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 9 and 6 in steps
+    assert client.get_run(second.run_id).data.tags["vaepipe.resumed_from_step"] == "6"
+
+
+def test_corrupt_jpeg_is_skipped_and_counted(ray_session, corrupt_shards32, tmp_path):
+    # 2 ranks x batch 8 x 4 steps = 64 samples = the whole tiny train split, so the corrupt one is met
+    result = _train(base_overrides(corrupt_shards32, tmp_path, **{"train.max_steps": 4, "train.log_every": 4,
+                                                                   "train.checkpoint_every": 4, "train.image_every": 4,
+                                                                   "data.val_batches": 0, "tracking.log_model": False}))
+    assert result.metrics["step"] == 4
+    assert result.metrics["corrupt_samples"] == 1
+
+
+def test_bad_config_fails_before_workers_start(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "model.latnt_dim=3"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "model.latnt_dim" in proc.stdout + proc.stderr
+    assert not (tmp_path / "mlruns.db").exists()  # nothing was started or written
+
+
+def test_resolution_above_stored_fails_in_preflight(shards32, tmp_path):
+    from pipeline.train.trainer import preflight
+
+    cfg = load_config(None, base_overrides(shards32, tmp_path, **{"data.resolution": 64}))
+    with pytest.raises(ConfigError, match="data.resolution=64"):
+        preflight(cfg)
