@@ -107,21 +107,22 @@ def build_worker(loop_config: dict) -> Worker:
     log = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
     worker = Worker(cfg, engine, stream, TrainState(), log, device, rank, world, precision,
                     fault=loop_config.get("fault", {}))
-    _restore(worker, loop_config.get("run_dir"))
+    _restore(worker, loop_config.get("run_dir"), loop_config.get("resume_from"))
     return worker
 
 
-def _restore(w: Worker, run_dir: Optional[str]) -> None:
+def _restore(w: Worker, run_dir: Optional[str], resume_from: Optional[str]) -> None:
     """Load the newest checkpoint into engine, train state and data position.
 
-    Ray hands over the latest checkpoint it registered (automatic restart, ``--resume``). A
+    Candidates: the folder ``--resume`` named, and the latest checkpoint Ray registered for
+    this run (after an automatic restart). A
     report that reached storage but not the controller (a rank died within the controller's
     poll interval of reporting) is found by scanning the run folder for complete checkpoints;
     the one with the highest step wins.
     """
     import ray.train
 
-    candidates: list[Path] = []
+    candidates: list[Path] = [Path(resume_from)] if resume_from else []
     ckpt = ray.train.get_checkpoint()
     with (ckpt.as_directory() if ckpt is not None else contextlib.nullcontext()) as ray_dir:
         if ray_dir is not None:

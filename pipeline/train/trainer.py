@@ -91,7 +91,6 @@ def init_ray(cfg: VaepipeConfig) -> None:
 
 def run_training(cfg: VaepipeConfig, resume: Optional[str] = None) -> TrainResult:
     """Train ``cfg`` on Ray Train + DeepSpeed, tracked in MLflow; optionally resume a run."""
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -109,7 +108,7 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None) -> TrainResul
         saved = json.loads((ckpt_dir / STATE_FILE).read_text())
         run_id = saved.get("mlflow_run_id") or tracking.start_run(cfg, uri)
         tracking.make_client(uri).update_run(run_id, status="RUNNING")
-        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
+        checkpoint = str(ckpt_dir)
         print(f"[vaepipe] resuming from {ckpt_dir} (step {saved['train_state']['step']})")
     else:
         run_id = tracking.start_run(cfg, uri)
@@ -123,6 +122,8 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None) -> TrainResul
         train_loop_per_worker,
         train_loop_config={
             "config": to_dict(cfg), "run_id": run_id, "tracking_uri": uri, "run_dir": run_dir,
+            # Train V2 dropped resume_from_checkpoint: the workers load this folder themselves
+            "resume_from": checkpoint,
             "fault": {k: v for k, v in os.environ.items() if k.startswith("VAEPIPE_FAULT_")},
         },
         scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
@@ -132,7 +133,6 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None) -> TrainResul
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
-        resume_from_checkpoint=checkpoint,
     )
     try:
         result = trainer.fit()
