@@ -16,8 +16,10 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed VAE training: shards -> Ray Train + DeepSpeed -> MLflow.")
 data_app = typer.Typer(no_args_is_help=True, help="Make, shard and inspect data sets.")
 config_app = typer.Typer(no_args_is_help=True, help="Show the resolved config.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks, each against a baseline measured in the same run.")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
+app.add_typer(bench_app, name="bench")
 console = Console()
 
 
@@ -184,6 +186,31 @@ def config_show(ctx: typer.Context, config: Optional[Path] = typer.Option(None, 
     from pipeline.config import to_yaml
 
     console.print(to_yaml(_load(config, ctx.args)), highlight=False, markup=False)
+
+
+@bench_app.command("throughput", context_settings={"allow_extra_args": True})
+def bench_throughput(
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(Path("jobs/quickstart.yaml"), help="Job YAML; extra args are overrides."),
+    steps: int = typer.Option(60, help="Timed steps for each side."),
+    out: Optional[Path] = typer.Option(None, help="Also write the figures as JSON here."),
+):
+    """images/s of the pipeline (Ray workers + DeepSpeed) beside a plain single-process PyTorch loop."""
+    import json
+
+    from pipeline.bench import throughput
+
+    cfg = _load(config, ctx.args)
+    res = throughput(cfg, steps)
+    table = Table(title=f"throughput at {res['resolution']}px, batch {res['batch_size_per_worker']} per worker, {steps} steps")
+    table.add_column("setup")
+    table.add_column("images/s", justify="right")
+    table.add_row(f"plain PyTorch, 1 process ({res['torch_threads_baseline']} threads)", f"{res['plain_pytorch_images_per_sec']:.1f}")
+    table.add_row(f"vaepipe: {res['pipeline_workers']} Ray workers, ZeRO-{res['zero_stage']}", f"{res['pipeline_images_per_sec']:.1f}")
+    table.add_row("ratio", f"{res['ratio']:.2f}x")
+    console.print(table)
+    if out:
+        out.write_text(json.dumps(res, indent=2))
 
 
 @app.command("models")

@@ -48,6 +48,7 @@ def _assert_run_recorded(client, run_id, max_steps):
     arts = {a.path for a in client.list_artifacts(run_id, "images")}
     assert f"images/reconstructions_step{max_steps:07d}.png" in arts
     assert f"images/samples_step{max_steps:07d}.png" in arts
+    assert f"images/kl_per_dim_step{max_steps:07d}.png" in arts
     assert any(a.path == "config/resolved.yaml" for a in client.list_artifacts(run_id, "config"))
     loss = _metric_steps(client, run_id, "loss")
     assert loss[-1][0] == max_steps
@@ -67,6 +68,22 @@ def test_train_zero_stage_local_mlflow(ray_session, shards32, tmp_path, stage):
     # every rank's ZeRO shard is in the one reported checkpoint
     shards = list(ckpt.glob("ds/*optim_states.pt"))
     assert len(shards) == 2, sorted(p.name for p in ckpt.rglob("*"))
+    if stage == 3:  # the logged model goes through the CLI: register, then sample from the alias
+        _cli("register", "--run-id", result.run_id, "--name", "vae-local", "--alias", "champion",
+             "--tracking-uri", result.tracking_uri)
+        out = tmp_path / "samples.png"
+        _cli("sample", "--model", "models:/vae-local@champion", "--n", "9", "--out", str(out),
+             "--tracking-uri", result.tracking_uri)
+        from PIL import Image
+
+        grid = Image.open(out)
+        assert grid.size == (3 * 33 + 1, 3 * 33 + 1)  # 3x3 tiles of 32 px with 1-px gaps
+
+
+def _cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
 
 
 def test_zero2_over_mlflow_server_register_and_load(ray_session, shards32, tmp_path, mlflow_server):

@@ -65,6 +65,8 @@ class Worker:
     precision: str
     resumed_from: Optional[int] = None
     fault: dict = field(default_factory=dict)
+    last_val: dict = field(default_factory=dict)  # latest validation metrics, reported with checkpoints
+    last_kl_dims: Optional[torch.Tensor] = None  # per-dimension KL of the latest log window
 
 
 def _all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
@@ -291,6 +293,7 @@ def _log_window(w: Worker, win: _Window) -> None:
         "epoch": float(st.epoch),
     }
     metrics.update({f"kl_dim/{i:03d}": float(v) for i, v in enumerate(kl_dims.tolist())})
+    w.last_kl_dims = kl_dims
     w.log.metrics(metrics, st.step)
     st.history.append([st.step, loss])
     if w.rank == 0:
@@ -346,6 +349,27 @@ def _log_images(w: Worker, batch: dict) -> None:
     step = w.state.step
     w.log.image(make_grid(pairs.numpy(), nrow=n), f"images/reconstructions_step{step:07d}.png")
     w.log.image(make_grid(samples.float().cpu().numpy(), nrow=n), f"images/samples_step{step:07d}.png")
+    if w.last_kl_dims is not None:
+        w.log.figure(kl_bar_plot(w.last_kl_dims, step), f"images/kl_per_dim_step{step:07d}.png")
+
+
+def kl_bar_plot(kl_dims: torch.Tensor, step: int):
+    """Per-dimension KL (nats) with the 0.01 active-unit threshold: collapse is visible at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = kl_dims.float().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(max(4, len(values) * 0.12), 2.5))
+    ax.bar(range(len(values)), values, color=["tab:blue" if v > 0.01 else "tab:gray" for v in values])
+    ax.axhline(0.01, color="tab:red", lw=0.8, ls="--")
+    ax.set_xlabel("latent dimension")
+    ax.set_ylabel("KL (nats)")
+    ax.set_title(f"per-dimension KL at step {step}: {(values > 0.01).sum()}/{len(values)} active")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
 
 
 def _checkpoint(w: Worker, metrics: dict) -> None:
@@ -363,7 +387,7 @@ def _checkpoint(w: Worker, metrics: dict) -> None:
         if w.rank == 0:
             (Path(tmp) / STATE_FILE).write_text(json.dumps(saved))
             (Path(tmp) / "config.yaml").write_text(to_yaml(w.cfg))
-        report = {**metrics, **getattr(w, "last_val", {}), "step": w.state.step}
+        report = {**metrics, **w.last_val, "step": w.state.step}
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
