@@ -167,14 +167,19 @@ def sample(
     from PIL import Image
 
     from pipeline.config import VaepipeConfig
-    from pipeline.tracking import make_client, make_grid, resolve_tracking_uri
+    from pipeline.evaluate.visualize import make_grid
+    from pipeline.tracking import make_client, resolve_tracking_uri
 
     cfg = VaepipeConfig()
     cfg.tracking.tracking_uri = tracking_uri
     make_client(resolve_tracking_uri(cfg))
     import mlflow.pyfunc
 
-    pyfunc = mlflow.pyfunc.load_model(model)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*type hint.*")
+        pyfunc = mlflow.pyfunc.load_model(model)
     images = pyfunc.predict(np.zeros((1, 1, 1, 1), np.float32), params={"method": "sample", "n": n, "seed": seed})
     Image.fromarray(make_grid(images, nrow=int(math.ceil(math.sqrt(n))))).save(out)
     console.print(f"[green]wrote[/] {n} samples {tuple(images.shape[1:])} to {out}")
@@ -186,6 +191,51 @@ def config_show(ctx: typer.Context, config: Optional[Path] = typer.Option(None, 
     from pipeline.config import to_yaml
 
     console.print(to_yaml(_load(config, ctx.args)), highlight=False, markup=False)
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Option(..., help="Model URI: models:/name@alias, models:/name/3 or runs:/<id>/model."),
+    data: str = typer.Option(..., help="Shard set (folder, file:// or s3://)."),
+    metrics: str = typer.Option("nll,elbo,au,mig,sap", help="Comma list of nll, elbo, au, mig, sap, fid."),
+    split: str = typer.Option("test", help="Split to score."),
+    k: int = typer.Option(1000, help="Importance samples per image for nll."),
+    max_samples: Optional[int] = typer.Option(None, help="Score at most this many images."),
+    workers: int = typer.Option(1, help="Ray workers scoring shares of the split (1 = this process)."),
+    fid_weights: Optional[str] = typer.Option(None, help="pt_inception-2015-12-05-6726825d.pth (else VAEPIPE_FID_WEIGHTS)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="Default: MLFLOW_TRACKING_URI or sqlite:///mlruns.db."),
+    experiment: str = typer.Option("vaepipe-eval", help="MLflow experiment of the evaluation run."),
+):
+    """Score a model (NLL by importance sampling, ELBO, active units, MIG, SAP, FID) into a new MLflow run."""
+    from pipeline.config import VaepipeConfig
+    from pipeline.evaluate.job import run_evaluation, scalar_metrics
+    from pipeline.evaluate.runner import EvalSpec
+    from pipeline.tracking import resolve_tracking_uri
+
+    cfg = VaepipeConfig()
+    cfg.tracking.tracking_uri = tracking_uri
+    try:
+        spec = EvalSpec(metrics=[m.strip() for m in metrics.split(",") if m.strip()], split=split, k=k,
+                        max_samples=max_samples, fid_weights=fid_weights)
+    except ValueError as exc:
+        _fail(str(exc))
+    if "fid" in spec.metrics:
+        from pipeline.evaluate.fid import fid_available
+
+        ok, msg = fid_available(fid_weights)
+        if not ok:
+            console.print(f"[yellow]FID skipped:[/] {msg}")
+    run_id, results = run_evaluation(model, data, spec, workers, resolve_tracking_uri(cfg), experiment)
+    console.print(f"{model} on {data} [{split}]")
+    table = Table(title=f"evaluation ({results['num_samples']} images)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in scalar_metrics(results).items():
+        table.add_row(name, f"{value:.4g}")
+    console.print(table)
+    if "collapse" in results:
+        console.print(results["collapse"]["message"])
+    console.print(f"MLflow evaluation run: {run_id}")
 
 
 @bench_app.command("throughput", context_settings={"allow_extra_args": True})

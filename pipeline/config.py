@@ -43,6 +43,68 @@ class DataConfig:
 
 
 @dataclass
+class FactorVAEConfig:
+    gamma: float = 10.0
+    """Weight of the total-correlation penalty gamma * TC(z)."""
+    disc_hidden: int = 1000
+    """Width of the TC discriminator MLP."""
+    disc_layers: int = 6
+    """Hidden layers of the TC discriminator."""
+    disc_lr: float = 1e-4
+    """Learning rate of the discriminator's own Adam."""
+    disc_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    """Adam betas of the discriminator."""
+
+
+@dataclass
+class LadderConfig:
+    latent_dims: list[int] = field(default_factory=lambda: [32, 16, 8])
+    """Latent dims per level, bottom (z_1, next to x) to top (z_L); the length is the number of levels."""
+    merge: Literal["precision", "residual"] = "precision"
+    """Posterior of a level: Ladder-VAE precision-weighted merge, or the NVAE/VDVAE residual form."""
+    hidden: int = 256
+    """Width of the deterministic MLPs between levels."""
+    min_std: float = 1e-3
+    """Floor of every scale (softplus + floor): keeps deep hierarchies finite."""
+
+
+@dataclass
+class VQConfig:
+    codebook_size: int = 512
+    """Number of codebook vectors K."""
+    code_dim: int = 64
+    """Dimension of each codebook vector."""
+    downsample: int = 4
+    """Spatial reduction of the encoder: the code grid is resolution/downsample on a side."""
+    commitment: float = 0.25
+    """Commitment loss weight beta_c."""
+    update: Literal["ema", "grad"] = "ema"
+    """Codebook learned by exponential moving averages or by gradients."""
+    ema_decay: float = 0.99
+    """EMA decay of codebook statistics."""
+    ema_epsilon: float = 1e-5
+    """Laplace smoothing of EMA cluster sizes."""
+    dead_code_threshold: float = 1.0
+    """Codes whose EMA usage falls below this are restarted from encoder outputs (0 disables)."""
+
+
+@dataclass
+class ARPriorConfig:
+    arch: Literal["pixelcnn", "transformer"] = "pixelcnn"
+    """Autoregressive prior over the VQ code grid: gated PixelCNN or a causal transformer."""
+    parent_uri: Optional[str] = None
+    """The trained VQ-VAE whose codes the prior models (models:/name@alias or runs:/<id>/model)."""
+    parent_config: Optional[dict] = None
+    """Filled in by the pipeline from ``parent_uri``: the parent's model config (not set by hand)."""
+    hidden: int = 128
+    """Channels (PixelCNN) or model width (transformer)."""
+    layers: int = 6
+    """Gated PixelCNN layers or transformer blocks."""
+    heads: int = 4
+    """Attention heads (transformer)."""
+
+
+@dataclass
 class ModelConfig:
     name: str = "conv_vae"
     """Registered model family (``vaepipe models`` lists them)."""
@@ -58,12 +120,32 @@ class ModelConfig:
     """Width of the first conv block (32 is the reference architecture)."""
     hidden_dim: int = 512
     """Width of the dense layer between the conv stack and the latent."""
-    likelihood: Literal["bernoulli", "gaussian", "mse"] = "bernoulli"
-    """Decoder likelihood p(x|z)."""
+    likelihood: Literal["bernoulli", "gaussian", "gaussian_learned", "mse", "logistic_mixture"] = "bernoulli"
+    """Decoder likelihood p(x|z); logistic_mixture is the discretised logistic mixture for 8-bit images."""
     obs_std: float = 0.1
     """Fixed standard deviation of the Gaussian likelihood."""
+    logistic_components: int = 5
+    """Mixture components of the discretised logistic likelihood."""
     beta: float = 1.0
     """Target weight of the KL term (beta-VAE when > 1); annealing multiplies it."""
+    prior: Literal["normal", "made", "mog"] = "normal"
+    """p(z): standard normal, autoregressive MADE (Gaussian conditionals), or a mixture of Gaussians."""
+    prior_components: int = 10
+    """Components of the mixture-of-Gaussians prior."""
+    prior_hidden: int = 256
+    """Hidden width of the MADE prior."""
+    decoder_dropout: float = 0.0
+    """Dropout in the decoder (e.g. 0.5) forces it to rely on z: a posterior-collapse mitigation."""
+    skip_connections: bool = False
+    """Encoder-to-decoder skip connections (conv families)."""
+    factor: FactorVAEConfig = field(default_factory=FactorVAEConfig)
+    """Factor-VAE settings (model.name=factor_vae)."""
+    ladder: LadderConfig = field(default_factory=LadderConfig)
+    """Hierarchical / Ladder VAE settings (model.name=ladder_vae)."""
+    vq: VQConfig = field(default_factory=VQConfig)
+    """VQ-VAE settings (model.name=vqvae)."""
+    ar: ARPriorConfig = field(default_factory=ARPriorConfig)
+    """Autoregressive code prior settings (model.name=vq_prior)."""
 
 
 @dataclass
@@ -84,10 +166,20 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    kl_warmup_steps: int = 0
-    """Linear KL warm-up: beta_t = beta * min(1, step / kl_warmup_steps); 0 disables."""
+    kl_anneal: Literal["none", "linear", "cyclical"] = "none"
+    """KL weight schedule, multiplied by model.beta: none, linear warm-up, or cyclical (Fu et al. 2019)."""
+    unit: Literal["step", "epoch"] = "step"
+    """Whether warmup and cycles count optimizer steps or (fractional) epochs."""
+    warmup: float = 0.0
+    """Linear: beta_t = beta * min(1, t / warmup), t in ``unit``."""
+    cycles: int = 4
+    """Cyclical: number of cycles over the whole run (train.max_steps)."""
+    cycle_ratio: float = 0.5
+    """Cyclical: fraction of each cycle in which the weight rises linearly from 0 to beta."""
     free_bits: float = 0.0
     """Free bits lambda per latent dimension: KL_i = max(lambda, KL_i); 0 disables."""
+    target_kl: float = 0.0
+    """Minimum desired KL per batch: the KL term becomes max(target_kl, KL); 0 disables."""
 
 
 @dataclass
@@ -215,8 +307,14 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "must be two values in [0, 1)")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
-    _check(cfg.schedule.kl_warmup_steps >= 0, "schedule.kl_warmup_steps", cfg.schedule.kl_warmup_steps, "must be >= 0")
-    _check(cfg.schedule.free_bits >= 0, "schedule.free_bits", cfg.schedule.free_bits, "must be >= 0")
+    sc = cfg.schedule
+    _check(sc.warmup >= 0, "schedule.warmup", sc.warmup, "must be >= 0")
+    _check(not (sc.kl_anneal == "linear" and sc.warmup == 0), "schedule.warmup", sc.warmup,
+           "must be > 0 with schedule.kl_anneal=linear")
+    _check(sc.cycles >= 1, "schedule.cycles", sc.cycles, "must be >= 1")
+    _check(0 < sc.cycle_ratio <= 1, "schedule.cycle_ratio", sc.cycle_ratio, "must be in (0, 1]")
+    _check(sc.free_bits >= 0, "schedule.free_bits", sc.free_bits, "must be >= 0")
+    _check(sc.target_kl >= 0, "schedule.target_kl", sc.target_kl, "must be >= 0")
     _check(t.max_steps >= 1, "train.max_steps", t.max_steps, "must be >= 1")
     _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
     for key in ("log_every", "checkpoint_every", "image_every", "val_every", "keep_checkpoints"):

@@ -20,8 +20,8 @@ faces = m.predict(np.zeros((1, 1, 1, 1), np.float32), params={"method": "sample"
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional
 
 import numpy as np
@@ -43,7 +43,7 @@ class VaePyfunc(_Base):
         from models import build_model
 
         blob = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=False)
-        self.model = build_model(SimpleNamespace(**blob["model_config"]))
+        self.model = build_model(dict(blob["model_config"]))
         self.model.load_state_dict(blob["state_dict"])
         self.model.eval()
 
@@ -59,13 +59,28 @@ class VaePyfunc(_Base):
             if method == "reconstruct":
                 out = self.model.reconstruct(x)
             elif method == "encode":
-                out = self.model.encode(x)[0][:, :, None, None]
+                out = self.model.encode(x)
+                out = out[0] if isinstance(out, (tuple, list)) else out  # Gaussian families: the mean
+                out = out[:, :, None, None] if out.dim() == 2 else out
             elif method == "decode":
-                out = self.model.decode(x.flatten(1))
+                # vector latents travel as [N, D, 1, 1]; grid latents (VQ) as they are
+                out = self.model.decode(x.flatten(1) if x.shape[-2:] == (1, 1) else x)
             else:
                 torch.manual_seed(int(params.get("seed", 0)))
                 out = self.model.sample(int(params.get("n", 16)))
         return out.float().cpu().numpy()
+
+
+def load_logged_weights(model_uri: str) -> dict:
+    """``{"model_config", "state_dict", "config"}`` of a logged or registered vaepipe model."""
+    import mlflow
+    import torch
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    path = local / "artifacts" / "weights.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{model_uri} is not a vaepipe model: no artifacts/weights.pt in it")
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def model_signature(channels: int, resolution: int):
@@ -89,7 +104,11 @@ def log_pyfunc(run_id: str, weights_path: Path, model_config: dict, config_yaml:
     repo = Path(__file__).resolve().parents[1]
     res, ch = model_config.get("resolution", 64), model_config.get("in_channels", 3)
     example = np.random.default_rng(0).random((2, ch, res, res), dtype=np.float32)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # The signature below is explicit; MLflow's nudge towards type-hint inference is noise here.
+        warnings.filterwarnings("ignore", message=".*type hint.*")
+        warnings.filterwarnings("ignore", message=".*input example.*")
+        warnings.filterwarnings("ignore", message=".*CloudPickle.*")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=VaePyfunc(),

@@ -79,18 +79,6 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     make_client(uri).set_terminated(run_id, status=status)
 
 
-def make_grid(images: np.ndarray, nrow: int) -> np.ndarray:
-    """Tile ``[N, C, H, W]`` floats in [0, 1] into one ``[H', W', C]`` uint8 image (1-px gaps)."""
-    n, c, h, w = images.shape
-    ncol = int(np.ceil(n / nrow))
-    grid = np.ones((c, ncol * (h + 1) + 1, nrow * (w + 1) + 1), dtype=np.float32)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = images[i]
-    out = (np.clip(grid, 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
-    return out[..., 0] if c == 1 else out
-
-
 class RankZeroLogger:
     """What rank 0 logs into the driver's run; every other rank gets ``enabled=False``."""
 

@@ -4,7 +4,6 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.train.engine import DeviceFacts, build_deepspeed_config, cpu_has_fast_bf16, resolve_precision
-from pipeline.train.schedules import kl_weight
 
 
 @pytest.mark.parametrize(
@@ -57,12 +56,3 @@ def test_fp32_has_no_mixed_precision_sections_and_fp16_has_dynamic_scaling():
     assert "offload_optimizer" not in fp32["zero_optimization"]
     fp16 = build_deepspeed_config(cfg, 1, "fp16")
     assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # 0 = dynamic
-
-
-def test_linear_kl_warmup():
-    cfg = load_config(None, ["schedule.kl_warmup_steps=100"])
-    assert kl_weight(0, cfg.schedule, 2.0) == 0.0
-    assert kl_weight(25, cfg.schedule, 2.0) == pytest.approx(0.5)
-    assert kl_weight(100, cfg.schedule, 2.0) == 2.0
-    assert kl_weight(500, cfg.schedule, 2.0) == 2.0
-    assert kl_weight(0, load_config().schedule, 1.5) == 1.5  # no warm-up

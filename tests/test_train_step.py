@@ -41,7 +41,8 @@ def _worker(loss_value=None, zero_stage=2):
     cfg = load_config(None, ["model.flavor=debug", "data.resolution=32", f"dist.zero_stage={zero_stage}"])
     torch.manual_seed(0)
     engine = RecordingEngine(build_model(cfg.model), loss_value)
-    return SimpleNamespace(cfg=cfg, engine=engine, state=TrainState(), device=torch.device("cpu"), precision="fp32")
+    return SimpleNamespace(cfg=cfg, engine=engine, state=TrainState(), device=torch.device("cpu"), precision="fp32",
+                           aux=None, stream=SimpleNamespace(steps_per_epoch=10))
 
 
 def test_nonfinite_loss_skips_backward_and_step():

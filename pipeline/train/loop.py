@@ -22,12 +22,15 @@ from typing import Any, Optional
 import torch
 
 from pipeline.config import VaepipeConfig, from_dict, to_dict, to_yaml
-from pipeline.tracking import RankZeroLogger, make_grid
+from pipeline.evaluate.visualize import kl_bar_plot, make_grid
+from pipeline.tracking import RankZeroLogger
 from pipeline.train.activation import apply_activation_checkpointing
+from pipeline.train.auxiliary import AuxiliaryTrainer
 from pipeline.train.engine import DeviceFacts, build_deepspeed_config, resolve_precision, set_accelerator_env
 from pipeline.train.schedules import kl_weight
 
 STATE_FILE = "vaepipe_state.json"
+AUX_FILE = "auxiliary.pt"  # the auxiliary network and its optimizer (identical on every rank)
 MAX_CONSECUTIVE_SKIPS = 50
 CKPT_TAG = "ds"  # one tag per Ray checkpoint folder: Ray keeps the history, not DeepSpeed
 
@@ -67,6 +70,7 @@ class Worker:
     fault: dict = field(default_factory=dict)
     last_val: dict = field(default_factory=dict)  # latest validation metrics, reported with checkpoints
     last_kl_dims: Optional[torch.Tensor] = None  # per-dimension KL of the latest log window
+    aux: Optional[AuxiliaryTrainer] = None  # a family's second optimizer (Factor-VAE discriminator)
 
 
 def _all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
@@ -96,11 +100,16 @@ def build_worker(loop_config: dict) -> Worker:
     device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
+    if loop_config.get("parent_state") is not None:
+        # vq_prior: the frozen VQ-VAE's weights, loaded before ZeRO-3 can partition them
+        model.parent.load_state_dict(loop_config["parent_state"])
+    aux = AuxiliaryTrainer.for_model(model, device)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     precision = resolve_precision(cfg.train.precision, DeviceFacts.detect(use_cuda))
     ds_config = build_deepspeed_config(cfg, world, precision)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parents stay out of Adam
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     stream = ShardStream(
         cfg.data.path, "train", cfg.data.batch_size, cfg.data.resolution, rank, world,
         seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
@@ -108,7 +117,7 @@ def build_worker(loop_config: dict) -> Worker:
     )
     log = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
     worker = Worker(cfg, engine, stream, TrainState(), log, device, rank, world, precision,
-                    fault=loop_config.get("fault", {}))
+                    fault=loop_config.get("fault", {}), aux=aux)
     _restore(worker, loop_config.get("run_dir"), loop_config.get("resume_from"))
     return worker
 
@@ -136,6 +145,8 @@ def _restore(w: Worker, run_dir: Optional[str], resume_from: Optional[str]) -> N
         best = max(candidates, key=lambda d: json.loads((d / STATE_FILE).read_text())["train_state"]["step"])
         w.engine.load_checkpoint(str(best), tag=CKPT_TAG)
         saved = json.loads((best / STATE_FILE).read_text())
+        if w.aux is not None and (best / AUX_FILE).exists():
+            w.aux.load_state_dict(torch.load(best / AUX_FILE, map_location=w.device))
     w.state.load_state_dict(saved["train_state"])
     w.stream.load_state_dict(saved["data_state"])
     w.resumed_from = w.state.step
@@ -161,8 +172,13 @@ def train_step(w: Worker, batch: dict) -> dict[str, float]:
         x = x.to(torch.bfloat16)
     elif w.precision == "fp16":
         x = x.half()
-    beta = kl_weight(w.state.step, w.cfg.schedule, w.cfg.model.beta)
-    out = w.engine(x, beta=beta, free_bits=w.cfg.schedule.free_bits)
+    beta = _kl_weight(w)
+    kwargs = {"beta": beta, "free_bits": w.cfg.schedule.free_bits}
+    if w.cfg.schedule.target_kl:
+        kwargs["target_kl"] = w.cfg.schedule.target_kl
+    if w.aux is not None:
+        kwargs["aux"] = w.aux.module
+    out = w.engine(x, **kwargs)
     loss = out["loss"]
     # A NaN on one rank must stop every rank's backward, or the others would wait forever
     # in the gradient all-reduce: agree first, then skip together.
@@ -176,7 +192,11 @@ def train_step(w: Worker, batch: dict) -> dict[str, float]:
     if boundary and w.cfg.dist.zero_stage == 0:
         _drop_nonfinite_grads(w)
     w.engine.step()
+    extras = {k: float(v) for k, v in out.get("metrics", {}).items()}
+    if w.aux is not None:
+        extras.update(w.aux.step(w.engine.module, out))
     return {
+        "extras": extras,
         "boundary": boundary,
         "loss": loss.item(),
         "recon": out["recon"].detach().item(),
@@ -186,6 +206,15 @@ def train_step(w: Worker, batch: dict) -> dict[str, float]:
         "kl_per_dim": out["kl_per_dim"].detach().float().cpu(),
         "skipped": 0.0,
     }
+
+
+def _kl_weight(w: Worker) -> float:
+    """The schedule's KL weight now, in steps or fractional epochs as configured."""
+    sc, total_steps = w.cfg.schedule, w.cfg.train.max_steps
+    if sc.unit == "epoch":
+        per_epoch = max(w.stream.steps_per_epoch // w.cfg.train.grad_accum_steps, 1)
+        return kl_weight(w.state.step / per_epoch, sc, w.cfg.model.beta, total_steps / per_epoch)
+    return kl_weight(w.state.step, sc, w.cfg.model.beta, total_steps)
 
 
 def _drop_nonfinite_grads(w: Worker) -> None:
@@ -259,6 +288,7 @@ class _Window:
 
     def reset(self) -> None:
         self.sums: dict[str, float] = {}
+        self.extras: dict[str, float] = {}
         self.count = 0
         self.kl_dims: Optional[torch.Tensor] = None
         self.t0 = time.perf_counter()
@@ -269,6 +299,8 @@ class _Window:
         self.count += 1
         for k in ("loss", "recon", "kl", "elbo", "beta"):
             self.sums[k] = self.sums.get(k, 0.0) + out[k]
+        for k, v in out.get("extras", {}).items():
+            self.extras[k] = self.extras.get(k, 0.0) + v
         kd = out["kl_per_dim"]
         self.kl_dims = kd.clone() if self.kl_dims is None else self.kl_dims + kd
 
@@ -277,10 +309,13 @@ def _log_window(w: Worker, win: _Window) -> None:
     st, cfg = w.state, w.cfg
     n = max(win.count, 1)
     local = [win.sums.get(k, math.nan) / n for k in ("loss", "recon", "kl", "elbo")]
+    extra_keys = sorted(win.extras)  # the same keys on every rank: same model, same code path
+    local += [win.extras[k] / n for k in extra_keys]
     # Mean over ranks of each rank's window mean; skipped/corrupt counts are summed.
     ds_skipped = getattr(w.engine, "skipped_steps", 0) or 0
     reduced = _all_reduce(local + [float(st.corrupt_samples)], w.device)
     loss, recon, kl, elbo = (v / w.world_size for v in reduced[:4])
+    extras = {k: v / w.world_size for k, v in zip(extra_keys, reduced[4:-1])}
     elapsed = time.perf_counter() - win.t0
     kl_dims = win.kl_dims / n if win.kl_dims is not None else torch.zeros(cfg.model.latent_dim)
     metrics = {
@@ -288,10 +323,11 @@ def _log_window(w: Worker, win: _Window) -> None:
         "beta": win.sums.get("beta", 0.0) / n,
         "active_units": float((kl_dims > 0.01).sum()),
         "skipped_steps": float(st.skipped_steps + ds_skipped),
-        "corrupt_samples": reduced[4],
+        "corrupt_samples": reduced[-1],
         "images_per_sec": win.count * cfg.data.batch_size * cfg.train.grad_accum_steps * w.world_size / max(elapsed, 1e-9),
         "epoch": float(st.epoch),
     }
+    metrics.update(extras)
     metrics.update({f"kl_dim/{i:03d}": float(v) for i, v in enumerate(kl_dims.tolist())})
     w.last_kl_dims = kl_dims
     w.log.metrics(metrics, st.step)
@@ -339,9 +375,11 @@ def _log_images(w: Worker, batch: dict) -> None:
     with torch.no_grad():
         x = batch["image"][: n * n // 2].to(w.device).to(_dtype(w))
         recon = module.reconstruct(x)
-        gen = torch.Generator().manual_seed(w.cfg.train.seed)
-        z = torch.randn(n * n, w.cfg.model.latent_dim, generator=gen).to(w.device).to(_dtype(w))
-        samples = module.decode(z)
+        # every rank draws the same z (ZeRO-3 runs the decoder collectively), fixed across steps
+        rng_state = torch.get_rng_state()
+        torch.manual_seed(w.cfg.train.seed)
+        samples = module.sample(n * n, device=w.device)
+        torch.set_rng_state(rng_state)
     module.train(was_training)
     if w.rank != 0:
         return
@@ -350,26 +388,8 @@ def _log_images(w: Worker, batch: dict) -> None:
     w.log.image(make_grid(pairs.numpy(), nrow=n), f"images/reconstructions_step{step:07d}.png")
     w.log.image(make_grid(samples.float().cpu().numpy(), nrow=n), f"images/samples_step{step:07d}.png")
     if w.last_kl_dims is not None:
-        w.log.figure(kl_bar_plot(w.last_kl_dims, step), f"images/kl_per_dim_step{step:07d}.png")
-
-
-def kl_bar_plot(kl_dims: torch.Tensor, step: int):
-    """Per-dimension KL (nats) with the 0.01 active-unit threshold: collapse is visible at a glance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values = kl_dims.float().cpu().numpy()
-    fig, ax = plt.subplots(figsize=(max(4, len(values) * 0.12), 2.5))
-    ax.bar(range(len(values)), values, color=["tab:blue" if v > 0.01 else "tab:gray" for v in values])
-    ax.axhline(0.01, color="tab:red", lw=0.8, ls="--")
-    ax.set_xlabel("latent dimension")
-    ax.set_ylabel("KL (nats)")
-    ax.set_title(f"per-dimension KL at step {step}: {(values > 0.01).sum()}/{len(values)} active")
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
+        fig = kl_bar_plot(w.last_kl_dims, title=f"per-dimension KL at step {step}")
+        w.log.figure(fig, f"images/kl_per_dim_step{step:07d}.png")
 
 
 def _checkpoint(w: Worker, metrics: dict) -> None:
@@ -386,6 +406,8 @@ def _checkpoint(w: Worker, metrics: dict) -> None:
         w.engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"vaepipe": saved})
         if w.rank == 0:
             (Path(tmp) / STATE_FILE).write_text(json.dumps(saved))
+            if w.aux is not None:
+                torch.save(w.aux.state_dict(), Path(tmp) / AUX_FILE)
             (Path(tmp) / "config.yaml").write_text(to_yaml(w.cfg))
         report = {**metrics, **w.last_val, "step": w.state.step}
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -74,6 +74,24 @@ def find_checkpoint(resume: str, uri: str) -> Path:
     return candidates[-1]
 
 
+def attach_parent(cfg: VaepipeConfig, uri: str) -> tuple[VaepipeConfig, dict]:
+    """Second-stage families (vq_prior) model a trained parent's codes: fetch the parent once
+    in the driver, put its architecture into the config and ship its weights to the workers."""
+    from pipeline.serving import load_logged_weights
+    from pipeline.tracking import make_client
+
+    make_client(uri)
+    try:
+        blob = load_logged_weights(cfg.model.ar.parent_uri)
+    except Exception as exc:
+        raise ConfigError(f"model.ar.parent_uri={cfg.model.ar.parent_uri!r} could not be loaded from {uri}: {exc}") from None
+    ar = replace(cfg.model.ar, parent_config=dict(blob["model_config"]))
+    parent_res = blob["model_config"].get("resolution")
+    if parent_res and parent_res != cfg.data.resolution:
+        raise ConfigError(f"data.resolution={cfg.data.resolution} differs from the parent model's resolution {parent_res}")
+    return replace(cfg, model=replace(cfg.model, ar=ar)), blob["state_dict"]
+
+
 def init_ray(cfg: VaepipeConfig) -> None:
     """Connect to ``dist.address`` / RAY_ADDRESS, or start a local Ray sized to this machine."""
     import ray
@@ -115,6 +133,9 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None) -> TrainResul
     name = cfg.train.run_name or f"vaepipe-{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}"
     run_dir = str(Path(cfg.train.storage_path) / name) if "://" not in cfg.train.storage_path else f"{cfg.train.storage_path}/{name}"
     tracking.make_client(uri).set_tag(run_id, "vaepipe.run_dir", run_dir)
+    parent_state = None
+    if cfg.model.ar.parent_uri:
+        cfg, parent_state = attach_parent(cfg, uri)
     init_ray(cfg)
     use_gpu = cfg.dist.gpus_per_worker > 0
     resources = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": cfg.dist.gpus_per_worker} if use_gpu else {})}
@@ -124,6 +145,7 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None) -> TrainResul
             "config": to_dict(cfg), "run_id": run_id, "tracking_uri": uri, "run_dir": run_dir,
             # Train V2 dropped resume_from_checkpoint: the workers load this folder themselves
             "resume_from": checkpoint,
+            "parent_state": parent_state,
             "fault": {k: v for k, v in os.environ.items() if k.startswith("VAEPIPE_FAULT_")},
         },
         scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
