@@ -42,9 +42,11 @@ def _assert_run_recorded(client, run_id, max_steps):
     mlflow.flush_async_logging()
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    for key in ("loss", "recon", "kl", "beta", "active_units", "images_per_sec", "skipped_steps", "val_loss", "kl_dim/000"):
+    for key in ("loss", "recon", "kl", "beta", "active_units", "images_per_sec", "skipped_steps", "val_loss",
+                "val_active_units", "kl_dim/000"):
         assert key in run.data.metrics, f"metric {key} missing from run {run_id}"
     assert run.data.params["dist.num_workers"] == "2"
+    assert run.data.tags["vaepipe.posterior_collapse"] in ("True", "False")
     arts = {a.path for a in client.list_artifacts(run_id, "images")}
     assert f"images/reconstructions_step{max_steps:07d}.png" in arts
     assert f"images/samples_step{max_steps:07d}.png" in arts
@@ -78,6 +80,17 @@ def test_train_zero_stage_local_mlflow(ray_session, shards32, tmp_path, stage):
 
         grid = Image.open(out)
         assert grid.size == (3 * 33 + 1, 3 * 33 + 1)  # 3x3 tiles of 32 px with 1-px gaps
+        printed = _cli("evaluate", "--model", "models:/vae-local@champion", "--data", shards32, "--k", "8",
+                       "--max-samples", "16", "--tracking-uri", result.tracking_uri)
+        assert "nll" in printed and "mig" in printed
+        client = _client(result.tracking_uri)
+        version = client.get_model_version_by_alias("vae-local", "champion")
+        eval_run = client.get_run(version.tags["vaepipe.eval_run"])  # the version links to its evaluation
+        assert eval_run.data.tags["vaepipe.model_version"] == str(version.version)
+        assert eval_run.data.metrics["num_samples"] == 16
+        assert eval_run.data.metrics["nll"] > 0 and "mig" in eval_run.data.metrics
+        arts = {a.path for a in client.list_artifacts(eval_run.info.run_id, "eval")}
+        assert {"eval/samples.png", "eval/traversals.png", "eval/interpolation_slerp.png"} <= arts
 
 
 def _cli(*args):

@@ -29,12 +29,10 @@ def _model_version(client, model_uri: str):
 
 def log_visuals(logger, model: torch.nn.Module, blob: dict, data_url: str, split: str, results: dict, seed: int) -> None:
     """Sample and reconstruction grids, traversals, interpolations and the per-dimension KL plot."""
-    from pipeline.data.stream import ShardStream
+    from pipeline.evaluate.runner import eval_stream
     from pipeline.evaluate.visualize import interpolate, kl_bar_plot, latent_traversals, make_grid
 
-    mc = blob["model_config"]
-    stream = ShardStream(data_url, split, 8, mc.get("resolution", 64), 0, 1, shuffle_buffer=1, num_workers=0,
-                         channels=mc.get("in_channels", 3))
+    stream = eval_stream(blob, data_url, split, 8, 0, 1)
     x = next(iter(stream.iter_eval(split, max_batches=1)))["image"]
     torch.manual_seed(seed)
     with torch.no_grad():

@@ -53,17 +53,27 @@ def _has_gaussian_latent(model: torch.nn.Module) -> bool:
     return hasattr(model, "log_likelihood_terms") and hasattr(model, "encode")
 
 
+def eval_stream(blob: dict, data_url: str, split: str, batch_size: int, rank: int, world: int):
+    """An unshuffled stream of ``split`` at the model's input shape; batches shrink for small splits."""
+    from pipeline.data.shards import read_manifest
+    from pipeline.data.stream import ShardStream
+
+    mc = blob["model_config"]
+    n = read_manifest(data_url)["splits"].get(split, {}).get("num_samples", 0)
+    if n < world:
+        raise ValueError(f"split {split!r} of {data_url} has {n} samples, fewer than the {world} workers")
+    return ShardStream(data_url, split, max(1, min(batch_size, n // world)), mc.get("resolution", 64), rank, world,
+                       shuffle_buffer=1, num_workers=0, channels=mc.get("in_channels", 3))
+
+
 @torch.no_grad()
 def score_partition(blob: dict, data_url: str, spec: EvalSpec, rank: int, world: int) -> dict:
     """Score this worker's share of ``spec.split``; returns sums and per-sample rows."""
-    from pipeline.data.stream import ShardStream
     from pipeline.evaluate.diagnostics import ELBOAccumulator
     from pipeline.evaluate.likelihood import iwae_log_likelihood
 
     model = build_eval_model(blob)
-    mc = blob["model_config"]
-    stream = ShardStream(data_url, spec.split, spec.batch_size, mc.get("resolution", 64), rank, world,
-                         seed=spec.seed, shuffle_buffer=1, num_workers=0, channels=mc.get("in_channels", 3))
+    stream = eval_stream(blob, data_url, spec.split, spec.batch_size, rank, world)
     acc = ELBOAccumulator(latent_dim=None)
     rows: dict[str, list] = {"key": [], "nll": [], "codes": [], "factors": []}
     wanted = set(spec.metrics)

@@ -340,23 +340,41 @@ def _log_window(w: Worker, win: _Window) -> None:
 
 
 def _validate(w: Worker) -> None:
-    """Mean validation loss/ELBO over this rank's share of the valid split, averaged over ranks."""
+    """Light evaluation on the valid split: loss, ELBO terms, active units and a collapse check.
+
+    Ranks may hold different numbers of validation batches; under ZeRO-3 every forward is a
+    collective, so all ranks score the smallest count.
+    """
+    from pipeline.evaluate.diagnostics import active_units_kl, collapse_verdict
+
+    batches = list(w.stream.iter_eval("valid", max_batches=w.cfg.data.val_batches))
+    n = int(-_all_reduce([-float(len(batches))], w.device, op="max")[0])  # min over ranks
     module = w.engine.module
     was_training = module.training
     module.eval()
-    sums, n = [0.0, 0.0, 0.0, 0.0], 0
+    sums, kl_dims = [0.0, 0.0, 0.0, 0.0], None
     with torch.no_grad():
-        for batch in w.stream.iter_eval("valid", max_batches=w.cfg.data.val_batches):
+        for batch in batches[:n]:
             out = w.engine(batch["image"].to(w.device).to(_dtype(w)), beta=w.cfg.model.beta, free_bits=0.0)
             for i, k in enumerate(("loss", "recon", "kl", "elbo")):
                 sums[i] += float(out[k])
-            n += 1
+            kd = out["kl_per_dim"].detach().double().cpu()
+            kl_dims = kd if kl_dims is None else kl_dims + kd
     module.train(was_training)
-    reduced = _all_reduce(sums + [float(n)], w.device)
-    count = max(reduced[4], 1.0)
-    w.log.metrics({f"val_{k}": reduced[i] / count for i, k in enumerate(("loss", "recon", "kl", "elbo"))}, w.state.step)
+    dims = kl_dims.tolist() if kl_dims is not None else []
+    reduced = _all_reduce(sums + dims, w.device)
+    count = max(n * w.world_size, 1)
+    val = {f"val_{k}": reduced[i] / count for i, k in enumerate(("loss", "recon", "kl", "elbo"))}
+    kl_per_dim = torch.tensor(reduced[4:]) / count
+    if len(kl_per_dim):
+        val["val_active_units"] = float(active_units_kl(kl_per_dim))
+        verdict = collapse_verdict(kl_per_dim, val["val_kl"])
+        if verdict["collapsed"] and w.rank == 0:
+            warnings.warn(f"step {w.state.step}: {verdict['message']}", RuntimeWarning, stacklevel=1)
+        w.log.tags({"vaepipe.posterior_collapse": verdict["collapsed"]})
+    w.log.metrics(val, w.state.step)
     # negative ELBO on the validation split is what sweeps optimise
-    w.last_val = {"val_loss": reduced[0] / count, "val_neg_elbo": -reduced[3] / count}
+    w.last_val = {"val_loss": val["val_loss"], "val_neg_elbo": -val["val_elbo"]}
 
 
 def _dtype(w: Worker) -> torch.dtype:
