@@ -22,10 +22,8 @@ and are reused by the VQ families; they only depend on torch and the stdlib.
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,13 +38,18 @@ from models.registry import register_model
 # ----------------------------------------------------------------------------- config helpers
 
 
+def _is_mapping(value: Any) -> bool:
+    # Duck-typed (dict, OmegaConf DictConfig) so models/ needs no collections / omegaconf import.
+    return hasattr(value, "keys") and hasattr(value, "__getitem__") and hasattr(value, "get")
+
+
 def to_plain(value: Any) -> Any:
     """Recursively turn mappings / sequences (OmegaConf nodes included) into dicts and lists."""
-    if isinstance(value, (str, bytes)) or value is None:
+    if value is None or isinstance(value, (str, bytes, torch.Tensor)):
         return value
-    if isinstance(value, Mapping) or (hasattr(value, "keys") and hasattr(value, "__getitem__")):
+    if _is_mapping(value):
         return {str(k): to_plain(value[k]) for k in value.keys()}
-    if isinstance(value, Sequence):
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
         return [to_plain(v) for v in value]
     return value
 
@@ -55,7 +58,7 @@ def _field(cfg: Any, key: str) -> Any:
     """cfg.key for dataclasses / namespaces / OmegaConf nodes, cfg[key] for dicts; None if absent."""
     if cfg is None:
         return None
-    if isinstance(cfg, Mapping):
+    if _is_mapping(cfg):
         return cfg.get(key)
     return getattr(cfg, key, None)
 
@@ -100,7 +103,8 @@ def make_likelihood(name: str, obs_std: float, components: int, channels: int):
     Returns (likelihood, params_per_channel); likelihoods without ``params_per_channel`` emit
     one decoder channel per image channel.
     """
-    accepted = inspect.signature(build_likelihood).parameters
+    code = getattr(build_likelihood, "__code__", None)
+    accepted = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount] if code else ()
     extra = {
         k: v
         for k, v in {
