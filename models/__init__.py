@@ -5,22 +5,30 @@ Importing this package registers every family, so ``build_model(cfg)`` works rig
 """
 
 from models.registry import build_model, list_models, register_model
-from models.likelihoods import build_likelihood
+from models.likelihoods import LIKELIHOODS, bits_per_dim, build_likelihood
 from models.kl import gaussian_kl, standard_normal_kl
+from models.priors import PRIORS, build_prior
 from models.conv_vae import ConvVAE  # importing a family module registers it
+from models.factor_vae import FactorVAE, permute_dims
 from models.ladder_vae import LadderVAE
 from models.vqvae import VQVAE
 from models.vq_prior import VQPrior
 
 __all__ = [
     "ConvVAE",
+    "FactorVAE",
+    "LIKELIHOODS",
+    "PRIORS",
     "LadderVAE",
     "VQPrior",
     "VQVAE",
+    "bits_per_dim",
     "build_likelihood",
     "build_model",
+    "build_prior",
     "gaussian_kl",
     "list_models",
+    "permute_dims",
     "register_model",
     "standard_normal_kl",
 ]

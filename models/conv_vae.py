@@ -1,7 +1,25 @@
-"""Convolutional β-VAE (``conv_vae``) with a diagonal-Gaussian posterior and N(0, I) prior.
+"""Convolutional β-VAE (``conv_vae``) with a diagonal-Gaussian posterior.
 
 At 32×32 with ``base_channels=32`` this is exactly the reference network; larger inputs get
 extra BatchNorm down/up blocks so the flattened bottleneck is always (4·base)×4×4.
+
+Options (all off by default, so the default model is the reference one):
+
+* ``likelihood``: the decoder emits ``params_per_channel`` channels per image channel.
+* ``prior``: ``normal`` (closed-form KL), ``made`` or ``mog`` (single-sample MC KL), see
+  ``models.priors``.
+* ``decoder_dropout`` p: Dropout after the decoder's hidden dense layer and Dropout2d at the end
+  of every decoder block but the output one (train mode only). Dropout sits *inside* the blocks,
+  so activation checkpointing (which replays the RNG state) recomputes the same masks.
+* ``skip_connections``: at every decoder resolution above the 4×4 bottleneck, the encoder's
+  feature map of that resolution (same width by construction) is added to the decoder block's
+  input through a per-channel gate initialised at 0 (training starts as the plain VAE). The
+  4×4 map is left out: adding it would hand the decoder everything the latent sees. When no x
+  is given (``decode(z)``, ``sample``) the skips are zero, so those outputs show what z alone
+  carries. Caveat: with skips, forward's recon term conditions on x itself, so its ELBO is not a
+  bound on the sampler's likelihood; ``log_likelihood_terms`` therefore evaluates the
+  generative path (zero skips), which is what IWAE/bits-per-dim must measure.
+* ``target_kl`` (forward argument): the KL term becomes max(target_kl, KL after free bits).
 """
 
 from __future__ import annotations
@@ -13,9 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.kl import diag_gaussian_log_prob, free_bits_kl, standard_normal_kl
+from models.kl import diag_gaussian_log_prob, free_bits_kl
 from models.layers import make_down_block, make_up_block, reparameterize
 from models.likelihoods import LIKELIHOODS, build_likelihood
+from models.priors import PRIORS, build_prior
 from models.registry import register_model
 
 # Constructor defaults; they double as the "base" flavor (see resolve_conv_vae_config).
@@ -30,6 +49,18 @@ BASE_DEFAULTS: dict[str, Any] = {
     "beta": 1.0,
 }
 
+# Options added on top of the reference model. They appear in ``model.config`` only when they
+# differ from these defaults, so a default model's config stays the reference key set and old
+# checkpoints' configs rebuild the same network.
+EXTENSION_DEFAULTS: dict[str, Any] = {
+    "logistic_components": 5,
+    "prior": "normal",
+    "prior_components": 10,
+    "prior_hidden": 256,
+    "decoder_dropout": 0.0,
+    "skip_connections": False,
+}
+
 FLAVORS: dict[str, dict[str, Any]] = {
     "base": {},
     # Small enough that a forward/backward at 128 px runs in milliseconds on one CPU core.
@@ -40,25 +71,53 @@ _BOTTLENECK = 4  # spatial size of the flattened feature map, fixed by the refer
 _REFERENCE_BLOCKS = 3  # 32 px -> 4 px
 
 
-def resolve_conv_vae_config(cfg: Any) -> dict[str, Any]:
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """``cfg.key`` for dataclasses / namespaces / OmegaConf nodes, ``cfg[key]`` for mappings.
+
+    Missing keys and None give ``default``; works on nested groups (``cfg_get(cfg, "factor")``).
+    """
+    if cfg is None:
+        return default
+    if hasattr(cfg, "keys") and hasattr(cfg, "get"):  # dict or DictConfig, no omegaconf import
+        value = cfg.get(key, default)
+    else:
+        value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def resolve_flavored(
+    cfg: Any, defaults: dict[str, Any], preset: dict[str, Any]
+) -> dict[str, Any]:
+    """defaults < preset < any cfg field whose value differs from its default."""
+    resolved = {key: preset.get(key, default) for key, default in defaults.items()}
+    for key, default in defaults.items():
+        value = cfg_get(cfg, key, default)
+        if value != default:
+            resolved[key] = value
+    return resolved
+
+
+def resolve_flavor(cfg: Any, flavors: dict[str, dict[str, Any]], family: str) -> dict[str, Any]:
+    """The preset of ``cfg.flavor`` (default ``base``); unknown flavors raise naming the key."""
+    flavor = cfg_get(cfg, "flavor", "base") or "base"
+    if flavor not in flavors:
+        raise ValueError(
+            f"unknown model.flavor {flavor!r} for {family}; choose one of: {', '.join(flavors)}"
+        )
+    return flavors[flavor]
+
+
+def resolve_conv_vae_config(cfg: Any, family: str = "conv_vae") -> dict[str, Any]:
     """Turn a duck-typed model config into ConvVAE constructor kwargs.
 
     Precedence: base defaults < flavor preset < any cfg field whose value differs from the
     base default. A field left at its default therefore takes the flavor's value (this is how
     ``flavor=debug`` shrinks widths without the pipeline knowing them); the one thing this
     cannot express is "debug flavor but with a field explicitly set to the base default".
+    ``cfg`` may be a dataclass, an OmegaConf node, a namespace or a plain dict.
     """
-    flavor = getattr(cfg, "flavor", "base") or "base"
-    if flavor not in FLAVORS:
-        raise ValueError(
-            f"unknown model.flavor {flavor!r} for conv_vae; choose one of: {', '.join(FLAVORS)}"
-        )
-    resolved = {**BASE_DEFAULTS, **FLAVORS[flavor]}
-    for key, default in BASE_DEFAULTS.items():
-        value = getattr(cfg, key, default)
-        if value is not None and value != default:
-            resolved[key] = value
-    return resolved
+    preset = resolve_flavor(cfg, FLAVORS, family)
+    return resolve_flavored(cfg, {**BASE_DEFAULTS, **EXTENSION_DEFAULTS}, preset)
 
 
 def _num_down_blocks(resolution: int) -> int:
@@ -100,13 +159,25 @@ class ConvVAE(nn.Module):
         likelihood: str = "bernoulli",
         obs_std: float = 0.1,
         beta: float = 1.0,
+        logistic_components: int = 5,
+        prior: str = "normal",
+        prior_components: int = 10,
+        prior_hidden: int = 256,
+        decoder_dropout: float = 0.0,
+        skip_connections: bool = False,
     ) -> None:
         super().__init__()
         num_blocks = _num_down_blocks(resolution)
         _check_positive_ints(
             in_channels=in_channels, latent_dim=latent_dim,
             base_channels=base_channels, hidden_dim=hidden_dim,
+            logistic_components=logistic_components, prior_components=prior_components,
+            prior_hidden=prior_hidden,
         )
+        if prior not in PRIORS:
+            raise ValueError(f"unknown model.prior {prior!r}; choose one of: {', '.join(PRIORS)}")
+        if not 0.0 <= decoder_dropout < 1.0:
+            raise ValueError(f"model.decoder_dropout must be in [0, 1), got {decoder_dropout!r}")
         if likelihood not in LIKELIHOODS:
             raise ValueError(
                 f"unknown model.likelihood {likelihood!r}; choose one of: {', '.join(LIKELIHOODS)}"
@@ -121,16 +192,27 @@ class ConvVAE(nn.Module):
             "base_channels": base_channels, "hidden_dim": hidden_dim, "likelihood": likelihood,
             "obs_std": float(obs_std), "beta": float(beta),
         }
+        extensions = {
+            "logistic_components": int(logistic_components), "prior": prior,
+            "prior_components": int(prior_components), "prior_hidden": int(prior_hidden),
+            "decoder_dropout": float(decoder_dropout), "skip_connections": bool(skip_connections),
+        }
+        self.config.update({k: v for k, v in extensions.items() if v != EXTENSION_DEFAULTS[k]})
         self.in_channels, self.resolution, self.latent_dim = in_channels, resolution, latent_dim
         self.beta = float(beta)
-        self.likelihood = build_likelihood(likelihood, obs_std)
+        self.skip_connections = bool(skip_connections)
+        self.likelihood = build_likelihood(likelihood, obs_std, components=int(logistic_components))
+        self.prior = build_prior(prior, latent_dim, int(prior_components), int(prior_hidden))
         self._flat_channels = 4 * base_channels
         self._build_encoder(in_channels, base_channels, hidden_dim, latent_dim, num_blocks)
-        self._build_decoder(in_channels, base_channels, hidden_dim, latent_dim, num_blocks)
+        out_channels = in_channels * self.likelihood.params_per_channel
+        self._build_decoder(
+            out_channels, base_channels, hidden_dim, latent_dim, num_blocks, float(decoder_dropout)
+        )
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ConvVAE":
-        """Build from a duck-typed model config (dataclass / OmegaConf node / namespace)."""
+        """Build from a duck-typed model config (dataclass / OmegaConf node / namespace / dict)."""
         return cls(**resolve_conv_vae_config(cfg))
 
     def _build_encoder(self, in_ch: int, base: int, hidden: int, latent: int, num_blocks: int) -> None:
@@ -147,19 +229,32 @@ class ConvVAE(nn.Module):
             nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 2 * latent)
         )
 
-    def _build_decoder(self, out_ch: int, base: int, hidden: int, latent: int, num_blocks: int) -> None:
+    def _build_decoder(
+        self, out_ch: int, base: int, hidden: int, latent: int, num_blocks: int, dropout: float
+    ) -> None:
         flat = self._flat_channels * _BOTTLENECK * _BOTTLENECK
-        self.decoder_head = nn.Sequential(
-            nn.Linear(latent, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, flat)
-        )
+        head: list[nn.Module] = [nn.Linear(latent, hidden), nn.ReLU(inplace=True)]
+        if dropout > 0:
+            head.append(nn.Dropout(dropout))
+        self.decoder_head = nn.Sequential(*head, nn.Linear(hidden, flat))
         num_extra = num_blocks - _REFERENCE_BLOCKS
         blocks = [make_up_block(4 * base, 4 * base, batch_norm=True) for _ in range(num_extra)]
         blocks += [
             make_up_block(4 * base, 2 * base, batch_norm=False),
             make_up_block(2 * base, base, batch_norm=False),
-            make_up_block(base, out_ch, batch_norm=False, activation=False),
         ]
+        if dropout > 0:
+            for block in blocks:
+                block.append(nn.Dropout2d(dropout))
+        blocks.append(make_up_block(base, out_ch, batch_norm=False, activation=False))
         self.decoder_blocks = nn.ModuleList(blocks)
+        # Decoder block j > 0 takes its input at the resolution of encoder block
+        # (num_blocks - 1 - j)'s output, with the same width; see the module docstring.
+        if self.skip_connections:
+            widths = [self.decoder_blocks[j][0].in_channels for j in range(1, num_blocks)]
+            self.skip_gates = nn.ParameterList(
+                [nn.Parameter(torch.zeros(1, w, 1, 1)) for w in widths]
+            )
 
     def checkpoint_blocks(self) -> list[nn.ModuleList]:
         """The ModuleLists whose blocks may be wrapped with activation checkpointing."""
@@ -173,66 +268,112 @@ class ConvVAE(nn.Module):
         expected = (self.in_channels, self.resolution, self.resolution)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
-                f"conv_vae expects input of shape [B, {expected[0]}, {expected[1]}, {expected[2]}] "
+                f"{self.model_name} expects input of shape [B, {expected[0]}, {expected[1]}, {expected[2]}] "
                 f"(model.in_channels, model.resolution), got {list(x.shape)}"
             )
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior parameters (mu, logvar), each [B, latent_dim], for images x in [0, 1]."""
+    def encode_features(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(mu, logvar, skips): posterior parameters and the encoder maps the decoder's skips use.
+
+        ``skips[j - 1]`` feeds decoder block j (empty list without skip connections).
+        """
         self._check_input(x)
-        h = x
+        h, features = x, []
         for block in self.encoder_blocks:
             h = block(h)
+            features.append(h)
         mu, logvar = self.encoder_head(h.flatten(start_dim=1)).chunk(2, dim=1)
+        skips = features[-2::-1] if self.skip_connections else []
+        return mu, logvar, skips
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior parameters (mu, logvar), each [B, latent_dim], for images x in [0, 1]."""
+        mu, logvar, _ = self.encode_features(x)
         return mu, logvar
 
-    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw likelihood parameters (logits or means) [B, C, R, R] for latents z [B, D]."""
+    def decode_logits(
+        self, z: torch.Tensor, skips: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Raw likelihood parameters [B, C·params_per_channel, R, R] for latents z [B, D].
+
+        ``skips`` are the encoder maps from ``encode_features``; None means absent (zero) skips.
+        """
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"conv_vae expects z of shape [B, {self.latent_dim}], got {list(z.shape)}")
+            raise ValueError(
+                f"{self.model_name} expects z of shape [B, {self.latent_dim}], got {list(z.shape)}"
+            )
         h = self.decoder_head(z).view(-1, self._flat_channels, _BOTTLENECK, _BOTTLENECK)
-        for block in self.decoder_blocks:
+        for j, block in enumerate(self.decoder_blocks):
+            if skips and j > 0:
+                h = h + self.skip_gates[j - 1] * skips[j - 1]
             h = block(h)
         return h
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Mean image in [0, 1], [B, C, R, R], for latents z [B, D]."""
+        """Mean image in [0, 1], [B, C, R, R], for latents z [B, D] (skips, if any, are zero)."""
         return self.likelihood.mean(self.decode_logits(z))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic reconstruction decode(mu(x)) in [0, 1] (no gradient)."""
-        mu, _ = self.encode(x)
-        return self.decode(mu)
+        """Deterministic reconstruction at z = mu(x) in [0, 1], with x's skips (no gradient)."""
+        mu, _, skips = self.encode_features(x)
+        return self.likelihood.mean(self.decode_logits(mu, skips))
 
     @torch.no_grad()
     def sample(self, n: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """n images in [0, 1] decoded from z ~ N(0, I) (no gradient); device defaults to the model's."""
+        """n mean images in [0, 1] decoded from z ~ p(z) (no gradient); device defaults to the model's."""
         if device is None:
             device = next(self.parameters()).device
-        z = torch.randn(n, self.latent_dim, device=device)
-        return self.decode(z)
+        return self.decode(self.prior.sample(n, device))
+
+    def kl_terms(
+        self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(kl per sample [B], kl_per_dim [D] batch mean, kl_rest batch mean scalar), all fp32.
+
+        kl = Σ_dims kl_elem + kl_rest per sample; kl_rest is 0 except for priors whose KL has a
+        part with no per-dimension meaning (MoG, see ``models.priors``).
+        """
+        kl_elem, kl_rest = self.prior.kl_terms(mu.float(), logvar.float(), z.float())
+        kl = kl_elem.sum(dim=1)
+        rest = torch.zeros((), device=kl.device)
+        if kl_rest is not None:
+            kl, rest = kl + kl_rest, kl_rest.mean()
+        return kl, kl_elem.mean(dim=0), rest
 
     def forward(
-        self, x: torch.Tensor, beta: float | torch.Tensor | None = None, free_bits: float = 0.0
+        self,
+        x: torch.Tensor,
+        beta: float | torch.Tensor | None = None,
+        free_bits: float = 0.0,
+        target_kl: float = 0.0,
+        aux: nn.Module | None = None,
     ) -> dict[str, torch.Tensor]:
         """One stochastic ELBO evaluation.
 
         ``beta`` is the KL weight already multiplied by any annealing factor (None: model.beta);
-        ``free_bits`` is λ in nats per latent dim, applied to the batch-mean KL of each dim.
-        Returns loss (mean recon + β·KL_free_bits), recon and kl (per-sample means, kl
-        unclamped), kl_per_dim [D], elbo (mean of -(recon+kl)), x_hat, mu, logvar, z.
+        ``free_bits`` is λ in nats per latent dim, applied to the batch-mean KL of each dim;
+        ``target_kl`` is the minimum KL per batch (applied after free bits; 0 disables); ``aux``
+        is unused here (families with an auxiliary network take it).
+        Returns loss (mean recon + β·max(target_kl, KL_free_bits)), recon and kl (per-sample
+        means, kl unclamped), kl_per_dim [D], elbo (mean of -(recon+kl)), x_hat, mu, logvar, z,
+        and metrics (family-specific scalars; empty here).
         """
-        mu, logvar = self.encode(x)
+        if target_kl < 0:
+            raise ValueError(f"target_kl must be >= 0, got {target_kl}")
+        mu, logvar, skips = self.encode_features(x)
         z = reparameterize(mu, logvar)
-        params = self.decode_logits(z)
+        params = self.decode_logits(z, skips)
         # Loss math in fp32: exp(logvar) and pixel sums overflow or lose precision in fp16/bf16.
         recon = self.likelihood.nll(params.float(), x.float())
-        kl_elem = standard_normal_kl(mu.float(), logvar.float())
-        kl_per_dim = kl_elem.mean(dim=0)
-        kl = kl_elem.sum(dim=1)
+        kl, kl_per_dim, kl_rest = self.kl_terms(mu, logvar, z)
+        kl_term = free_bits_kl(kl_per_dim, free_bits) + kl_rest
+        if target_kl > 0:
+            kl_term = torch.clamp(kl_term, min=float(target_kl))
         beta_eff = self.beta if beta is None else beta
-        loss = recon.mean() + beta_eff * free_bits_kl(kl_per_dim, free_bits)
+        loss = recon.mean() + beta_eff * kl_term
         return {
             "loss": loss,
             "recon": recon.mean(),
@@ -243,6 +384,7 @@ class ConvVAE(nn.Module):
             "mu": mu,
             "logvar": logvar,
             "z": z,
+            "metrics": {},
         }
 
     def log_likelihood_terms(self, x: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -254,9 +396,10 @@ class ConvVAE(nn.Module):
         mu, logvar = self.encode(x)
         if z.shape != mu.shape:
             raise ValueError(f"z must have shape {list(mu.shape)} to match x, got {list(z.shape)}")
+        # Generative path (zero skips): with skip connections p(x|z) must not peek at x.
         params = self.decode_logits(z).float()
         return {
             "log_px_z": self.likelihood.log_prob(params, x.float()),
-            "log_pz": diag_gaussian_log_prob(z.float()),
+            "log_pz": self.prior.log_prob(z.float()),
             "log_qz_x": diag_gaussian_log_prob(z.float(), mu.float(), logvar.float()),
         }

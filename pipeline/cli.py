@@ -238,6 +238,75 @@ def evaluate(
     console.print(f"MLflow evaluation run: {run_id}")
 
 
+@app.command(context_settings={"allow_extra_args": True})
+def tune(
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, help="Sweep YAML (jobs/sweeps/*.yaml); extra args are overrides."),
+    resume: Optional[str] = typer.Option(None, help="Experiment folder of an interrupted sweep to continue."),
+):
+    """Hyperparameter search: each trial a Ray Train + DeepSpeed run, one MLflow child run per trial."""
+    from pipeline.config import ConfigError
+    from pipeline.tune import load_sweep, run_sweep
+
+    if not config and not resume:
+        _fail("give --config <sweep.yaml> or --resume <experiment folder>")
+    try:
+        cfg, space = load_sweep(config, ctx.args) if config else (None, None)
+        summary = run_sweep(cfg, space, resume=resume) if config else run_sweep(None, None, resume=resume)
+    except (ConfigError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    metric = summary["best"]
+    table = Table(title=f"sweep: {len(summary['trials'])} trials, {summary['stopped_early']} stopped early, {summary['failed']} failed")
+    for col in ("trial", "status", "last step", "metric"):
+        table.add_column(col)
+    for row in summary["trials"]:
+        value = [v for k, v in row.items() if k not in ("trial_id", "run_id", "status", "last_step")]
+        table.add_row(row["trial_id"], row["status"], str(row["last_step"]), str(value[0] if value else "-"))
+    console.print(table)
+    console.print(f"best trial {metric['trial_id']} (MLflow run {metric['run_id']}); parent run {summary['parent_run_id']}")
+    if summary["registered_version"]:
+        console.print(f"registered as challenger: version {summary['registered_version']}")
+    console.print(f"resume with: vaepipe tune --resume {summary['experiment_path']}")
+
+
+@app.command()
+def promote(
+    name: str = typer.Option(..., help="Registered model name with a 'challenger' alias."),
+    data: str = typer.Option(..., help="Shard set both models are scored on."),
+    metrics: str = typer.Option("nll,au", help="Comma list; the first must improve, the rest must not get worse."),
+    margins: str = typer.Option("0", help="One margin, or one per metric (in the metric's units)."),
+    split: str = typer.Option("valid", help="Split to score."),
+    k: int = typer.Option(200, help="Importance samples per image for nll."),
+    max_samples: Optional[int] = typer.Option(None, help="Score at most this many images."),
+    workers: int = typer.Option(1, help="Ray workers for the scoring."),
+    tracking_uri: Optional[str] = typer.Option(None, help="Default: MLFLOW_TRACKING_URI or sqlite:///mlruns.db."),
+):
+    """Move alias 'champion' to the 'challenger' version only if it beats the champion."""
+    from pipeline.config import VaepipeConfig
+    from pipeline.evaluate.runner import EvalSpec
+    from pipeline.promote import promote as do_promote
+    from pipeline.tracking import resolve_tracking_uri
+
+    cfg = VaepipeConfig()
+    cfg.tracking.tracking_uri = tracking_uri
+    try:
+        spec = EvalSpec(metrics=[m.strip() for m in metrics.split(",") if m.strip()], split=split, k=k, max_samples=max_samples)
+        wins, rows, version = do_promote(name, data, spec, [float(m) for m in margins.split(",")], resolve_tracking_uri(cfg), workers)
+    except ValueError as exc:
+        _fail(str(exc))
+    table = Table(title=f"{name}: champion vs challenger")
+    for col in ("metric", "champion", "challenger", "improvement", "margin", "ok"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.metric, f"{r.champion:.4g}", f"{r.challenger:.4g}", f"{r.improvement:+.4g}", f"{r.margin:g}", "yes" if r.ok else "NO")
+    console.print(table)
+    if wins:
+        console.print(f"[green]promoted:[/] models:/{name}@champion -> version {version}")
+    else:
+        console.print(f"[red]refused:[/] champion stays at version {version}")
+        raise typer.Exit(1)
+
+
 @bench_app.command("throughput", context_settings={"allow_extra_args": True})
 def bench_throughput(
     ctx: typer.Context,

@@ -251,6 +251,36 @@ class TrackingConfig:
 
 
 @dataclass
+class TuneConfig:
+    num_samples: int = 8
+    """Trials to draw from the search space (each grid point counts once per sample)."""
+    max_concurrent: int = 2
+    """Trials running at once; capped further by what the cluster's CPUs/GPUs can hold."""
+    metric: str = "val_neg_elbo"
+    """Reported metric the search optimises."""
+    mode: Literal["min", "max"] = "min"
+    """Whether ``metric`` is minimised or maximised."""
+    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
+    """ASHA early stopping (default), Population Based Training, or none (fifo)."""
+    search: Literal["random", "optuna"] = "random"
+    """Random/grid search, or Optuna's TPE."""
+    grace_period: int = 10
+    """ASHA: steps every trial runs before it can be stopped."""
+    reduction_factor: int = 2
+    """ASHA: keep 1/reduction_factor of the trials at each rung."""
+    perturbation_interval: int = 20
+    """PBT: steps between exploit/explore decisions."""
+    register_best: bool = False
+    """Register the best trial's model under ``register_name`` with alias ``challenger``."""
+    register_name: Optional[str] = None
+    """Registered model name for the best trial."""
+    storage_path: str = "runs/tune"
+    """Where Tune keeps experiment state (for ``vaepipe tune --resume``)."""
+    name: Optional[str] = None
+    """Tune experiment name; default vaepipe-sweep-<timestamp>."""
+
+
+@dataclass
 class VaepipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -259,6 +289,7 @@ class VaepipeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 def _merge(base: Any, other: Any, origin: str) -> Any:
@@ -286,6 +317,18 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     typed: VaepipeConfig = OmegaConf.to_object(cfg)
     validate(typed)
     return typed
+
+
+def apply_overrides(cfg: VaepipeConfig, overrides: dict[str, Any] | Sequence[str], origin: str = "override") -> VaepipeConfig:
+    """``cfg`` with dotted overrides (``{"model.latent_dim": 64}`` or ``["model.latent_dim=64"]``), validated."""
+    if isinstance(overrides, dict):
+        layer = OmegaConf.create({})
+        for key, value in overrides.items():
+            OmegaConf.update(layer, key, value, force_add=True)
+    else:
+        layer = OmegaConf.from_dotlist(list(overrides))
+    merged = _merge(OmegaConf.structured(cfg), layer, origin)
+    return validate(OmegaConf.to_object(merged))
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
@@ -325,6 +368,11 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
     _check(not s.offload_optimizer or s.zero_stage >= 1, "dist.offload_optimizer", s.offload_optimizer, "needs dist.zero_stage >= 1")
     _check(not (t.precision == "fp16" and s.gpus_per_worker == 0), "train.precision", t.precision,
            "fp16 needs CUDA (dist.gpus_per_worker > 0); DeepSpeed has no fp16 on CPU, use fp32 or bf16")
+    tn = cfg.tune
+    _check(tn.num_samples >= 1, "tune.num_samples", tn.num_samples, "must be >= 1")
+    _check(tn.max_concurrent >= 1, "tune.max_concurrent", tn.max_concurrent, "must be >= 1")
+    _check(not tn.register_best or bool(tn.register_name), "tune.register_best", tn.register_best,
+           "needs tune.register_name")
     # The model sees what the data layer produces: derive rather than ask users to repeat it.
     m.resolution, m.in_channels = res, d.channels
     return cfg

@@ -82,6 +82,14 @@ def _all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
     return t.tolist()
 
 
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
 def build_worker(loop_config: dict) -> Worker:
     """Set up one rank: typed config, model, DeepSpeed engine, data stream, resume state."""
     import ray.train
@@ -103,6 +111,9 @@ def build_worker(loop_config: dict) -> Worker:
     if loop_config.get("parent_state") is not None:
         # vq_prior: the frozen VQ-VAE's weights, loaded before ZeRO-3 can partition them
         model.parent.load_state_dict(loop_config["parent_state"])
+    if hasattr(model, "set_stat_reducer"):
+        # VQ-VAE's EMA codebook statistics are summed over ranks so every rank keeps the same codebook
+        model.set_stat_reducer(_sum_over_ranks)
     aux = AuxiliaryTrainer.for_model(model, device)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)

@@ -92,8 +92,17 @@ def attach_parent(cfg: VaepipeConfig, uri: str) -> tuple[VaepipeConfig, dict]:
     return replace(cfg, model=replace(cfg.model, ar=ar)), blob["state_dict"]
 
 
-def init_ray(cfg: VaepipeConfig) -> None:
-    """Connect to ``dist.address`` / RAY_ADDRESS, or start a local Ray sized to this machine."""
+def _child_tags(parent_run_id: Optional[str], extra: Optional[dict] = None) -> dict:
+    return {**({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}), **(extra or {})}
+
+
+def init_ray(cfg: VaepipeConfig, spare_cpus: int = 0) -> None:
+    """Connect to ``dist.address`` / RAY_ADDRESS, or start a local Ray sized to this machine.
+
+    ``spare_cpus`` adds logical CPUs to a local Ray: Tune's trial drivers each hold a sliver
+    of a CPU while they only wait on their trainers, and without the spare a machine's
+    worth of Train workers could never be placed beside them.
+    """
     import ray
 
     if ray.is_initialized():
@@ -104,11 +113,17 @@ def init_ray(cfg: VaepipeConfig) -> None:
     else:
         # The dashboard process serves the State API that Train V2's placement-group cleaner
         # polls; without it finished runs leak their workers' CPUs. Bound to loopback.
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+                 num_cpus=(os.cpu_count() or 1) + spare_cpus)
 
 
-def run_training(cfg: VaepipeConfig, resume: Optional[str] = None) -> TrainResult:
-    """Train ``cfg`` on Ray Train + DeepSpeed, tracked in MLflow; optionally resume a run."""
+def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id: Optional[str] = None,
+                 callbacks: tuple = (), run_tags: Optional[dict] = None) -> TrainResult:
+    """Train ``cfg`` on Ray Train + DeepSpeed, tracked in MLflow; optionally resume a run.
+
+    ``parent_run_id`` makes the MLflow run a child (a sweep's trial); ``callbacks`` are Ray
+    Train ``UserCallback``s (a sweep passes Tune's ``TuneReportCallback``).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -124,12 +139,12 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None) -> TrainResul
     if resume:
         ckpt_dir = find_checkpoint(resume, uri)
         saved = json.loads((ckpt_dir / STATE_FILE).read_text())
-        run_id = saved.get("mlflow_run_id") or tracking.start_run(cfg, uri)
+        run_id = saved.get("mlflow_run_id") or tracking.start_run(cfg, uri, _child_tags(parent_run_id, run_tags))
         tracking.make_client(uri).update_run(run_id, status="RUNNING")
         checkpoint = str(ckpt_dir)
         print(f"[vaepipe] resuming from {ckpt_dir} (step {saved['train_state']['step']})")
     else:
-        run_id = tracking.start_run(cfg, uri)
+        run_id = tracking.start_run(cfg, uri, _child_tags(parent_run_id, run_tags))
     name = cfg.train.run_name or f"vaepipe-{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}"
     run_dir = str(Path(cfg.train.storage_path) / name) if "://" not in cfg.train.storage_path else f"{cfg.train.storage_path}/{name}"
     tracking.make_client(uri).set_tag(run_id, "vaepipe.run_dir", run_dir)
@@ -154,6 +169,7 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None) -> TrainResul
             storage_path=cfg.train.storage_path,
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=list(callbacks),
         ),
     )
     try:

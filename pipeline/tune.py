@@ -1,0 +1,277 @@
+"""Hyperparameter searches: Ray Tune over full distributed training runs, tracked in MLflow.
+
+Ray 2.60 is Train V2: each trial is a small driver function that builds its own
+``TorchTrainer`` (through ``run_training``) with Tune's ``TuneReportCallback``, so a trial
+can use several workers and DeepSpeed. The driver takes almost no CPU
+(``with_resources({"CPU": 0.01})``); Train's workers are not counted by Tune, so
+``max_concurrent_trials`` is capped here to what the cluster can hold.
+
+A sweep file names a base job, a search space over dotted config keys, and ``tune.*``
+settings; any other top-level section overrides the base job::
+
+    base: ../quickstart.yaml
+    space:
+      model.latent_dim: {choice: [16, 32, 64]}
+      optim.lr: {loguniform: [1.0e-4, 1.0e-3]}
+    tune: {num_samples: 8, scheduler: asha, metric: val_neg_elbo, mode: min}
+    train: {max_steps: 200}
+
+MLflow: one parent run per sweep, one child run per trial (the trial's own training run).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+
+from pipeline.config import ConfigError, VaepipeConfig, apply_overrides, from_dict, known_keys, load_config, to_dict
+
+DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
+SWEEP_STATE = "vaepipe_sweep.json"
+DRIVER_CPU = 0.01  # a trial's driver only waits on its TorchTrainer
+
+
+def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[VaepipeConfig, dict]:
+    """(base config <- sweep sections <- CLI overrides, validated search space)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file '{path}' does not exist")
+    doc = yaml.safe_load(path.read_text()) or {}
+    space = doc.pop("space", None)
+    if not space:
+        raise ConfigError(f"sweep file '{path}' has no 'space:' section of dotted keys to search")
+    base = doc.pop("base", None)
+    cfg = load_config((path.parent / base) if base else None)
+    flat = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in _flatten(doc).items()]
+    cfg = apply_overrides(cfg, flat, f"sweep file '{path}'")
+    cfg = apply_overrides(cfg, list(overrides), "command-line override")
+    validate_space(space, cfg)
+    return cfg, space
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def validate_space(space: dict, cfg: VaepipeConfig) -> None:
+    """Every key must be a config key and every listed value must make a valid config."""
+    keys = set(known_keys())
+    for key, spec in space.items():
+        if key not in keys and not any(k.startswith(key + ".") for k in keys):
+            raise ConfigError(f"search space key '{key}' is not a config key (see `vaepipe config show`)")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
+            raise ConfigError(f"search space '{key}': {spec!r} must be one of {{{'|'.join(DOMAINS)}: [...]}}")
+        kind, values = next(iter(spec.items()))
+        probes = values if kind in ("choice", "grid") else values[:2]
+        for v in probes:
+            apply_overrides(cfg, {key: v}, f"search space '{key}'")
+
+
+def build_param_space(space: dict) -> dict:
+    from ray import tune
+
+    make = {
+        "choice": lambda v: tune.choice(v), "grid": lambda v: tune.grid_search(v),
+        "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
+        "randint": lambda v: tune.randint(*v), "quniform": lambda v: tune.quniform(*v),
+    }
+    # Tune flattens nested keys with "/"; dotted names stay flat and readable in results.
+    return {key: make[kind](values) for key, spec in space.items() for kind, values in spec.items()}
+
+
+def _trial(params: dict, base: dict, parent_run_id: str) -> None:
+    """One trial: the base config with this trial's values, trained by Ray Train + DeepSpeed."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.train.trainer import run_training
+
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    cfg = apply_overrides(from_dict(base), {k: v for k, v in params.items()}, f"trial {trial_id}")
+    cfg = replace(cfg, train=replace(cfg.train, run_name=f"{ctx.get_experiment_name()}-{trial_id}"),
+                  tracking=replace(cfg.tracking, run_name=f"trial-{trial_id}", register_name=None))
+    resume = None
+    checkpoint = tune.get_checkpoint()  # PBT hands the exploited trial's checkpoint over here
+    if checkpoint is not None:
+        resume = checkpoint.path
+    run_training(cfg, resume=resume, parent_run_id=parent_run_id, callbacks=(TuneReportCallback(),),
+                 run_tags={"vaepipe.trial_id": trial_id, **{f"vaepipe.hp.{k}": str(v) for k, v in params.items()}})
+
+
+def _scheduler(cfg: VaepipeConfig, space: dict):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    t = cfg.tune
+    if t.scheduler == "asha":
+        return ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps, grace_period=t.grace_period,
+                             reduction_factor=t.reduction_factor)
+    if t.scheduler == "pbt":
+        return PopulationBasedTraining(time_attr="step", perturbation_interval=t.perturbation_interval,
+                                       hyperparam_mutations=build_param_space(space))
+    return FIFOScheduler()
+
+
+def _search_alg(cfg: VaepipeConfig):
+    if cfg.tune.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=cfg.train.seed)
+    return None
+
+
+def concurrency_cap(cfg: VaepipeConfig) -> int:
+    """Trials that fit at once: Tune does not count Train's workers, so we must."""
+    import ray
+
+    res = ray.cluster_resources()
+    per_trial = cfg.dist.num_workers * cfg.dist.cpus_per_worker
+    fit = int(res.get("CPU", 1) // (per_trial + DRIVER_CPU)) if per_trial else cfg.tune.max_concurrent
+    if fit < 1:
+        raise ConfigError(f"a trial needs dist.num_workers*dist.cpus_per_worker = {per_trial} CPUs plus {DRIVER_CPU} for its "
+                          f"driver, but the Ray cluster has {res.get('CPU', 0)}: lower dist.num_workers or dist.cpus_per_worker")
+    if cfg.dist.gpus_per_worker:
+        fit = min(fit, int(res.get("GPU", 0) // (cfg.dist.num_workers * cfg.dist.gpus_per_worker)))
+    return max(1, min(cfg.tune.max_concurrent, fit))
+
+
+def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None) -> dict:
+    """Run (or resume) a sweep; returns a summary with the parent run and the best trial."""
+    from ray import tune
+
+    from pipeline import tracking
+    from pipeline.train.trainer import _absolute, init_ray, preflight
+
+    if resume:
+        exp_dir = Path(resume)
+        if not (exp_dir / SWEEP_STATE).exists():
+            raise FileNotFoundError(f"--resume {resume}: no {SWEEP_STATE} there; pass the sweep's experiment folder")
+        state = json.loads((exp_dir / SWEEP_STATE).read_text())
+        cfg, space = from_dict(state["config"]), state["space"]
+        init_ray(cfg, spare_cpus=1)
+    else:
+        init_ray(cfg, spare_cpus=1)
+        cfg = replace(cfg, data=replace(cfg.data, path=_absolute(cfg.data.path)),
+                      train=replace(cfg.train, storage_path=_absolute(cfg.train.storage_path)),
+                      tracking=replace(cfg.tracking, artifact_location=_absolute(cfg.tracking.artifact_location)))
+        preflight(cfg)
+    uri = tracking.resolve_tracking_uri(cfg)
+    # trials run in their own working directories: give them the resolved, absolute store
+    cfg = replace(cfg, tracking=replace(cfg.tracking, tracking_uri=uri))
+    name = cfg.tune.name or f"vaepipe-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = _absolute(cfg.tune.storage_path)
+    if resume:
+        parent = state["parent_run_id"]
+        tracking.make_client(uri).update_run(parent, status="RUNNING")
+    else:
+        exp_dir = Path(storage) / name
+        parent = tracking.start_run(replace(cfg, tracking=replace(cfg.tracking, run_name=name)), uri,
+                                    {"vaepipe.sweep": name})
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=to_dict(cfg), parent_run_id=parent), {"CPU": DRIVER_CPU})
+    if resume:
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=False, restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=build_param_space(space),
+            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
+                                        scheduler=_scheduler(cfg, space), search_alg=_search_alg(cfg),
+                                        max_concurrent_trials=concurrency_cap(cfg)),
+            run_config=tune.RunConfig(name=name, storage_path=storage),
+        )
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        (exp_dir / SWEEP_STATE).write_text(json.dumps({"config": to_dict(cfg), "space": space, "parent_run_id": parent}))
+    grid = tuner.fit()
+    return summarize(cfg, space, grid, parent, uri, exp_dir)
+
+
+def summarize(cfg: VaepipeConfig, space: dict, grid, parent: str, uri: str, exp_dir: Path) -> dict:
+    """Tag trials (best, early-stopped, failed), log the table and plot on the parent, register."""
+    from pipeline import tracking
+
+    client = tracking.make_client(uri)
+    exp_id = client.get_run(parent).info.experiment_id
+    children = {r.data.tags.get("vaepipe.trial_id"): r for r in
+                client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=10000)}
+    rows, early, failed = [], 0, 0
+    for result in grid:
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.split("_")[-2]
+        run = children.get(trial_id)
+        step = (result.metrics or {}).get("step", 0)
+        status = "failed" if result.error else ("stopped" if step < cfg.train.max_steps else "finished")
+        early += status == "stopped"
+        failed += status == "failed"
+        if run is not None:
+            client.set_tag(run.info.run_id, "vaepipe.trial_status", status)
+            if status == "failed":
+                client.set_tag(run.info.run_id, "vaepipe.error", str(result.error)[:4000])
+            if run.info.status == "RUNNING":  # Tune stopped the trial's driver before it closed its run
+                client.set_terminated(run.info.run_id, "KILLED" if status == "stopped" else "FAILED")
+        params = {k.removeprefix("config/"): v for k, v in (result.config or {}).items()}
+        rows.append({"trial_id": trial_id, "run_id": run.info.run_id if run else None, "status": status,
+                     "last_step": step, cfg.tune.metric: (result.metrics or {}).get(cfg.tune.metric), **params})
+    scored = [r for r in rows if r[cfg.tune.metric] is not None and r["status"] != "failed"]
+    if not scored:
+        tracking.end_run(uri, parent, "FAILED")
+        raise RuntimeError(f"no trial of the sweep reported {cfg.tune.metric}; see the child runs of {parent}")
+    best = (min if cfg.tune.mode == "min" else max)(scored, key=lambda r: r[cfg.tune.metric])
+    if best["run_id"]:
+        client.set_tag(best["run_id"], "vaepipe.best_trial", "true")
+    client.set_tag(parent, "vaepipe.best_run_id", str(best["run_id"]))
+    client.log_metric(parent, f"best_{cfg.tune.metric}", float(best[cfg.tune.metric]))
+    for key, value in (("trials", len(rows)), ("trials_stopped_early", early), ("trials_failed", failed)):
+        client.log_metric(parent, key, value)
+    client.log_text(parent, _table_csv(rows), "sweep/trials.csv")
+    client.log_figure(parent, metric_plot(rows, list(space), cfg.tune.metric), "sweep/metric_vs_hyperparameters.png")
+    version = None
+    if cfg.tune.register_best and best["run_id"]:
+        version = tracking.register_model(uri, best["run_id"], cfg.tune.register_name, "challenger")
+    tracking.end_run(uri, parent, "FINISHED")
+    return {"parent_run_id": parent, "experiment_path": str(exp_dir), "best": best, "trials": rows,
+            "stopped_early": early, "failed": failed, "registered_version": version}
+
+
+def _table_csv(rows: list[dict]) -> str:
+    import csv
+    import io
+
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("trial_id", "status", "last_step"), k))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def metric_plot(rows: list[dict], hyperparameters: list[str], metric: str):
+    """One scatter per hyperparameter: the metric of every trial against its value."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4 * max(1, len(hyperparameters)), 3.2), dpi=100)
+    for i, hp in enumerate(hyperparameters):
+        ax = fig.add_subplot(1, max(1, len(hyperparameters)), i + 1)
+        pts = [(r.get(hp), r[metric], r["status"]) for r in rows if r.get(metric) is not None and r.get(hp) is not None]
+        for status, color in (("finished", "tab:blue"), ("stopped", "tab:gray"), ("failed", "tab:red")):
+            sel = [(x, y) for x, y, s in pts if s == status]
+            if sel:
+                ax.scatter([x for x, _ in sel], [y for _, y in sel], c=color, label=status, s=18)
+        if all(isinstance(x, (int, float)) and x > 0 for x, _, _ in pts) and "lr" in hp:
+            ax.set_xscale("log")
+        ax.set_xlabel(hp)
+        ax.set_ylabel(metric)
+    fig.axes[0].legend(fontsize=7) if fig.axes else None
+    fig.tight_layout()
+    return fig

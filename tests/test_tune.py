@@ -1,0 +1,176 @@
+"""Sweeps: the space is checked before any trial starts; an ASHA sweep of distributed trials
+stops some early, records a parent and one child per trial and registers the best; an
+interrupted sweep resumes without re-running finished trials; promotion is metric-gated."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import base_overrides
+from pipeline.config import ConfigError, load_config
+
+
+def _sweep_file(tmp_path: Path, shards: str, space: dict, **sections) -> Path:
+    doc = {"space": space}
+    for override in base_overrides(shards, tmp_path):
+        key, value = override.split("=", 1)
+        node = doc
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    for section, values in sections.items():
+        doc.setdefault(section, {}).update(values)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_unknown_space_key_fails_before_any_trial(tmp_path, shards32):
+    from pipeline.tune import load_sweep
+
+    bad = _sweep_file(tmp_path, shards32, {"model.latnt_dim": {"choice": [4, 8]}})
+    with pytest.raises(ConfigError, match="model.latnt_dim"):
+        load_sweep(bad)
+    bad_value = _sweep_file(tmp_path, shards32, {"dist.zero_stage": {"choice": [1, 7]}})
+    with pytest.raises(ConfigError, match="dist.zero_stage"):
+        load_sweep(bad_value)
+    bad_domain = _sweep_file(tmp_path, shards32, {"optim.lr": {"normal": [0, 1]}})
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_sweep(bad_domain)
+
+
+@pytest.mark.integration
+def test_asha_sweep_of_distributed_trials(ray_session, shards32, tmp_path):
+    from pipeline.tracking import make_client
+    from pipeline.tune import load_sweep, run_sweep
+
+    # lr 1e-5 barely moves in 12 steps: those trials trail at the first rung and get stopped
+    path = _sweep_file(
+        tmp_path, shards32, {"optim.lr": {"grid": [1e-5, 1e-2, 1e-5, 1e-2, 1e-5, 3e-3]}},
+        train={"max_steps": 12, "checkpoint_every": 3, "val_every": 3, "image_every": 12},
+        tune={"num_samples": 1, "scheduler": "asha", "grace_period": 3, "reduction_factor": 2,
+              "register_best": True, "register_name": "vae-sweep", "storage_path": str(tmp_path / "tune")},
+    )
+    cfg, space = load_sweep(path)
+    t0 = time.perf_counter()
+    summary = run_sweep(cfg, space)
+    print(f"6-trial sweep wall time {time.perf_counter() - t0:.0f} s; stopped early: "
+          f"{[(r['trial_id'], r['last_step']) for r in summary['trials'] if r['status'] == 'stopped']}")
+    assert len(summary["trials"]) == 6
+    assert summary["stopped_early"] >= 1
+    client = make_client(cfg.tracking.tracking_uri)
+    parent = client.get_run(summary["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 6
+    assert {c.data.tags["vaepipe.trial_status"] for c in children} >= {"finished", "stopped"}
+    assert parent.data.metrics["trials_stopped_early"] == summary["stopped_early"]
+    assert any(a.path == "sweep/trials.csv" for a in client.list_artifacts(parent.info.run_id, "sweep"))
+    best = client.get_model_version_by_alias("vae-sweep", "challenger")
+    assert best.tags["vaepipe.run_id"] == summary["best"]["run_id"]
+    assert summary["best"]["optim.lr"] != 1e-5
+
+
+@pytest.mark.integration
+def test_interrupted_sweep_resumes_without_rerunning(shards32, tmp_path):
+    path = _sweep_file(
+        tmp_path, shards32, {"optim.lr": {"grid": [1e-3, 2e-3, 3e-3]}},
+        train={"max_steps": 4, "checkpoint_every": 4, "val_every": 4, "image_every": 4},
+        dist={"num_workers": 1}, tracking={"log_model": False},
+        tune={"num_samples": 1, "scheduler": "fifo", "max_concurrent": 1, "storage_path": str(tmp_path / "tune"),
+              "name": "interrupted"},
+    )
+    exp = tmp_path / "tune" / "interrupted"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "tune", "--config", str(path)], cwd=tmp_path,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and len(_finished_trials(exp)) < 1:
+            time.sleep(2)
+        assert _finished_trials(exp), "no trial finished before the deadline"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-sweep, as a killed job would
+        driver.wait()
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    done_before = _finished_trials(exp)
+    mtimes = {t: (exp / t / "result.json").stat().st_mtime for t in done_before}
+    resumed = subprocess.run([sys.executable, "-m", "pipeline.cli", "tune", "--resume", str(exp)], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=600)
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert len(_finished_trials(exp)) == 3
+    for t in done_before:  # finished trials were not run again
+        assert (exp / t / "result.json").stat().st_mtime == mtimes[t]
+
+
+def _finished_trials(exp: Path) -> list[str]:
+    done = []
+    for result in exp.glob("*/result.json"):
+        lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
+        if lines and lines[-1].get("step") == 4:
+            done.append(result.parent.name)
+    return done
+
+
+def _log_model(uri: str, cfg, model, name: str) -> None:
+    from pipeline import tracking
+    from pipeline.config import to_dict, to_yaml
+    from pipeline.serving import log_pyfunc
+
+    run_id = tracking.start_run(cfg, uri)
+    path = Path(cfg.train.storage_path) / run_id / "weights.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mc = {"name": cfg.model.name, **model.config}
+    torch.save({"model_config": mc, "state_dict": model.state_dict(), "config": to_dict(cfg)}, path)
+    tracking.make_client(uri).set_tag(run_id, "vaepipe.model_uri", log_pyfunc(run_id, path, mc, to_yaml(cfg)))
+    tracking.end_run(uri, run_id)
+    return run_id
+
+
+def test_promotion_moves_champion_only_for_a_better_challenger(shards32, tmp_path):
+    from models import build_model
+    from pipeline.data.stream import ShardStream
+    from pipeline.evaluate.runner import EvalSpec
+    from pipeline.promote import promote
+    from pipeline.tracking import make_client, register_model
+
+    cfg = load_config(None, base_overrides(shards32, tmp_path, **{"model.likelihood": "bernoulli"}))
+    uri = cfg.tracking.tracking_uri
+    torch.manual_seed(0)
+    untrained = build_model(cfg.model)
+    trained = build_model(cfg.model)
+    trained.load_state_dict(untrained.state_dict())
+    opt = torch.optim.Adam(trained.parameters(), lr=1e-2)
+    for i, batch in enumerate(ShardStream(shards32, "train", 16, 32, 0, 1, num_workers=0).iter_epoch(0)):
+        loss = trained(batch["image"])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    weak = register_model(uri, _log_model(uri, cfg, untrained.eval(), "weak"), "vae-promo", "champion")
+    strong = register_model(uri, _log_model(uri, cfg, trained.eval(), "strong"), "vae-promo", "challenger")
+    spec = EvalSpec(metrics=["nll", "au"], split="valid", k=8, batch_k=8)
+    wins, rows, version = promote("vae-promo", shards32, spec, [0.0, 32.0], uri)
+    assert wins and version == strong
+    client = make_client(uri)
+    assert str(client.get_model_version_by_alias("vae-promo", "champion").version) == str(strong)
+    assert rows[0].metric == "nll" and rows[0].challenger < rows[0].champion
+    # now the weak model challenges the strong champion and is refused
+    client.set_registered_model_alias("vae-promo", "challenger", weak)
+    wins, rows, version = promote("vae-promo", shards32, spec, [0.0, 32.0], uri)
+    assert not wins and version == strong
+    assert str(client.get_model_version_by_alias("vae-promo", "champion").version) == str(strong)
+    decisions = [r.data.tags["vaepipe.decision"] for r in client.search_runs(
+        [client.get_experiment_by_name("vaepipe-promotions").experiment_id])]
+    assert sorted(decisions) == ["promoted", "refused"]
