@@ -416,7 +416,7 @@ def _log_images(w: Worker, batch: dict) -> None:
     step = w.state.step
     w.log.image(make_grid(pairs.numpy(), nrow=n), f"images/reconstructions_step{step:07d}.png")
     w.log.image(make_grid(samples.float().cpu().numpy(), nrow=n), f"images/samples_step{step:07d}.png")
-    if w.last_kl_dims is not None:
+    if w.last_kl_dims is not None and w.last_kl_dims.numel():
         fig = kl_bar_plot(w.last_kl_dims, title=f"per-dimension KL at step {step}")
         w.log.figure(fig, f"images/kl_per_dim_step{step:07d}.png")
 
