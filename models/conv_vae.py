@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.config_access import check_positive_ints, make_likelihood, resolve_family_config
 from models.kl import diag_gaussian_log_prob, free_bits_kl
 from models.layers import make_down_block, make_up_block, reparameterize
 from models.likelihoods import LIKELIHOODS, build_likelihood
@@ -71,42 +72,6 @@ _BOTTLENECK = 4  # spatial size of the flattened feature map, fixed by the refer
 _REFERENCE_BLOCKS = 3  # 32 px -> 4 px
 
 
-def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    """``cfg.key`` for dataclasses / namespaces / OmegaConf nodes, ``cfg[key]`` for mappings.
-
-    Missing keys and None give ``default``; works on nested groups (``cfg_get(cfg, "factor")``).
-    """
-    if cfg is None:
-        return default
-    if hasattr(cfg, "keys") and hasattr(cfg, "get"):  # dict or DictConfig, no omegaconf import
-        value = cfg.get(key, default)
-    else:
-        value = getattr(cfg, key, default)
-    return default if value is None else value
-
-
-def resolve_flavored(
-    cfg: Any, defaults: dict[str, Any], preset: dict[str, Any]
-) -> dict[str, Any]:
-    """defaults < preset < any cfg field whose value differs from its default."""
-    resolved = {key: preset.get(key, default) for key, default in defaults.items()}
-    for key, default in defaults.items():
-        value = cfg_get(cfg, key, default)
-        if value != default:
-            resolved[key] = value
-    return resolved
-
-
-def resolve_flavor(cfg: Any, flavors: dict[str, dict[str, Any]], family: str) -> dict[str, Any]:
-    """The preset of ``cfg.flavor`` (default ``base``); unknown flavors raise naming the key."""
-    flavor = cfg_get(cfg, "flavor", "base") or "base"
-    if flavor not in flavors:
-        raise ValueError(
-            f"unknown model.flavor {flavor!r} for {family}; choose one of: {', '.join(flavors)}"
-        )
-    return flavors[flavor]
-
-
 def resolve_conv_vae_config(cfg: Any, family: str = "conv_vae") -> dict[str, Any]:
     """Turn a duck-typed model config into ConvVAE constructor kwargs.
 
@@ -116,8 +81,7 @@ def resolve_conv_vae_config(cfg: Any, family: str = "conv_vae") -> dict[str, Any
     cannot express is "debug flavor but with a field explicitly set to the base default".
     ``cfg`` may be a dataclass, an OmegaConf node, a namespace or a plain dict.
     """
-    preset = resolve_flavor(cfg, FLAVORS, family)
-    return resolve_flavored(cfg, {**BASE_DEFAULTS, **EXTENSION_DEFAULTS}, preset)
+    return resolve_family_config(cfg, {**BASE_DEFAULTS, **EXTENSION_DEFAULTS}, FLAVORS, family)
 
 
 def _num_down_blocks(resolution: int) -> int:
@@ -133,12 +97,6 @@ def _num_down_blocks(resolution: int) -> int:
             f"got {resolution!r}"
         )
     return int(math.log2(int(resolution) // _BOTTLENECK))
-
-
-def _check_positive_ints(**values: Any) -> None:
-    for key, value in values.items():
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
 
 
 @register_model("conv_vae")
@@ -168,8 +126,8 @@ class ConvVAE(nn.Module):
     ) -> None:
         super().__init__()
         num_blocks = _num_down_blocks(resolution)
-        _check_positive_ints(
-            in_channels=in_channels, latent_dim=latent_dim,
+        check_positive_ints(
+            None, in_channels=in_channels, latent_dim=latent_dim,
             base_channels=base_channels, hidden_dim=hidden_dim,
             logistic_components=logistic_components, prior_components=prior_components,
             prior_hidden=prior_hidden,
@@ -201,11 +159,13 @@ class ConvVAE(nn.Module):
         self.in_channels, self.resolution, self.latent_dim = in_channels, resolution, latent_dim
         self.beta = float(beta)
         self.skip_connections = bool(skip_connections)
-        self.likelihood = build_likelihood(likelihood, obs_std, components=int(logistic_components))
+        self.likelihood, params_per_channel = make_likelihood(
+            likelihood, obs_std, int(logistic_components), in_channels, build=build_likelihood
+        )
         self.prior = build_prior(prior, latent_dim, int(prior_components), int(prior_hidden))
         self._flat_channels = 4 * base_channels
         self._build_encoder(in_channels, base_channels, hidden_dim, latent_dim, num_blocks)
-        out_channels = in_channels * self.likelihood.params_per_channel
+        out_channels = in_channels * params_per_channel
         self._build_decoder(
             out_channels, base_channels, hidden_dim, latent_dim, num_blocks, float(decoder_dropout)
         )

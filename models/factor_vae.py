@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.conv_vae import ConvVAE, cfg_get, resolve_conv_vae_config, resolve_flavor, resolve_flavored
+from models.config_access import cfg_get, resolve_flavor, resolve_flavored
+from models.conv_vae import ConvVAE, resolve_conv_vae_config
 from models.registry import register_model
 
 FACTOR_DEFAULTS: dict[str, Any] = {

@@ -16,8 +16,7 @@ posterior q(z_i | z_{i+1}, x) combines the bottom-up features with the top-down 
 Every scale is ``min_std + softplus(raw)``, which keeps deep hierarchies finite. The KL of each
 level is analytic between q and the conditional prior at the *sampled* parent.
 
-The shared config helpers (``resolve_family_config``, ``make_likelihood``, ``to_plain``) live here
-and are reused by the VQ families; they only depend on torch and the stdlib.
+The config helpers shared with the other families live in ``models.config_access``.
 """
 
 from __future__ import annotations
@@ -30,98 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.config_access import check_positive_ints, make_likelihood, resolve_family_config, to_plain
 from models.kl import diag_gaussian_log_prob, free_bits_kl, gaussian_kl
 from models.layers import make_down_block, make_up_block
 from models.likelihoods import build_likelihood
 from models.registry import register_model
-
-# ----------------------------------------------------------------------------- config helpers
-
-
-def _is_mapping(value: Any) -> bool:
-    # Duck-typed (dict, OmegaConf DictConfig) so models/ needs no collections / omegaconf import.
-    return hasattr(value, "keys") and hasattr(value, "__getitem__") and hasattr(value, "get")
-
-
-def to_plain(value: Any) -> Any:
-    """Recursively turn mappings / sequences (OmegaConf nodes included) into dicts and lists."""
-    if value is None or isinstance(value, (str, bytes, torch.Tensor)):
-        return value
-    if _is_mapping(value):
-        return {str(k): to_plain(value[k]) for k in value.keys()}
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
-        return [to_plain(v) for v in value]
-    return value
-
-
-def _field(cfg: Any, key: str) -> Any:
-    """cfg.key for dataclasses / namespaces / OmegaConf nodes, cfg[key] for dicts; None if absent."""
-    if cfg is None:
-        return None
-    if _is_mapping(cfg):
-        return cfg.get(key)
-    return getattr(cfg, key, None)
-
-
-def _pick(value: Any, default: Any, flavored: Any) -> Any:
-    value = to_plain(value)
-    return flavored if value is None or value == default else value
-
-
-def resolve_family_config(
-    cfg: Any, base: dict[str, Any], flavors: dict[str, dict[str, Any]], family: str
-) -> dict[str, Any]:
-    """Constructor kwargs from a duck-typed model config, nested groups included.
-
-    Same precedence as conv_vae: base defaults < flavor preset < any field whose value differs
-    from the base default. A key of ``base`` whose default is a dict is a nested group
-    (``cfg.vq``, ``cfg.ladder``, ...) read as an object or a dict. Unknown fields are ignored:
-    the pipeline's ModelConfig carries every family's fields.
-    """
-    flavor = _field(cfg, "flavor") or "base"
-    if flavor not in flavors:
-        raise ValueError(
-            f"unknown model.flavor {flavor!r} for {family}; choose one of: {', '.join(flavors)}"
-        )
-    preset = flavors[flavor]
-    resolved: dict[str, Any] = {}
-    for key, default in base.items():
-        value = _field(cfg, key)
-        if isinstance(default, dict):
-            group_preset = preset.get(key, {})
-            resolved[key] = {
-                k: _pick(_field(value, k), d, group_preset.get(k, d)) for k, d in default.items()
-            }
-        else:
-            resolved[key] = _pick(value, default, preset.get(key, default))
-    return resolved
-
-
-def make_likelihood(name: str, obs_std: float, components: int, channels: int):
-    """``build_likelihood`` with whatever extra arguments the installed version accepts.
-
-    Returns (likelihood, params_per_channel); likelihoods without ``params_per_channel`` emit
-    one decoder channel per image channel.
-    """
-    code = getattr(build_likelihood, "__code__", None)
-    accepted = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount] if code else ()
-    extra = {
-        k: v
-        for k, v in {
-            "logistic_components": components, "num_components": components,
-            "components": components, "channels": channels, "in_channels": channels,
-        }.items()
-        if k in accepted
-    }
-    likelihood = build_likelihood(name, obs_std, **extra)
-    return likelihood, int(getattr(likelihood, "params_per_channel", 1))
-
-
-def check_positive_ints(family: str, **values: Any) -> None:
-    for key, value in values.items():
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"model.{key} must be a positive integer for {family}, got {value!r}")
-
 
 # ----------------------------------------------------------------------------- Gaussian pieces
 
@@ -287,7 +199,7 @@ class LadderVAE(nn.Module):
         self.latent_dims, self.latent_dim = latent_dims, sum(latent_dims)
         self.merge, self.min_std, self.beta = merge, min_std, float(beta)
         self.likelihood, params_per_channel = make_likelihood(
-            likelihood, obs_std, int(logistic_components), self.in_channels
+            likelihood, obs_std, int(logistic_components), self.in_channels, build=build_likelihood
         )
         self._flat_channels = 4 * int(base_channels)
         self._build_inference(int(base_channels), int(hidden_dim), int(hidden), num_stages)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.ladder_vae import check_positive_ints, resolve_family_config, to_plain
+from models.config_access import check_positive_ints, resolve_family_config, to_plain
 from models.registry import build_model, register_model
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.ladder_vae import check_positive_ints, make_likelihood, resolve_family_config, to_plain
+from models.config_access import check_positive_ints, make_likelihood, resolve_family_config, to_plain
 from models.layers import make_down_block, make_up_block
 from models.registry import register_model
 

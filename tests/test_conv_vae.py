@@ -12,6 +12,11 @@ from torch.utils.checkpoint import checkpoint
 import models
 from models.conv_vae import ConvVAE
 
+try:
+    from tests.model_helpers import rectangles
+except ImportError:
+    from model_helpers import rectangles
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -21,16 +26,6 @@ def _seed():
 def build(**overrides) -> ConvVAE:
     cfg = {"name": "conv_vae", "flavor": "debug", "resolution": 32, "in_channels": 1, **overrides}
     return models.build_model(SimpleNamespace(**cfg))
-
-
-def rectangles(n: int, channels: int = 1, resolution: int = 32) -> torch.Tensor:
-    """Binary images of random axis-aligned rectangles: structured enough to overfit quickly."""
-    x = torch.zeros(n, channels, resolution, resolution)
-    for i in range(n):
-        top, left = torch.randint(0, resolution // 2, (2,)).tolist()
-        height, width = torch.randint(6, resolution // 2, (2,)).tolist()
-        x[i, :, top:top + height, left:left + width] = 1.0
-    return x
 
 
 def layers_of(module: nn.Module, kind: type) -> list[nn.Module]:

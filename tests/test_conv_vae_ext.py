@@ -11,6 +11,11 @@ import models
 from models import bits_per_dim
 from pipeline.config import ModelConfig
 
+try:
+    from tests.model_helpers import rectangles
+except ImportError:
+    from model_helpers import rectangles
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -20,15 +25,6 @@ def _seed():
 def build(**overrides):
     cfg = {"name": "conv_vae", "flavor": "debug", "resolution": 32, "in_channels": 1, **overrides}
     return models.build_model(cfg)
-
-
-def rectangles(n, channels=1, resolution=32):
-    x = torch.zeros(n, channels, resolution, resolution)
-    for i in range(n):
-        top, left = torch.randint(0, resolution // 2, (2,)).tolist()
-        height, width = torch.randint(6, resolution // 2, (2,)).tolist()
-        x[i, :, top:top + height, left:left + width] = 1.0
-    return x
 
 
 @pytest.mark.parametrize("likelihood,per_channel", [("gaussian_learned", 2), ("logistic_mixture", 9)])

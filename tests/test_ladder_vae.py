@@ -16,6 +16,11 @@ from models.ladder_vae import (
 from pipeline.config import LadderConfig, ModelConfig
 from pipeline.train.activation import apply_activation_checkpointing
 
+try:
+    from tests.model_helpers import rectangles
+except ImportError:
+    from model_helpers import rectangles
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -25,15 +30,6 @@ def _seed():
 def build(**overrides) -> LadderVAE:
     cfg = {"name": "ladder_vae", "flavor": "debug", "resolution": 32, "in_channels": 1, **overrides}
     return models.build_model(cfg)
-
-
-def rectangles(n: int, resolution: int = 32) -> torch.Tensor:
-    x = torch.zeros(n, 1, resolution, resolution)
-    for i in range(n):
-        top, left = torch.randint(0, resolution // 2, (2,)).tolist()
-        height, width = torch.randint(6, resolution // 2, (2,)).tolist()
-        x[i, :, top:top + height, left:left + width] = 1.0
-    return x
 
 
 @pytest.mark.parametrize("merge", ["precision", "residual"])

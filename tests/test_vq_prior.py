@@ -12,21 +12,17 @@ from models.vq_prior import VQPrior
 from pipeline.config import ARPriorConfig, ModelConfig
 from pipeline.train.activation import apply_activation_checkpointing
 
+try:
+    from tests.model_helpers import rectangles
+except ImportError:
+    from model_helpers import rectangles
+
 ARCHS = ["pixelcnn", "transformer"]
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def rectangles(n: int, resolution: int = 32) -> torch.Tensor:
-    x = torch.zeros(n, 1, resolution, resolution)
-    for i in range(n):
-        top, left = torch.randint(0, resolution // 2, (2,)).tolist()
-        height, width = torch.randint(6, resolution // 2, (2,)).tolist()
-        x[i, :, top:top + height, left:left + width] = 1.0
-    return x
 
 
 @pytest.fixture

@@ -11,6 +11,11 @@ import models
 from models.vqvae import VQVAE, VectorQuantizer
 from pipeline.config import ModelConfig, VQConfig
 
+try:
+    from tests.model_helpers import rectangles
+except ImportError:
+    from model_helpers import rectangles
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -19,15 +24,6 @@ def _seed():
 
 def build(**vq) -> VQVAE:
     return models.build_model({"name": "vqvae", "flavor": "debug", "resolution": 32, "in_channels": 1, "vq": vq})
-
-
-def rectangles(n: int, resolution: int = 32) -> torch.Tensor:
-    x = torch.zeros(n, 1, resolution, resolution)
-    for i in range(n):
-        top, left = torch.randint(0, resolution // 2, (2,)).tolist()
-        height, width = torch.randint(6, resolution // 2, (2,)).tolist()
-        x[i, :, top:top + height, left:left + width] = 1.0
-    return x
 
 
 def grid_of(flat: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
