@@ -104,12 +104,56 @@ def _trial(params: dict, base: dict, parent_run_id: str) -> None:
     cfg = apply_overrides(from_dict(base), {k: v for k, v in params.items()}, f"trial {trial_id}")
     cfg = replace(cfg, train=replace(cfg.train, run_name=f"{ctx.get_experiment_name()}-{trial_id}"),
                   tracking=replace(cfg.tracking, run_name=f"trial-{trial_id}", register_name=None))
-    resume = None
-    checkpoint = tune.get_checkpoint()  # PBT hands the exploited trial's checkpoint over here
-    if checkpoint is not None:
-        resume = checkpoint.path
-    run_training(cfg, resume=resume, parent_run_id=parent_run_id, callbacks=(TuneReportCallback(),),
-                 run_tags={"vaepipe.trial_id": trial_id, **{f"vaepipe.hp.{k}": str(v) for k, v in params.items()}})
+    tags = {"vaepipe.trial_id": trial_id, **{f"vaepipe.hp.{k}": str(v) for k, v in params.items()}}
+    if cfg.tune.scheduler == "pbt":
+        _pbt_trial(cfg, parent_run_id, tags)
+        return
+    run_training(cfg, parent_run_id=parent_run_id, callbacks=(TuneReportCallback(),), run_tags=tags)
+
+
+def _pbt_trial(cfg: VaepipeConfig, parent_run_id: str, tags: dict) -> None:
+    """PBT trial: train in segments of ``perturbation_interval`` steps, each ending in a Tune
+    checkpoint (the DeepSpeed checkpoint folder). When PBT exploits, Tune restarts this
+    function with the better trial's checkpoint and mutated values: training resumes from
+    that checkpoint's DeepSpeed state with the new hyperparameters.
+
+    Each segment is a separate ``fit()``: Train V2 reports metrics to Tune but not Tune
+    checkpoints, so the driver reports them itself between segments.
+    """
+    from ray import tune
+
+    from pipeline import tracking
+    from pipeline.train.loop import STATE_FILE
+    from pipeline.train.trainer import run_training
+
+    checkpoint = tune.get_checkpoint()
+    resume = checkpoint.path if checkpoint is not None else None
+    step = json.loads((Path(resume) / STATE_FILE).read_text())["train_state"]["step"] if resume else 0
+    restored_step = step
+    uri = tracking.resolve_tracking_uri(cfg)
+    run_id = _trial_run_id(uri, parent_run_id, tags["vaepipe.trial_id"])
+    interval, total = cfg.tune.perturbation_interval, cfg.train.max_steps
+    while step < total:
+        target = min(total, (step // interval + 1) * interval)
+        seg = replace(cfg, train=replace(cfg.train, max_steps=target, run_name=f"{cfg.train.run_name}-{target}"),
+                      tracking=replace(cfg.tracking, log_model=cfg.tracking.log_model and target == total))
+        result = run_training(seg, resume=resume, parent_run_id=parent_run_id, run_tags=tags, mlflow_run_id=run_id)
+        if checkpoint is not None and step == restored_step:
+            # restarted by PBT with another trial's checkpoint (or by a resumed sweep)
+            tracking.make_client(uri).set_tag(result.run_id, "vaepipe.pbt_restored_step", str(restored_step))
+        run_id, resume, step = result.run_id, result.checkpoint_path, target
+        tune.report({**result.metrics, "step": step}, checkpoint=tune.Checkpoint.from_directory(resume))
+
+
+def _trial_run_id(uri: str, parent_run_id: str, trial_id: str) -> Optional[str]:
+    """The MLflow child run of ``trial_id`` if an earlier segment made one."""
+    from pipeline import tracking
+
+    client = tracking.make_client(uri)
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
+                                                      f"and tags.`vaepipe.trial_id` = '{trial_id}'")
+    return runs[0].info.run_id if runs else None
 
 
 def _scheduler(cfg: VaepipeConfig, space: dict):
@@ -120,8 +164,10 @@ def _scheduler(cfg: VaepipeConfig, space: dict):
         return ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps, grace_period=t.grace_period,
                              reduction_factor=t.reduction_factor)
     if t.scheduler == "pbt":
+        # synchronous: every trial reaches the interval before anyone exploits, so trials that
+        # start late (each trial pays a fit() start-up) are still compared with the others
         return PopulationBasedTraining(time_attr="step", perturbation_interval=t.perturbation_interval,
-                                       hyperparam_mutations=build_param_space(space))
+                                       hyperparam_mutations=build_param_space(space), quantile_fraction=0.5, synch=True)
     return FIFOScheduler()
 
 

@@ -174,3 +174,27 @@ def test_promotion_moves_champion_only_for_a_better_challenger(shards32, tmp_pat
     decisions = [r.data.tags["vaepipe.decision"] for r in client.search_runs(
         [client.get_experiment_by_name("vaepipe-promotions").experiment_id])]
     assert sorted(decisions) == ["promoted", "refused"]
+
+
+@pytest.mark.integration
+def test_pbt_exploit_restores_deepspeed_checkpoint(ray_session, shards32, tmp_path):
+    from pipeline.tracking import make_client
+    from pipeline.tune import load_sweep, run_sweep
+
+    path = _sweep_file(
+        tmp_path, shards32, {"optim.lr": {"choice": [1e-5, 1e-2]}},
+        train={"max_steps": 8, "checkpoint_every": 4, "val_every": 4, "image_every": 8},
+        dist={"num_workers": 1}, tracking={"log_model": False},
+        tune={"num_samples": 2, "scheduler": "pbt", "perturbation_interval": 4, "max_concurrent": 2,
+              "storage_path": str(tmp_path / "tune")},
+    )
+    cfg, space = load_sweep(path, ["train.seed=3"])
+    summary = run_sweep(cfg, space)
+    assert all(r["status"] == "finished" for r in summary["trials"]), summary["trials"]
+    client = make_client(cfg.tracking.tracking_uri)
+    children = client.search_runs([client.get_run(summary["parent_run_id"]).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
+    restored = [c for c in children if "vaepipe.pbt_restored_step" in c.data.tags]
+    assert restored, "PBT never exploited: no trial restarted from another trial's checkpoint"
+    assert restored[0].data.tags["vaepipe.pbt_restored_step"] == "4"
+    assert restored[0].data.tags["vaepipe.resumed_from_step"] == "4"  # the workers loaded the DeepSpeed state

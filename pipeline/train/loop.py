@@ -155,6 +155,10 @@ def _restore(w: Worker, run_dir: Optional[str], resume_from: Optional[str]) -> N
             return
         best = max(candidates, key=lambda d: json.loads((d / STATE_FILE).read_text())["train_state"]["step"])
         w.engine.load_checkpoint(str(best), tag=CKPT_TAG)
+        # the config's learning rate wins over the one saved with the optimizer state: a PBT
+        # exploit or a resumed run with a new optim.lr continues with the new value
+        for group in w.engine.optimizer.param_groups:
+            group["lr"] = w.cfg.optim.lr
         saved = json.loads((best / STATE_FILE).read_text())
         if w.aux is not None and (best / AUX_FILE).exists():
             w.aux.load_state_dict(torch.load(best / AUX_FILE, map_location=w.device))

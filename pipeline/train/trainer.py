@@ -118,11 +118,13 @@ def init_ray(cfg: VaepipeConfig, spare_cpus: int = 0) -> None:
 
 
 def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id: Optional[str] = None,
-                 callbacks: tuple = (), run_tags: Optional[dict] = None) -> TrainResult:
+                 callbacks: tuple = (), run_tags: Optional[dict] = None,
+                 mlflow_run_id: Optional[str] = None) -> TrainResult:
     """Train ``cfg`` on Ray Train + DeepSpeed, tracked in MLflow; optionally resume a run.
 
     ``parent_run_id`` makes the MLflow run a child (a sweep's trial); ``callbacks`` are Ray
-    Train ``UserCallback``s (a sweep passes Tune's ``TuneReportCallback``).
+    Train ``UserCallback``s (a sweep passes Tune's ``TuneReportCallback``); ``mlflow_run_id``
+    continues that run instead of the one the resumed checkpoint names (PBT segments).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -139,12 +141,12 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
     if resume:
         ckpt_dir = find_checkpoint(resume, uri)
         saved = json.loads((ckpt_dir / STATE_FILE).read_text())
-        run_id = saved.get("mlflow_run_id") or tracking.start_run(cfg, uri, _child_tags(parent_run_id, run_tags))
+        run_id = mlflow_run_id or saved.get("mlflow_run_id") or tracking.start_run(cfg, uri, _child_tags(parent_run_id, run_tags))
         tracking.make_client(uri).update_run(run_id, status="RUNNING")
         checkpoint = str(ckpt_dir)
         print(f"[vaepipe] resuming from {ckpt_dir} (step {saved['train_state']['step']})")
     else:
-        run_id = tracking.start_run(cfg, uri, _child_tags(parent_run_id, run_tags))
+        run_id = mlflow_run_id or tracking.start_run(cfg, uri, _child_tags(parent_run_id, run_tags))
     name = cfg.train.run_name or f"vaepipe-{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}"
     run_dir = str(Path(cfg.train.storage_path) / name) if "://" not in cfg.train.storage_path else f"{cfg.train.storage_path}/{name}"
     tracking.make_client(uri).set_tag(run_id, "vaepipe.run_dir", run_dir)
