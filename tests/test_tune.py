@@ -83,7 +83,7 @@ def test_asha_sweep_of_distributed_trials(ray_session, shards32, tmp_path):
 
 
 @pytest.mark.integration
-def test_interrupted_sweep_resumes_without_rerunning(shards32, tmp_path):
+def test_interrupted_sweep_resumes_without_rerunning(ray_session, shards32, tmp_path):
     path = _sweep_file(
         tmp_path, shards32, {"optim.lr": {"grid": [1e-3, 2e-3, 3e-3]}},
         train={"max_steps": 4, "checkpoint_every": 4, "val_every": 4, "image_every": 4},
@@ -92,7 +92,9 @@ def test_interrupted_sweep_resumes_without_rerunning(shards32, tmp_path):
               "name": "interrupted"},
     )
     exp = tmp_path / "tune" / "interrupted"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The drivers join the session's Ray as a cluster client would; killing one leaves the
+    # cluster (and the other tests on it) running, and Ray reaps the dead driver's trials.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "tune", "--config", str(path)], cwd=tmp_path,
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -103,25 +105,37 @@ def test_interrupted_sweep_resumes_without_rerunning(shards32, tmp_path):
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-sweep, as a killed job would
         driver.wait()
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
     done_before = _finished_trials(exp)
-    mtimes = {t: (exp / t / "result.json").stat().st_mtime for t in done_before}
     resumed = subprocess.run([sys.executable, "-m", "pipeline.cli", "tune", "--resume", str(exp)], cwd=tmp_path,
                              env=env, capture_output=True, text=True, timeout=600)
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert len(_finished_trials(exp)) == 3
-    for t in done_before:  # finished trials were not run again
-        assert (exp / t / "result.json").stat().st_mtime == mtimes[t]
+    # every trial that had finished before the kill trained exactly once: one MLflow run each
+    from pipeline.tracking import make_client
+
+    state = json.loads((exp / "vaepipe_sweep.json").read_text())
+    uri = state["config"]["tracking"]["tracking_uri"]
+    client = make_client(uri)
+    runs = client.search_runs([client.get_experiment_by_name(state["config"]["tracking"]["experiment"]).experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
+    per_trial = {}
+    for r in runs:
+        per_trial.setdefault(r.data.tags["vaepipe.trial_id"], []).append(r)
+    assert len(per_trial) == 3
+    for trial_id in done_before:
+        assert len(per_trial[trial_id]) == 1, f"finished trial {trial_id} was trained again"
 
 
 def _finished_trials(exp: Path) -> list[str]:
-    done = []
-    for result in exp.glob("*/result.json"):
-        lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
-        if lines and lines[-1].get("step") == 4:
-            done.append(result.parent.name)
-    return done
+    """Trial ids that Tune's own saved experiment state records as finished."""
+    states = sorted(exp.glob("experiment_state-*.json"))  # named by start time: the last is the newest
+    if not states:
+        return []
+    try:
+        trials = [json.loads(t[0]) for t in json.loads(states[-1].read_text())["trial_data"]]
+    except (ValueError, KeyError):
+        return []  # caught mid-write
+    return [t["trial_id"] for t in trials if t.get("status") == "TERMINATED"]
 
 
 def _log_model(uri: str, cfg, model, name: str) -> None:
