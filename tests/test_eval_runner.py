@@ -35,3 +35,13 @@ def test_two_ray_workers_equal_single_process(ray_session, shards32, blob):
     np.testing.assert_allclose(double["nll_per_sample"], single["nll_per_sample"], rtol=1e-6)
     assert double["active_units_cov"] == single["active_units_cov"]
     assert single["nll"] <= -single["elbo"] + 1e-6  # the k-sample bound is tighter than the ELBO
+
+
+def test_vqvae_elbo_has_no_units_and_no_collapse_verdict(shards32):
+    cfg = load_config(None, ["model.name=vqvae", "model.flavor=debug", "data.resolution=32"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    blob = {"model_config": {"name": "vqvae", **model.config}, "state_dict": model.state_dict()}
+    res = evaluate(blob, shards32, EvalSpec(metrics=["elbo"], split="test", batch_size=8), workers=1)
+    assert np.isfinite(res["elbo"]) and res["num_samples"] == 30
+    assert "collapse" not in res and res["active_units_kl"] == 0

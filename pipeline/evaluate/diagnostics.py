@@ -218,7 +218,8 @@ class ELBOAccumulator:
             mean = s["mu_sum"] / n
             result["mu_variance"] = (s["mu_sq_sum"] / n - mean.pow(2)).clamp_min(0.0)
             result["active_units_cov"] = int((result["mu_variance"] > threshold).sum())
-        result["collapse"] = collapse_verdict(result["kl_per_dim"], result["kl"], unit_threshold=threshold)
+        if result["kl_per_dim"].numel():  # families without a continuous latent (VQ-VAE) have no units
+            result["collapse"] = collapse_verdict(result["kl_per_dim"], result["kl"], unit_threshold=threshold)
         return result
 
 

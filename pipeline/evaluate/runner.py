@@ -144,7 +144,9 @@ def merge_partitions(parts: list[dict], spec: EvalSpec) -> dict:
             total.merge(ELBOAccumulator.from_sums(other))
         r = total.compute()
         results.update({"elbo": r["elbo"], "recon": r["recon"], "kl": r["kl"], "kl_per_dim": r["kl_per_dim"],
-                        "active_units_kl": r["active_units_kl"], "collapse": r["collapse"]})
+                        "active_units_kl": r["active_units_kl"]})
+        if "collapse" in r:
+            results["collapse"] = r["collapse"]
     nll = np.array([v for p in parts for v in p["rows"]["nll"]], dtype=np.float64)
     if len(nll):
         results["nll"] = float(nll.mean())
