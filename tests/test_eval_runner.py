@@ -45,3 +45,10 @@ def test_vqvae_elbo_has_no_units_and_no_collapse_verdict(shards32):
     res = evaluate(blob, shards32, EvalSpec(metrics=["elbo"], split="test", batch_size=8), workers=1)
     assert np.isfinite(res["elbo"]) and res["num_samples"] == 30
     assert "collapse" not in res and res["active_units_kl"] == 0
+
+
+def test_second_stage_models_read_their_parents_input_shape():
+    from pipeline.evaluate.runner import model_input_shape
+
+    assert model_input_shape({"name": "vq_prior", "ar": {"parent_config": {"in_channels": 1, "resolution": 32}}}) == (1, 32)
+    assert model_input_shape({"name": "conv_vae", "in_channels": 3, "resolution": 128}) == (3, 128)

@@ -58,12 +58,19 @@ def eval_stream(blob: dict, data_url: str, split: str, batch_size: int, rank: in
     from pipeline.data.shards import read_manifest
     from pipeline.data.stream import ShardStream
 
-    mc = blob["model_config"]
+    channels, resolution = model_input_shape(blob["model_config"])
     n = read_manifest(data_url)["splits"].get(split, {}).get("num_samples", 0)
     if n < world:
         raise ValueError(f"split {split!r} of {data_url} has {n} samples, fewer than the {world} workers")
-    return ShardStream(data_url, split, max(1, min(batch_size, n // world)), mc.get("resolution", 64), rank, world,
-                       shuffle_buffer=1, num_workers=0, channels=mc.get("in_channels", 3))
+    return ShardStream(data_url, split, max(1, min(batch_size, n // world)), resolution, rank, world,
+                       shuffle_buffer=1, num_workers=0, channels=channels)
+
+
+def model_input_shape(model_config: dict) -> tuple[int, int]:
+    """(channels, resolution) a model reads; second-stage models (vq_prior) read their parent's."""
+    parent = (model_config.get("ar") or {}).get("parent_config") or {}
+    channels = model_config.get("in_channels") or parent.get("in_channels", 3)
+    return channels, model_config.get("resolution") or parent.get("resolution", 64)
 
 
 @torch.no_grad()
