@@ -194,6 +194,8 @@ class TrainConfig:
     """Recompute encoder/decoder blocks in backward instead of storing activations."""
     seed: int = 0
     """Seed of model init, shuffling and sampling."""
+    max_consecutive_skips: int = 50
+    """Non-finite losses in a row (all ranks skip each) before the run fails as diverged."""
     log_every: int = 10
     """Steps between metric logs (and Ray reports)."""
     checkpoint_every: int = 100
@@ -360,7 +362,7 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
     _check(sc.target_kl >= 0, "schedule.target_kl", sc.target_kl, "must be >= 0")
     _check(t.max_steps >= 1, "train.max_steps", t.max_steps, "must be >= 1")
     _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
-    for key in ("log_every", "checkpoint_every", "image_every", "val_every", "keep_checkpoints"):
+    for key in ("log_every", "checkpoint_every", "image_every", "val_every", "keep_checkpoints", "max_consecutive_skips"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
     _check(s.num_workers >= 1, "dist.num_workers", s.num_workers, "must be >= 1")
     _check(s.zero_stage in (0, 1, 2, 3), "dist.zero_stage", s.zero_stage, "must be 0, 1, 2 or 3")

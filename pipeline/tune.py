@@ -80,11 +80,12 @@ def validate_space(space: dict, cfg: VaepipeConfig) -> None:
             apply_overrides(cfg, {key: v}, f"search space '{key}'")
 
 
-def build_param_space(space: dict) -> dict:
+def build_param_space(space: dict, grid_as_choice: bool = False) -> dict:
     from ray import tune
 
     make = {
-        "choice": lambda v: tune.choice(v), "grid": lambda v: tune.grid_search(v),
+        "choice": lambda v: tune.choice(v),
+        "grid": lambda v: tune.choice(v) if grid_as_choice else tune.grid_search(v),
         "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
         "randint": lambda v: tune.randint(*v), "quniform": lambda v: tune.quniform(*v),
     }
@@ -171,7 +172,12 @@ def _scheduler(cfg: VaepipeConfig, space: dict):
     return FIFOScheduler()
 
 
-def _search_alg(cfg: VaepipeConfig):
+def _search_alg(cfg: VaepipeConfig, points: Optional[list[dict]] = None, max_concurrent: int = 0):
+    if points is not None:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # a search algorithm passed in keeps its own limit: Tune's max_concurrent_trials skips it
+        return BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_concurrent)
     if cfg.tune.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -194,8 +200,23 @@ def concurrency_cap(cfg: VaepipeConfig) -> int:
     return max(1, min(cfg.tune.max_concurrent, fit))
 
 
-def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None) -> dict:
-    """Run (or resume) a sweep; returns a summary with the parent run and the best trial."""
+def draw_trials(space: dict, num_samples: int, seed: int = 0) -> list[dict]:
+    """The trials a random/grid search would run, drawn once (as Tune draws them: every grid
+    point ``num_samples`` times, the other keys sampled), so two sweeps can run the same ones."""
+    import numpy as np
+    from ray.tune.search.variant_generator import generate_variants
+
+    rng = np.random.RandomState(seed)
+    return [spec for _ in range(num_samples)
+            for _, spec in generate_variants(build_param_space(space), random_state=rng)]
+
+
+def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
+              points: Optional[list[dict]] = None) -> dict:
+    """Run (or resume) a sweep; returns a summary with the parent run and the best trial.
+
+    ``points``: run exactly these trials (from :func:`draw_trials`) instead of searching.
+    """
     from ray import tune
 
     from pipeline import tracking
@@ -227,15 +248,17 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None) -> 
         parent = tracking.start_run(replace(cfg, tracking=replace(cfg.tracking, run_name=name)), uri,
                                     {"vaepipe.sweep": name})
     trainable = tune.with_resources(tune.with_parameters(_trial, base=to_dict(cfg), parent_run_id=parent), {"CPU": DRIVER_CPU})
+    cap = concurrency_cap(cfg)
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=False, restart_errored=False)
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space=build_param_space(space),
-            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
-                                        scheduler=_scheduler(cfg, space), search_alg=_search_alg(cfg),
-                                        max_concurrent_trials=concurrency_cap(cfg)),
+            param_space=build_param_space(space, grid_as_choice=points is not None),
+            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode,
+                                        num_samples=len(points) if points is not None else cfg.tune.num_samples,
+                                        scheduler=_scheduler(cfg, space), search_alg=_search_alg(cfg, points, cap),
+                                        max_concurrent_trials=cap),
             run_config=tune.RunConfig(name=name, storage_path=storage),
         )
         exp_dir.mkdir(parents=True, exist_ok=True)
@@ -254,7 +277,7 @@ def summarize(cfg: VaepipeConfig, space: dict, grid, parent: str, uri: str, exp_
                 client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=10000)}
     rows, early, failed = [], 0, 0
     for result in grid:
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.split("_")[-2]
+        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
         run = children.get(trial_id)
         step = (result.metrics or {}).get("step", 0)
         status = "failed" if result.error else ("stopped" if step < cfg.train.max_steps else "finished")
@@ -288,6 +311,15 @@ def summarize(cfg: VaepipeConfig, space: dict, grid, parent: str, uri: str, exp_
     tracking.end_run(uri, parent, "FINISHED")
     return {"parent_run_id": parent, "experiment_path": str(exp_dir), "best": best, "trials": rows,
             "stopped_early": early, "failed": failed, "registered_version": version}
+
+
+def _trial_id_from_path(path: str) -> Optional[str]:
+    """A trial that never reported has no ``trial_id`` metric; Tune names its folder
+    ``<trainable>_<5 hex>_<5 digits>_<index>_<params>_<date>``, and the id is the middle pair."""
+    import re
+
+    found = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(path).name)
+    return found.group(1) if found else None
 
 
 def _table_csv(rows: list[dict]) -> str:

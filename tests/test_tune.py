@@ -55,10 +55,11 @@ def test_asha_sweep_of_distributed_trials(ray_session, shards32, tmp_path):
     from pipeline.tracking import make_client
     from pipeline.tune import load_sweep, run_sweep
 
-    # lr 1e-5 barely moves in 12 steps: those trials trail at the first rung and get stopped
+    # lr 1e-5 barely moves in 12 steps: those trials trail at the first rung and get stopped.
+    # lr 1e3 diverges after its first step (a bad region): that trial fails and the sweep goes on.
     path = _sweep_file(
-        tmp_path, shards32, {"optim.lr": {"grid": [1e-5, 1e-2, 1e-5, 1e-2, 1e-5, 3e-3]}},
-        train={"max_steps": 12, "checkpoint_every": 3, "val_every": 3, "image_every": 12},
+        tmp_path, shards32, {"optim.lr": {"grid": [1e-5, 1e-2, 1e3, 1e-2, 1e-5, 3e-3]}},
+        train={"max_steps": 12, "checkpoint_every": 3, "val_every": 3, "image_every": 12, "max_consecutive_skips": 3},
         tune={"num_samples": 1, "scheduler": "asha", "grace_period": 3, "reduction_factor": 2,
               "register_best": True, "register_name": "vae-sweep", "storage_path": str(tmp_path / "tune")},
     )
@@ -69,13 +70,18 @@ def test_asha_sweep_of_distributed_trials(ray_session, shards32, tmp_path):
           f"{[(r['trial_id'], r['last_step']) for r in summary['trials'] if r['status'] == 'stopped']}")
     assert len(summary["trials"]) == 6
     assert summary["stopped_early"] >= 1
+    assert summary["failed"] == 1
+    assert [r["optim.lr"] for r in summary["trials"] if r["status"] == "failed"] == [1e3]
     client = make_client(cfg.tracking.tracking_uri)
     parent = client.get_run(summary["parent_run_id"])
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 6
-    assert {c.data.tags["vaepipe.trial_status"] for c in children} >= {"finished", "stopped"}
+    assert {c.data.tags["vaepipe.trial_status"] for c in children} >= {"finished", "stopped", "failed"}
     assert parent.data.metrics["trials_stopped_early"] == summary["stopped_early"]
+    assert parent.data.metrics["trials_failed"] == 1
+    failed = [c for c in children if c.data.tags["vaepipe.trial_status"] == "failed"]
+    assert failed[0].info.status == "FAILED" and "diverged" in failed[0].data.tags["vaepipe.error"]
     assert any(a.path == "sweep/trials.csv" for a in client.list_artifacts(parent.info.run_id, "sweep"))
     best = client.get_model_version_by_alias("vae-sweep", "challenger")
     assert best.tags["vaepipe.run_id"] == summary["best"]["run_id"]

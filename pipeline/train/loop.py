@@ -31,7 +31,6 @@ from pipeline.train.schedules import kl_weight
 
 STATE_FILE = "vaepipe_state.json"
 AUX_FILE = "auxiliary.pt"  # the auxiliary network and its optimizer (identical on every rank)
-MAX_CONSECUTIVE_SKIPS = 50
 CKPT_TAG = "ds"  # one tag per Ray checkpoint folder: Ray keeps the history, not DeepSpeed
 
 
@@ -264,10 +263,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if out["skipped"]:
                 st.skipped_steps += 1
                 consecutive_skips += 1
-                if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                if consecutive_skips >= cfg.train.max_consecutive_skips:
                     raise FloatingPointError(
-                        f"{consecutive_skips} consecutive non-finite losses at step {st.step}: "
-                        f"lower optim.lr (now {cfg.optim.lr}) or check the data at {cfg.data.path}")
+                        f"diverged: {consecutive_skips} consecutive non-finite losses at step {st.step} "
+                        f"(train.max_consecutive_skips): lower optim.lr (now {cfg.optim.lr}) "
+                        f"or check the data at {cfg.data.path}")
                 continue
             consecutive_skips = 0
             if not out["boundary"]:
