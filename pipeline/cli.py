@@ -332,6 +332,38 @@ def bench_throughput(
         out.write_text(json.dumps(res, indent=2))
 
 
+@bench_app.command("asha", context_settings={"allow_extra_args": True})
+def bench_asha(
+    ctx: typer.Context,
+    config: Path = typer.Option(Path("jobs/sweeps/asha_bench.yaml"), help="Sweep YAML; extra args are overrides."),
+    seed: int = typer.Option(0, help="Seed of the trial draw shared by both sweeps."),
+    out: Optional[Path] = typer.Option(None, help="Also write the figures as JSON here."),
+):
+    """Wall time of a sweep under ASHA beside the same trials all run to the end (FIFO)."""
+    import json
+
+    from pipeline.bench import asha_speedup
+    from pipeline.config import ConfigError
+    from pipeline.tune import load_sweep
+
+    try:
+        cfg, space = load_sweep(config, ctx.args)
+    except ConfigError as exc:
+        _fail(str(exc))
+    res = asha_speedup(cfg, space, seed)
+    table = Table(title=f"{res['trials']} trials x {res['workers_per_trial']} workers, up to {res['max_steps']} steps")
+    for col in ("scheduler", "wall s", "trial-steps", "stopped early at", "failed", f"best {cfg.tune.metric}"):
+        table.add_column(col)
+    for name, label in (("asha", "ASHA"), ("fifo", "every trial to the end")):
+        r = res[name]
+        table.add_row(label, f"{r['wall_s']:.0f}", str(r["trial_steps"]), ", ".join(map(str, r["stopped"])) or "-",
+                      str(r["failed"]), f"{r['best']:.4g}")
+    console.print(table)
+    console.print(f"ASHA speed-up (wall): {res['speedup']:.2f}x; trial-steps saved: {res['trial_steps_ratio']:.2f}x")
+    if out:
+        out.write_text(json.dumps(res, indent=2))
+
+
 @app.command("models")
 def list_models_cmd():
     """List the registered model families."""
