@@ -264,7 +264,11 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
         exp_dir.mkdir(parents=True, exist_ok=True)
         (exp_dir / SWEEP_STATE).write_text(json.dumps({"config": to_dict(cfg), "space": space, "parent_run_id": parent}))
     grid = tuner.fit()
-    return summarize(cfg, space, grid, parent, uri, exp_dir)
+    try:
+        return summarize(cfg, space, grid, parent, uri, exp_dir)
+    except Exception:
+        tracking.end_run(uri, parent, "FAILED")  # `vaepipe tune --resume` summarizes again
+        raise
 
 
 def summarize(cfg: VaepipeConfig, space: dict, grid, parent: str, uri: str, exp_dir: Path) -> dict:
@@ -277,7 +281,7 @@ def summarize(cfg: VaepipeConfig, space: dict, grid, parent: str, uri: str, exp_
                 client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=10000)}
     rows, early, failed = [], 0, 0
     for result in grid:
-        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
+        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_in_path(result.path, children)
         run = children.get(trial_id)
         step = (result.metrics or {}).get("step", 0)
         status = "failed" if result.error else ("stopped" if step < cfg.train.max_steps else "finished")
@@ -313,13 +317,12 @@ def summarize(cfg: VaepipeConfig, space: dict, grid, parent: str, uri: str, exp_
             "stopped_early": early, "failed": failed, "registered_version": version}
 
 
-def _trial_id_from_path(path: str) -> Optional[str]:
-    """A trial that never reported has no ``trial_id`` metric; Tune names its folder
-    ``<trainable>_<5 hex>_<5 digits>_<index>_<params>_<date>``, and the id is the middle pair."""
-    import re
-
-    found = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(path).name)
-    return found.group(1) if found else None
+def _trial_id_in_path(path: str, known: Sequence[Optional[str]]) -> Optional[str]:
+    """A trial that never reported has no ``trial_id`` metric; Tune's folder for it is
+    ``<trainable>_<trial id>_<index>_<params>_<date>`` (the id's form depends on the search
+    algorithm), so find which known trial id the folder name holds."""
+    name = Path(path).name
+    return next((t for t in known if t and f"_{t}_" in name), None)
 
 
 def _table_csv(rows: list[dict]) -> str:
@@ -334,20 +337,30 @@ def _table_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def _plottable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return "-".join(map(str, value))
+    return value if isinstance(value, (int, float, str)) else str(value)
+
+
 def metric_plot(rows: list[dict], hyperparameters: list[str], metric: str):
     """One scatter per hyperparameter: the metric of every trial against its value."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(4 * max(1, len(hyperparameters)), 3.2), dpi=100)
     for i, hp in enumerate(hyperparameters):
         ax = fig.add_subplot(1, max(1, len(hyperparameters)), i + 1)
-        pts = [(r.get(hp), r[metric], r["status"]) for r in rows if r.get(metric) is not None and r.get(hp) is not None]
+        # list-valued choices (e.g. latent dims per level) become categories such as "32-16-8"
+        pts = [(_plottable(r.get(hp)), r[metric], r["status"]) for r in rows
+               if r.get(metric) is not None and r.get(hp) is not None]
         for status, color in (("finished", "tab:blue"), ("stopped", "tab:gray"), ("failed", "tab:red")):
             sel = [(x, y) for x, y, s in pts if s == status]
             if sel:
                 ax.scatter([x for x, _ in sel], [y for _, y in sel], c=color, label=status, s=18)
         if all(isinstance(x, (int, float)) and x > 0 for x, _, _ in pts) and "lr" in hp:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow range would overprint its minor labels
         ax.set_xlabel(hp)
         ax.set_ylabel(metric)
     fig.axes[0].legend(fontsize=7) if fig.axes else None

@@ -50,6 +50,33 @@ def test_unknown_space_key_fails_before_any_trial(tmp_path, shards32):
         load_sweep(bad_domain)
 
 
+def test_trials_that_never_reported_are_matched_by_their_folder():
+    from pipeline.tune import _trial_id_in_path
+
+    known = ["c894b_00001", "c894b_00002", "092815e5", None]
+    assert _trial_id_in_path("/x/_trial_c894b_00002_2_optim_lr=1000.0000_2026-11-23_23-17-15", known) == "c894b_00002"
+    assert _trial_id_in_path("/x/_trial_092815e5_1_model.ladder.latent_dims=32_16_2026-11-24", known) == "092815e5"
+    assert _trial_id_in_path("/x/_trial_ffff0_00009_9_x=1_2026-11-24", known) is None
+
+
+def test_sweep_plot_takes_list_string_and_numeric_hyperparameters():
+    from pipeline.tune import metric_plot
+
+    rows = [{"model.ladder.latent_dims": [32, 16, 8], "model.ladder.merge": "residual", "optim.lr": 1e-3,
+             "val_neg_elbo": 10.0, "status": "finished"},
+            {"model.ladder.latent_dims": [64, 32], "model.ladder.merge": "precision", "optim.lr": 3e-4,
+             "val_neg_elbo": 12.0, "status": "stopped"},
+            {"model.ladder.latent_dims": [64, 32], "model.ladder.merge": "precision", "optim.lr": 1e3,
+             "val_neg_elbo": None, "status": "failed"}]
+    fig = metric_plot(rows, ["model.ladder.latent_dims", "model.ladder.merge", "optim.lr"], "val_neg_elbo")
+    fig.canvas.draw()  # rendering is where matplotlib rejects unplottable values
+    dims_ax, merge_ax, lr_ax = fig.axes
+    assert [t.get_text() for t in dims_ax.get_xticklabels()] == ["32-16-8", "64-32"]
+    assert sorted(t.get_text() for t in merge_ax.get_xticklabels()) == ["precision", "residual"]
+    assert lr_ax.get_xscale() == "log"
+    assert sum(len(c.get_offsets()) for c in dims_ax.collections) == 2  # the failed trial has no metric
+
+
 @pytest.mark.integration
 def test_asha_sweep_of_distributed_trials(ray_session, shards32, tmp_path):
     from pipeline.tracking import make_client
