@@ -116,6 +116,37 @@ def test_asha_sweep_of_distributed_trials(ray_session, shards32, tmp_path):
 
 
 @pytest.mark.integration
+def test_optuna_sweep_over_ladder_levels(ray_session, shards32, tmp_path):
+    """The hierarchical sweep's shape: Optuna TPE over list-valued latent dims per level."""
+    from pipeline.tracking import make_client
+    from pipeline.tune import load_sweep, run_sweep
+
+    path = _sweep_file(
+        tmp_path, shards32, {"model.ladder.latent_dims": {"choice": [[8, 4], [8, 4, 2]]},
+                             "model.ladder.merge": {"choice": ["precision", "residual"]}},
+        model={"name": "ladder_vae"}, dist={"num_workers": 1}, tracking={"log_model": False},
+        train={"max_steps": 4, "checkpoint_every": 4, "val_every": 4, "image_every": 4},
+        tune={"num_samples": 2, "search": "optuna", "scheduler": "fifo", "storage_path": str(tmp_path / "tune")},
+    )
+    cfg, space = load_sweep(path)
+    summary = run_sweep(cfg, space)
+    assert [r["status"] for r in summary["trials"]] == ["finished", "finished"]
+    assert all(r["model.ladder.latent_dims"] in ([8, 4], [8, 4, 2]) for r in summary["trials"])
+    client = make_client(cfg.tracking.tracking_uri)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} >= {
+        "sweep/trials.csv", "sweep/metric_vs_hyperparameters.png"}
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 2
+    for child in children:  # each trial trained the hierarchy it was given
+        dims = json.loads(child.data.tags["vaepipe.hp.model.ladder.latent_dims"])
+        assert dims in ([8, 4], [8, 4, 2])
+        assert {f"kl_level/{i}" for i in range(len(dims))} <= set(child.data.metrics)
+
+
+@pytest.mark.integration
 def test_interrupted_sweep_resumes_without_rerunning(ray_session, shards32, tmp_path):
     path = _sweep_file(
         tmp_path, shards32, {"optim.lr": {"grid": [1e-3, 2e-3, 3e-3]}},
