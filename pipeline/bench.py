@@ -99,7 +99,7 @@ def asha_speedup(cfg: VaepipeConfig, space: dict, seed: int = 0) -> dict:
         rows = summary["trials"]
         out[scheduler] = {
             "wall_s": wall,
-            "trial_steps": sum(int(r["last_step"] or 0) for r in rows),
+            "trial_steps": sum(int(r["last_step"]) for r in rows),
             "stopped": sorted(int(r["last_step"]) for r in rows if r["status"] == "stopped"),
             "failed": summary["failed"],
             "best": summary["best"][cfg.tune.metric],

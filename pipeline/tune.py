@@ -248,10 +248,10 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
         parent = tracking.start_run(replace(cfg, tracking=replace(cfg.tracking, run_name=name)), uri,
                                     {"vaepipe.sweep": name})
     trainable = tune.with_resources(tune.with_parameters(_trial, base=to_dict(cfg), parent_run_id=parent), {"CPU": DRIVER_CPU})
-    cap = concurrency_cap(cfg)
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=False, restart_errored=False)
     else:
+        cap = concurrency_cap(cfg)
         tuner = tune.Tuner(
             trainable,
             param_space=build_param_space(space, grid_as_choice=points is not None),
