@@ -52,16 +52,16 @@ def resolve_flavor(cfg: Any, flavors: dict[str, dict[str, Any]], family: str) ->
     return flavors[flavor]
 
 
-def _pick(value: Any, default: Any, flavored: Any) -> Any:
-    """The flavor rule for one field: absent or left at its base default -> the flavor's value."""
+def _pick(value: Any, flavored: Any) -> Any:
+    """The flavor rule for one field: absent (None) -> the flavor's value; any given value wins."""
     value = to_plain(value)
-    return flavored if value is None or value == default else value
+    return flavored if value is None else value
 
 
 def resolve_flavored(
     cfg: Any, defaults: dict[str, Any], preset: dict[str, Any]
 ) -> dict[str, Any]:
-    """defaults < preset < any cfg field whose value differs from its default.
+    """defaults < preset < any field the cfg sets (not None), even one equal to its default.
 
     A key of ``defaults`` whose default is a dict is a nested group (read as an object or a
     dict) resolved field by field against ``preset[key]``. Fields of ``cfg`` not in
@@ -73,10 +73,10 @@ def resolve_flavored(
         if isinstance(default, dict):
             group_preset = preset.get(key, {})
             resolved[key] = {
-                k: _pick(cfg_get(value, k), d, group_preset.get(k, d)) for k, d in default.items()
+                k: _pick(cfg_get(value, k), group_preset.get(k, d)) for k, d in default.items()
             }
         else:
-            resolved[key] = _pick(value, default, preset.get(key, default))
+            resolved[key] = _pick(value, preset.get(key, default))
     return resolved
 
 
@@ -85,11 +85,11 @@ def resolve_family_config(
 ) -> dict[str, Any]:
     """Constructor kwargs from a duck-typed model config, nested groups included.
 
-    Precedence: base defaults < flavor preset < any field whose value differs from the base
-    default. A field left at its default therefore takes the flavor's value (this is how
-    ``flavor=debug`` shrinks widths without the pipeline knowing them); the one thing this
-    cannot express is "debug flavor but with a field explicitly set to the base default".
-    Unknown fields are ignored: the pipeline's ModelConfig carries every family's fields.
+    Precedence: base defaults < flavor preset < any field the config sets. A field left
+    unset (None) takes the flavor's value (this is how ``flavor=debug`` shrinks widths
+    without the pipeline knowing them); an explicit value always wins, even one equal to the
+    base default (``flavor=debug latent_dim=128`` gives 128). Unknown fields are ignored:
+    the pipeline's ModelConfig carries every family's fields.
     """
     return resolve_flavored(cfg, base, resolve_flavor(cfg, flavors, family))
 

@@ -171,9 +171,14 @@ class ConvVAE(nn.Module):
         )
 
     @classmethod
+    def resolve_config(cls, cfg: Any) -> dict[str, Any]:
+        """Constructor kwargs: base defaults < flavor preset < fields the config sets."""
+        return resolve_conv_vae_config(cfg)
+
+    @classmethod
     def from_config(cls, cfg: Any) -> "ConvVAE":
         """Build from a duck-typed model config (dataclass / OmegaConf node / namespace / dict)."""
-        return cls(**resolve_conv_vae_config(cfg))
+        return cls(**cls.resolve_config(cfg))
 
     def _build_encoder(self, in_ch: int, base: int, hidden: int, latent: int, num_blocks: int) -> None:
         # Reference widths b, 2b, 4b; extra (higher-resolution inputs) blocks stay at 4b and
@@ -284,9 +289,9 @@ class ConvVAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, device: torch.device | str | None = None) -> torch.Tensor:
         """n mean images in [0, 1] decoded from z ~ p(z) (no gradient); device defaults to the model's."""
-        if device is None:
-            device = next(self.parameters()).device
-        return self.decode(self.prior.sample(n, device))
+        param = next(self.parameters())
+        z = self.prior.sample(n, param.device if device is None else device)
+        return self.decode(z.to(param.dtype))  # the decoder's dtype: bf16 under a bf16 engine
 
     def kl_terms(
         self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor

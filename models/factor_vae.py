@@ -101,12 +101,17 @@ class FactorVAE(ConvVAE):
         self.config["factor"] = factor
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "FactorVAE":
-        """Build from a duck-typed config; ``cfg.factor`` may be an object, a dict or absent."""
+    def resolve_config(cls, cfg: Any) -> dict[str, Any]:
+        """Constructor kwargs; ``cfg.factor`` may be an object, a dict or absent."""
         conv = resolve_conv_vae_config(cfg, family="factor_vae")
         preset = resolve_flavor(cfg, FACTOR_FLAVORS, "factor_vae")
         factor = resolve_flavored(cfg_get(cfg, "factor"), FACTOR_DEFAULTS, preset)
-        return cls(factor=_plain_factor(factor), **conv)
+        return {"factor": _plain_factor(factor), **conv}
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "FactorVAE":
+        """Build from a duck-typed config; ``cfg.factor`` may be an object, a dict or absent."""
+        return cls(**cls.resolve_config(cfg))
 
     def build_auxiliary(self) -> nn.Module:
         """A fresh TC discriminator (fp32, on the CPU; the caller moves it)."""

@@ -206,9 +206,14 @@ class LadderVAE(nn.Module):
         self._build_generative(int(base_channels), int(hidden_dim), int(hidden), num_stages, params_per_channel)
 
     @classmethod
+    def resolve_config(cls, cfg: Any) -> dict[str, Any]:
+        """Constructor kwargs: base defaults < flavor preset < fields the config sets."""
+        return resolve_family_config(cfg, BASE_DEFAULTS, FLAVORS, "ladder_vae")
+
+    @classmethod
     def from_config(cls, cfg: Any) -> "LadderVAE":
         """Build from a duck-typed model config (dataclass / OmegaConf / namespace / dict)."""
-        return cls(**resolve_family_config(cfg, BASE_DEFAULTS, FLAVORS, "ladder_vae"))
+        return cls(**cls.resolve_config(cfg))
 
     def _build_inference(self, base: int, hidden_dim: int, hidden: int, num_stages: int) -> None:
         widths = [base, 2 * base] + [4 * base] * (num_stages - 2)
@@ -349,7 +354,7 @@ class LadderVAE(nn.Module):
         if device is None:
             device = self.h_top.device
         h = self.h_top.expand(n, -1).to(device)
-        z = torch.randn(n, self.latent_dims[-1], device=device)
+        z = torch.randn(n, self.latent_dims[-1], device=device, dtype=self.h_top.dtype)
         levels = [z]
         for i in range(len(self.latent_dims) - 2, -1, -1):
             h, mu_p, std_p = self.top_down_blocks[i].prior(z, h)

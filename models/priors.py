@@ -79,6 +79,11 @@ class Prior(nn.Module):
         param = next(self.parameters(), None)
         return param.device if param is not None else torch.device("cpu")
 
+    def _dtype(self) -> torch.dtype:
+        """The dtype of the prior's own parameters (bf16 under a bf16 engine), else float32."""
+        param = next(self.parameters(), None)
+        return param.dtype if param is not None else torch.float32
+
 
 class StandardNormalPrior(Prior):
     """N(0, I). ``kl_terms`` is the closed form; ``mc_kl_terms`` is the generic estimate."""
@@ -150,8 +155,8 @@ class MADEPrior(Prior):
     def sample(self, n: int, device=None) -> torch.Tensor:
         """Sequential ancestral sampling: D passes, pass i fixes z_i."""
         device = self._device(device)
-        eps = torch.randn(n, self.latent_dim, device=device)
-        z = torch.zeros(n, self.latent_dim, device=device)
+        eps = torch.randn(n, self.latent_dim, device=device, dtype=self._dtype())
+        z = torch.zeros(n, self.latent_dim, device=device, dtype=self._dtype())
         for i in range(self.latent_dim):
             mean, log_scale = self.conditionals(z)
             z = z.clone()
@@ -207,7 +212,7 @@ class MixtureOfGaussiansPrior(Prior):
         device = self._device(device)
         k = torch.multinomial(F.softmax(self.logits.detach().float(), 0), n, replacement=True).to(device)
         scales = torch.exp(_soft_clamp(self.log_scales, self._LOG_SCALE_BOUND))
-        return self.means[k] + scales[k] * torch.randn(n, self.latent_dim, device=device)
+        return self.means[k] + scales[k] * torch.randn(n, self.latent_dim, device=device, dtype=self._dtype())
 
 
 def build_prior(name: str, latent_dim: int, components: int = 10, hidden: int = 256) -> Prior:

@@ -44,13 +44,7 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(cfg: Any):
-    """Build the model named ``cfg.name`` from a config object.
-
-    ``cfg`` is duck-typed: a dataclass, an OmegaConf node, a SimpleNamespace, or a plain dict
-    (wrapped for attribute access). Raises ValueError naming the registered models when the
-    name is unknown.
-    """
+def _family(cfg: Any) -> tuple[type, Any]:
     if isinstance(cfg, dict):
         cfg = SimpleNamespace(**cfg)
     name = getattr(cfg, "name", None)
@@ -59,4 +53,25 @@ def build_model(cfg: Any):
         raise ValueError(
             f"unknown model '{name}'; registered: {registered}. Set model.name to one of these."
         )
-    return _REGISTRY[name].from_config(cfg)
+    return _REGISTRY[name], cfg
+
+
+def resolve_model_config(cfg: Any) -> dict[str, Any]:
+    """The constructor arguments ``build_model(cfg)`` would use (flavor applied), without building.
+
+    Families without a ``resolve_config`` classmethod give an empty dict.
+    """
+    cls, cfg = _family(cfg)
+    resolve = getattr(cls, "resolve_config", None)
+    return dict(resolve(cfg)) if callable(resolve) else {}
+
+
+def build_model(cfg: Any):
+    """Build the model named ``cfg.name`` from a config object.
+
+    ``cfg`` is duck-typed: a dataclass, an OmegaConf node, a SimpleNamespace, or a plain dict
+    (wrapped for attribute access). Raises ValueError naming the registered models when the
+    name is unknown.
+    """
+    cls, cfg = _family(cfg)
+    return cls.from_config(cfg)

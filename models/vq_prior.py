@@ -196,9 +196,14 @@ class VQPrior(nn.Module):
             self.net = CausalTransformer(self.num_codes, self.grid, int(ar["hidden"]), int(ar["layers"]), int(ar["heads"]))
 
     @classmethod
+    def resolve_config(cls, cfg: Any) -> dict[str, Any]:
+        """Constructor kwargs: base defaults < flavor preset < fields the config sets."""
+        return resolve_family_config(cfg, BASE_DEFAULTS, FLAVORS, "vq_prior")
+
+    @classmethod
     def from_config(cls, cfg: Any) -> "VQPrior":
         """Build from a duck-typed model config; needs ``ar.parent_config`` (see the module docstring)."""
-        return cls(**resolve_family_config(cfg, BASE_DEFAULTS, FLAVORS, "vq_prior"))
+        return cls(**cls.resolve_config(cfg))
 
     def train(self, mode: bool = True) -> "VQPrior":
         """Train/eval the prior; the parent always stays in eval mode (frozen codebook, BN stats)."""

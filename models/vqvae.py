@@ -231,9 +231,14 @@ class VQVAE(nn.Module):
         self._build(int(base_channels), int(math.log2(downsample)), params_per_channel)
 
     @classmethod
+    def resolve_config(cls, cfg: Any) -> dict[str, Any]:
+        """Constructor kwargs: base defaults < flavor preset < fields the config sets."""
+        return resolve_family_config(cfg, BASE_DEFAULTS, FLAVORS, "vqvae")
+
+    @classmethod
     def from_config(cls, cfg: Any) -> "VQVAE":
         """Build from a duck-typed model config (dataclass / OmegaConf / namespace / dict)."""
-        return cls(**resolve_family_config(cfg, BASE_DEFAULTS, FLAVORS, "vqvae"))
+        return cls(**cls.resolve_config(cfg))
 
     def _build(self, base: int, stages: int, params_per_channel: int) -> None:
         widths = [base * 2 ** min(i, 2) for i in range(stages)]

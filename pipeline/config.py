@@ -46,10 +46,10 @@ class DataConfig:
 class FactorVAEConfig:
     gamma: float = 10.0
     """Weight of the total-correlation penalty gamma * TC(z)."""
-    disc_hidden: int = 1000
-    """Width of the TC discriminator MLP."""
-    disc_layers: int = 6
-    """Hidden layers of the TC discriminator."""
+    disc_hidden: Optional[int] = None
+    """Width of the TC discriminator MLP (unset: the flavor's, 1000 for base)."""
+    disc_layers: Optional[int] = None
+    """Hidden layers of the TC discriminator (unset: the flavor's, 6 for base)."""
     disc_lr: float = 1e-4
     """Learning rate of the discriminator's own Adam."""
     disc_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
@@ -58,22 +58,23 @@ class FactorVAEConfig:
 
 @dataclass
 class LadderConfig:
-    latent_dims: list[int] = field(default_factory=lambda: [32, 16, 8])
-    """Latent dims per level, bottom (z_1, next to x) to top (z_L); the length is the number of levels."""
+    latent_dims: Optional[list[int]] = None
+    """Latent dims per level, bottom (z_1, next to x) to top (z_L); the length is the number of levels
+    (unset: the flavor's, [32, 16, 8] for base)."""
     merge: Literal["precision", "residual"] = "precision"
     """Posterior of a level: Ladder-VAE precision-weighted merge, or the NVAE/VDVAE residual form."""
-    hidden: int = 256
-    """Width of the deterministic MLPs between levels."""
+    hidden: Optional[int] = None
+    """Width of the deterministic MLPs between levels (unset: the flavor's, 256 for base)."""
     min_std: float = 1e-3
     """Floor of every scale (softplus + floor): keeps deep hierarchies finite."""
 
 
 @dataclass
 class VQConfig:
-    codebook_size: int = 512
-    """Number of codebook vectors K."""
-    code_dim: int = 64
-    """Dimension of each codebook vector."""
+    codebook_size: Optional[int] = None
+    """Number of codebook vectors K (unset: the flavor's, 512 for base)."""
+    code_dim: Optional[int] = None
+    """Dimension of each codebook vector (unset: the flavor's, 64 for base)."""
     downsample: int = 4
     """Spatial reduction of the encoder: the code grid is resolution/downsample on a side."""
     commitment: float = 0.25
@@ -96,12 +97,12 @@ class ARPriorConfig:
     """The trained VQ-VAE whose codes the prior models (models:/name@alias or runs:/<id>/model)."""
     parent_config: Optional[dict] = None
     """Filled in by the pipeline from ``parent_uri``: the parent's model config (not set by hand)."""
-    hidden: int = 128
-    """Channels (PixelCNN) or model width (transformer)."""
-    layers: int = 6
-    """Gated PixelCNN layers or transformer blocks."""
-    heads: int = 4
-    """Attention heads (transformer)."""
+    hidden: Optional[int] = None
+    """Channels (PixelCNN) or model width (transformer) (unset: the flavor's, 128 for base)."""
+    layers: Optional[int] = None
+    """Gated PixelCNN layers or transformer blocks (unset: the flavor's, 6 for base)."""
+    heads: Optional[int] = None
+    """Attention heads (transformer) (unset: the flavor's, 4 for base)."""
 
 
 @dataclass
@@ -109,17 +110,18 @@ class ModelConfig:
     name: str = "conv_vae"
     """Registered model family (``vaepipe models`` lists them)."""
     flavor: Literal["base", "debug"] = "base"
-    """``debug`` shrinks widths so a CPU test runs in seconds."""
-    latent_dim: int = 128
-    """Latent dimensions of the Gaussian posterior."""
+    """``debug`` shrinks widths so a CPU test runs in seconds. It fills only the size fields left
+    unset (None); a value you set always wins, even one equal to the base default."""
+    latent_dim: Optional[int] = None
+    """Latent dimensions of the Gaussian posterior (unset: the flavor's, 128 for base)."""
     in_channels: int = 3
     """Image channels; set from ``data.channels`` by ``validate``."""
     resolution: int = 64
     """Input resolution; set from ``data.resolution`` by ``validate``."""
-    base_channels: int = 32
-    """Width of the first conv block (32 is the reference architecture)."""
-    hidden_dim: int = 512
-    """Width of the dense layer between the conv stack and the latent."""
+    base_channels: Optional[int] = None
+    """Width of the first conv block (unset: the flavor's; 32 is the reference architecture)."""
+    hidden_dim: Optional[int] = None
+    """Width of the dense layer between the conv stack and the latent (unset: the flavor's, 512 for base)."""
     likelihood: Literal["bernoulli", "gaussian", "gaussian_learned", "mse", "logistic_mixture"] = "bernoulli"
     """Decoder likelihood p(x|z); logistic_mixture is the discretised logistic mixture for 8-bit images."""
     obs_std: float = 0.1
@@ -346,7 +348,7 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
     _check(d.channels in (1, 3), "data.channels", d.channels, "must be 1 or 3")
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
     _check(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "must be >= 0")
-    _check(m.latent_dim >= 1, "model.latent_dim", m.latent_dim, "must be >= 1")
+    _check(m.latent_dim is None or m.latent_dim >= 1, "model.latent_dim", m.latent_dim, "must be >= 1")
     _check(m.beta >= 0, "model.beta", m.beta, "must be >= 0")
     _check(m.obs_std > 0, "model.obs_std", m.obs_std, "must be > 0")
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
@@ -377,7 +379,31 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
            "needs tune.register_name")
     # The model sees what the data layer produces: derive rather than ask users to repeat it.
     m.resolution, m.in_channels = res, d.channels
+    materialize_flavor(m)
     return cfg
+
+
+_FLAVORED = {"": ("latent_dim", "base_channels", "hidden_dim"), "factor": ("disc_hidden", "disc_layers"),
+             "ladder": ("latent_dims", "hidden"), "vq": ("codebook_size", "code_dim"), "ar": ("hidden", "layers", "heads")}
+
+
+def materialize_flavor(m: ModelConfig) -> None:
+    """Write the flavor's sizes into the fields left unset, so the saved config says what was built.
+
+    Values the user set are kept (the family's own rule); fields the family does not use stay None.
+    """
+    from models import resolve_model_config
+
+    try:
+        resolved = resolve_model_config(m)
+    except ValueError as exc:
+        raise ConfigError(f"model.name={m.name!r} / model.flavor={m.flavor!r} is invalid: {exc}") from None
+    for group, keys in _FLAVORED.items():
+        target = getattr(m, group) if group else m
+        source = resolved.get(group, {}) if group else resolved
+        for key in keys:
+            if getattr(target, key) is None and isinstance(source, dict) and source.get(key) is not None:
+                setattr(target, key, source[key])
 
 
 def to_dict(cfg: VaepipeConfig) -> dict:

@@ -124,7 +124,7 @@ def _pbt_trial(cfg: VaepipeConfig, parent_run_id: str, tags: dict) -> None:
     from ray import tune
 
     from pipeline import tracking
-    from pipeline.train.loop import STATE_FILE
+    from pipeline.train.checkpoint import STATE_FILE
     from pipeline.train.trainer import run_training
 
     checkpoint = tune.get_checkpoint()

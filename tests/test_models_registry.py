@@ -4,6 +4,7 @@ import ast
 import pathlib
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 import torch
@@ -24,11 +25,11 @@ class ModelConfigLike:
 
     name: str = "conv_vae"
     flavor: str = "base"
-    latent_dim: int = 128
+    latent_dim: Optional[int] = None  # unset: the flavor's size
     in_channels: int = 3
     resolution: int = 64
-    base_channels: int = 32
-    hidden_dim: int = 512
+    base_channels: Optional[int] = None
+    hidden_dim: Optional[int] = None
     likelihood: str = "bernoulli"
     obs_std: float = 0.1
     beta: float = 1.0
@@ -62,6 +63,32 @@ def test_debug_flavor_yields_to_explicit_non_default_fields():
     model = models.build_model(ModelConfigLike(flavor="debug", resolution=32, latent_dim=16))
     assert model.config["latent_dim"] == 16
     assert model.config["base_channels"] == 8
+
+
+def test_explicit_value_equal_to_base_default_wins_over_flavor():
+    """flavor=debug latent_dim=128 used to give 8: a value equal to the base default was taken as unset."""
+    model = models.build_model(ModelConfigLike(flavor="debug", resolution=32, latent_dim=128, base_channels=32))
+    assert model.config["latent_dim"] == 128 and model.config["base_channels"] == 32
+    assert model.config["hidden_dim"] == 64  # left unset: still the debug flavor's
+
+
+def test_pipeline_config_keeps_explicit_sizes_and_saves_the_flavor_sizes():
+    from pipeline.config import load_config
+
+    explicit = load_config(None, ["model.flavor=debug", "model.latent_dim=128"])
+    assert explicit.model.latent_dim == 128 and explicit.model.base_channels == 8
+    assert models.build_model(explicit.model).latent_dim == 128
+    ladder = load_config(None, ["model.name=ladder_vae", "model.flavor=debug", "model.ladder.hidden=256"])
+    assert ladder.model.ladder.latent_dims == [8, 4, 2] and ladder.model.ladder.hidden == 256
+    vq = load_config(None, ["model.name=vqvae", "model.flavor=debug", "model.vq.codebook_size=512"])
+    assert (vq.model.vq.codebook_size, vq.model.vq.code_dim) == (512, 8)
+
+
+def test_unknown_model_name_fails_in_config_naming_the_key():
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.name='convvae'.*registered: .*conv_vae"):
+        load_config(None, ["model.name=convvae"])
 
 
 def test_unknown_flavor_is_rejected():

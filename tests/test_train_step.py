@@ -11,7 +11,8 @@ import torch
 from models import build_model
 from pipeline.config import load_config
 from pipeline.train.activation import apply_activation_checkpointing
-from pipeline.train.loop import TrainState, _drop_nonfinite_grads, train_step
+from pipeline.train.step import drop_nonfinite_grads, train_step
+from pipeline.train.worker import TrainState
 
 
 class RecordingEngine:
@@ -62,7 +63,7 @@ def test_nonfinite_gradient_is_dropped_without_zero():
     w = _worker(zero_stage=0)
     w.engine.module(torch.rand(2, 3, 32, 32))["loss"].backward()
     next(w.engine.module.parameters()).grad[0] = float("inf")
-    _drop_nonfinite_grads(w)
+    drop_nonfinite_grads(w)
     assert all(p.grad is None for p in w.engine.module.parameters())
     assert w.state.skipped_steps == 1
 

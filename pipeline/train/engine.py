@@ -57,6 +57,11 @@ def resolve_precision(requested: str, facts: DeviceFacts) -> Precision:
     return "bf16" if facts.cpu_fast_bf16 else "fp32"
 
 
+def input_dtype(precision: str) -> torch.dtype:
+    """The dtype a batch is cast to before it enters an engine of ``precision``."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def build_deepspeed_config(cfg: VaepipeConfig, world_size: int, precision: Precision) -> dict:
     """The DeepSpeed config dict for this run (``precision`` already resolved for the device)."""
     o, s = cfg.optim, cfg.dist

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.config import ConfigError, VaepipeConfig, to_dict
-from pipeline.train.loop import STATE_FILE, train_loop_per_worker
+from pipeline.train.checkpoint import STATE_FILE
+from pipeline.train.loop import train_loop_per_worker
 
 
 @dataclass

@@ -1,0 +1,37 @@
+"""The few collectives the training loop issues itself (DeepSpeed issues the gradient ones).
+
+Every helper is a no-op outside an initialised process group, so the same code runs in a
+single-process test and on N Ray Train workers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def all_reduce_values(values: list[float], device, op: str = "sum") -> list[float]:
+    """Sum (or max) a short list of floats over ranks in one float64 collective."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist = _dist()
+    if dist is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum of ``t`` over ranks (VQ-VAE's EMA codebook statistics)."""
+    dist = _dist()
+    if dist is not None:
+        dist.all_reduce(t)
+    return t
+
+
+def world_size() -> int:
+    dist = _dist()
+    return dist.get_world_size() if dist is not None else 1

@@ -1,0 +1,146 @@
+"""What a run shows while it trains: metric windows, validation, image grids (rank 0 writes).
+
+Every function here that runs the model is called on every rank: under ZeRO-3 a forward
+gathers parameters collectively, so all ranks compute and only rank 0 logs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any, Optional
+
+import torch
+
+from pipeline.evaluate.visualize import kl_bar_plot, make_grid
+from pipeline.train.collectives import all_reduce_values
+from pipeline.train.engine import input_dtype
+
+
+class MetricWindow:
+    """Metrics accumulated between two logs (averaged, so logs are not single-batch noise)."""
+
+    def __init__(self) -> None:
+        self.reset()
+        self.last_metrics: dict[str, float] = {}
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.extras: dict[str, float] = {}
+        self.count = 0
+        self.kl_dims: Optional[torch.Tensor] = None
+        self.t0 = time.perf_counter()
+
+    def add(self, out: dict) -> None:
+        if out.get("skipped"):
+            return
+        self.count += 1
+        for k in ("loss", "recon", "kl", "elbo", "beta"):
+            self.sums[k] = self.sums.get(k, 0.0) + out[k]
+        for k, v in out.get("extras", {}).items():
+            self.extras[k] = self.extras.get(k, 0.0) + v
+        kd = out["kl_per_dim"]
+        self.kl_dims = kd.clone() if self.kl_dims is None else self.kl_dims + kd
+
+
+def log_window(w: Any, win: MetricWindow) -> None:
+    """Average the window over ranks, log it (rank 0) and start a new window."""
+    st, cfg = w.state, w.cfg
+    n = max(win.count, 1)
+    local = [win.sums.get(k, math.nan) / n for k in ("loss", "recon", "kl", "elbo")]
+    extra_keys = sorted(win.extras)  # the same keys on every rank: same model, same code path
+    local += [win.extras[k] / n for k in extra_keys]
+    # Mean over ranks of each rank's window mean; skipped/corrupt counts are summed.
+    ds_skipped = getattr(w.engine, "skipped_steps", 0) or 0
+    reduced = all_reduce_values(local + [float(st.corrupt_samples)], w.device)
+    loss, recon, kl, elbo = (v / w.world_size for v in reduced[:4])
+    extras = {k: v / w.world_size for k, v in zip(extra_keys, reduced[4:-1])}
+    elapsed = time.perf_counter() - win.t0
+    kl_dims = win.kl_dims / n if win.kl_dims is not None else torch.zeros(0)
+    metrics = {
+        "loss": loss, "recon": recon, "kl": kl, "elbo": elbo,
+        "beta": win.sums.get("beta", 0.0) / n,
+        "active_units": float((kl_dims > 0.01).sum()),
+        "skipped_steps": float(st.skipped_steps + ds_skipped),
+        "corrupt_samples": reduced[-1],
+        "images_per_sec": win.count * cfg.data.batch_size * cfg.train.grad_accum_steps * w.world_size / max(elapsed, 1e-9),
+        "epoch": float(st.epoch),
+    }
+    metrics.update(extras)
+    metrics.update({f"kl_dim/{i:03d}": float(v) for i, v in enumerate(kl_dims.tolist())})
+    w.last_kl_dims = kl_dims
+    w.log.metrics(metrics, st.step)
+    st.history.append([st.step, loss])
+    if w.rank == 0:
+        print(f"[vaepipe] step {st.step}/{cfg.train.max_steps} loss {loss:.2f} recon {recon:.2f} kl {kl:.2f} "
+              f"beta {metrics['beta']:.3f} AU {int(metrics['active_units'])} {metrics['images_per_sec']:.0f} img/s", flush=True)
+    win.last_metrics = {k: v for k, v in metrics.items() if not k.startswith("kl_dim/")}
+    win.reset()
+
+
+def validate(w: Any) -> None:
+    """Light evaluation on the valid split: loss, ELBO terms, active units and a collapse check.
+
+    Ranks may hold different numbers of validation batches; under ZeRO-3 every forward is a
+    collective, so all ranks score the smallest count.
+    """
+    from pipeline.evaluate.diagnostics import active_units_kl, collapse_verdict
+
+    batches = list(w.stream.iter_eval("valid", max_batches=w.cfg.data.val_batches))
+    n = int(-all_reduce_values([-float(len(batches))], w.device, op="max")[0])  # min over ranks
+    module = w.engine.module
+    was_training = module.training
+    module.eval()
+    sums, kl_dims = [0.0, 0.0, 0.0, 0.0], None
+    with torch.no_grad():
+        for batch in batches[:n]:
+            out = w.engine(batch["image"].to(w.device).to(input_dtype(w.precision)), beta=w.cfg.model.beta, free_bits=0.0)
+            for i, k in enumerate(("loss", "recon", "kl", "elbo")):
+                sums[i] += float(out[k])
+            kd = out["kl_per_dim"].detach().double().cpu()
+            kl_dims = kd if kl_dims is None else kl_dims + kd
+    module.train(was_training)
+    dims = kl_dims.tolist() if kl_dims is not None else []
+    reduced = all_reduce_values(sums + dims, w.device)
+    count = max(n * w.world_size, 1)
+    val = {f"val_{k}": reduced[i] / count for i, k in enumerate(("loss", "recon", "kl", "elbo"))}
+    kl_per_dim = torch.tensor(reduced[4:]) / count
+    if len(kl_per_dim):
+        val["val_active_units"] = float(active_units_kl(kl_per_dim))
+        verdict = collapse_verdict(kl_per_dim, val["val_kl"])
+        if verdict["collapsed"] and w.rank == 0:
+            warnings.warn(f"step {w.state.step}: {verdict['message']}", RuntimeWarning, stacklevel=1)
+        w.log.tags({"vaepipe.posterior_collapse": verdict["collapsed"]})
+    w.log.metrics(val, w.state.step)
+    # negative ELBO on the validation split is what sweeps optimise
+    w.last_val = {"val_loss": val["val_loss"], "val_neg_elbo": -val["val_elbo"]}
+
+
+def log_images(w: Any, batch: dict) -> None:
+    """Reconstruction and sample grids, plus the per-dimension KL bar plot (rank 0 only).
+
+    Under ZeRO-3 every rank must take part in the forward (parameters are gathered
+    collectively), so all ranks compute and only rank 0 writes.
+    """
+    module, n = w.engine.module, w.cfg.tracking.image_grid_size
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        x = batch["image"][: n * n // 2].to(w.device).to(input_dtype(w.precision))
+        recon = module.reconstruct(x)
+        # every rank draws the same z (ZeRO-3 runs the decoder collectively), fixed across steps
+        rng_state = torch.get_rng_state()
+        torch.manual_seed(w.cfg.train.seed)
+        samples = module.sample(n * n, device=w.device)
+        torch.set_rng_state(rng_state)
+    module.train(was_training)
+    if w.rank != 0:
+        return
+    pairs = torch.stack([x.float().cpu(), recon.float().cpu()], dim=1).flatten(0, 1)  # input, recon, ...
+    step = w.state.step
+    w.log.image(make_grid(pairs.numpy(), nrow=n), f"images/reconstructions_step{step:07d}.png")
+    w.log.image(make_grid(samples.float().cpu().numpy(), nrow=n), f"images/samples_step{step:07d}.png")
+    if w.last_kl_dims is not None and w.last_kl_dims.numel():
+        fig = kl_bar_plot(w.last_kl_dims, title=f"per-dimension KL at step {step}")
+        w.log.figure(fig, f"images/kl_per_dim_step{step:07d}.png")

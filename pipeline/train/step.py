@@ -1,0 +1,72 @@
+"""One training step on one rank: forward, agreement on finiteness, backward, optimizer step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline.train.collectives import all_reduce_values
+from pipeline.train.engine import input_dtype
+from pipeline.train.schedules import kl_weight
+
+
+def train_step(w: Any, batch: dict) -> dict[str, Any]:
+    """One micro-batch: forward, finite check agreed by all ranks, backward, (boundary) step."""
+    x = batch["image"].to(w.device).to(input_dtype(w.precision))
+    beta = current_kl_weight(w)
+    kwargs = {"beta": beta, "free_bits": w.cfg.schedule.free_bits}
+    if w.cfg.schedule.target_kl:
+        kwargs["target_kl"] = w.cfg.schedule.target_kl
+    if w.aux is not None:
+        kwargs["aux"] = w.aux.module
+    out = w.engine(x, **kwargs)
+    loss = out["loss"]
+    # A NaN on one rank must stop every rank's backward, or the others would wait forever
+    # in the gradient all-reduce: agree first, then skip together.
+    (bad,) = all_reduce_values([0.0 if torch.isfinite(loss).item() else 1.0], w.device, op="max")
+    if bad:
+        # No rank ran backward or step, so DeepSpeed's micro-step counter did not move and
+        # the next batch takes this one's place.
+        return {"skipped": 1.0, "boundary": False}
+    boundary = w.engine.is_gradient_accumulation_boundary()
+    w.engine.backward(loss)
+    if boundary and w.cfg.dist.zero_stage == 0:
+        drop_nonfinite_grads(w)
+    w.engine.step()
+    extras = {k: float(v) for k, v in out.get("metrics", {}).items()}
+    if w.aux is not None:
+        extras.update(w.aux.step(w.engine.module, out))
+    return {
+        "extras": extras,
+        "boundary": boundary,
+        "loss": loss.item(),
+        "recon": out["recon"].detach().item(),
+        "kl": out["kl"].detach().item(),
+        "elbo": out["elbo"].detach().item(),
+        "beta": beta,
+        "kl_per_dim": out["kl_per_dim"].detach().float().cpu(),
+        "skipped": 0.0,
+    }
+
+
+def current_kl_weight(w: Any) -> float:
+    """The schedule's KL weight now, in steps or fractional epochs as configured."""
+    sc, total_steps = w.cfg.schedule, w.cfg.train.max_steps
+    if sc.unit == "epoch":
+        per_epoch = max(w.stream.steps_per_epoch // w.cfg.train.grad_accum_steps, 1)
+        return kl_weight(w.state.step / per_epoch, sc, w.cfg.model.beta, total_steps / per_epoch)
+    return kl_weight(w.state.step, sc, w.cfg.model.beta, total_steps)
+
+
+def drop_nonfinite_grads(w: Any) -> None:
+    """Without ZeRO, DeepSpeed applies any gradient: drop a non-finite one so Adam skips the step.
+
+    Every rank holds the same all-reduced gradient here, so every rank decides the same.
+    ZeRO 1-3 optimizers check overflow themselves and count it in ``engine.skipped_steps``.
+    """
+    params = [p for p in w.engine.module.parameters() if p.grad is not None]
+    if params and not all(torch.isfinite(p.grad).all() for p in params):
+        for p in params:
+            p.grad = None
+        w.state.skipped_steps += 1

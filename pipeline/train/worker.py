@@ -1,0 +1,108 @@
+"""Setting one Ray Train rank up: typed config, model, DeepSpeed engine, data stream, resume.
+
+The Ray boundary is thin: a worker receives a plain dict (see ``trainer.run_training``) and
+rebuilds the typed config first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from pipeline.config import VaepipeConfig, from_dict
+from pipeline.tracking import RankZeroLogger
+from pipeline.train.activation import apply_activation_checkpointing
+from pipeline.train.auxiliary import AuxiliaryTrainer
+from pipeline.train.checkpoint import restore
+from pipeline.train.collectives import sum_over_ranks
+from pipeline.train.engine import DeviceFacts, build_deepspeed_config, resolve_precision, set_accelerator_env
+
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    skipped_steps: int = 0
+    corrupt_samples: int = 0
+    samples_seen: int = 0
+    history: list = field(default_factory=list)  # (step, loss) at each log, for the resumed curve
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, d: dict) -> None:
+        for k, v in d.items():
+            setattr(self, k, v)
+
+
+@dataclass
+class Worker:
+    cfg: VaepipeConfig
+    engine: Any
+    stream: Any
+    state: TrainState
+    log: RankZeroLogger
+    device: torch.device
+    rank: int
+    world_size: int
+    precision: str
+    resumed_from: Optional[int] = None
+    fault: dict = field(default_factory=dict)
+    last_val: dict = field(default_factory=dict)  # latest validation metrics, reported with checkpoints
+    last_kl_dims: Optional[torch.Tensor] = None  # per-dimension KL of the latest log window
+    aux: Optional[AuxiliaryTrainer] = None  # a family's second optimizer (Factor-VAE discriminator)
+
+
+def build_model_for_rank(cfg: VaepipeConfig, loop_config: dict) -> torch.nn.Module:
+    """The family's model with its parent weights and rank-summed statistics wired in."""
+    from models import build_model
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model)
+    if loop_config.get("parent_state") is not None:
+        # vq_prior: the frozen VQ-VAE's weights, loaded before ZeRO-3 can partition them
+        model.parent.load_state_dict(loop_config["parent_state"])
+    if hasattr(model, "set_stat_reducer"):
+        # VQ-VAE's EMA codebook statistics are summed over ranks so every rank keeps the same codebook
+        model.set_stat_reducer(sum_over_ranks)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    return model
+
+
+def build_worker(loop_config: dict) -> Worker:
+    """Set up one rank: typed config, model, DeepSpeed engine, data stream, resume state."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(loop_config["config"])
+    use_cuda = cfg.dist.gpus_per_worker > 0
+    set_accelerator_env(use_cuda)
+    import deepspeed  # after DS_ACCELERATOR is set, inside the worker
+
+    from pipeline.data.stream import ShardStream
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
+    model = build_model_for_rank(cfg, loop_config)
+    aux = AuxiliaryTrainer.for_model(model, device)
+    precision = resolve_precision(cfg.train.precision, DeviceFacts.detect(use_cuda))
+    ds_config = build_deepspeed_config(cfg, world, precision)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parents stay out of Adam
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    stream = ShardStream(
+        cfg.data.path, "train", cfg.data.batch_size, cfg.data.resolution, rank, world,
+        seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+        num_workers=cfg.data.loader_workers, channels=cfg.data.channels,
+    )
+    log = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
+    worker = Worker(cfg, engine, stream, TrainState(), log, device, rank, world, precision,
+                    fault=loop_config.get("fault", {}), aux=aux)
+    restore(worker, loop_config.get("run_dir"), loop_config.get("resume_from"))
+    return worker
