@@ -30,7 +30,8 @@ def plain_pytorch_images_per_sec(cfg: VaepipeConfig, steps: int, warmup: int = 5
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     stream = ShardStream(cfg.data.path, "train", cfg.data.batch_size, cfg.data.resolution, 0, 1,
                          seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                         num_workers=cfg.data.loader_workers, channels=cfg.data.channels)
+                         num_workers=cfg.data.loader_workers, channels=cfg.data.channels,
+                         binarize=cfg.data.binarize)
     done, epoch, t0 = 0, 0, None
     while done < warmup + steps:
         for batch in stream.iter_epoch(epoch):

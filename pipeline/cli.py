@@ -51,6 +51,26 @@ def data_synth(
     console.print(f"[green]wrote[/] {n} images to {path}")
 
 
+@data_app.command("digits")
+def data_digits(
+    out: Path = typer.Option(..., help="Folder to write the digit images into."),
+    resolution: int = typer.Option(32, help="Square output size (the source is 8x8; 32 fits the reference conv VAE)."),
+    resample: str = typer.Option("bilinear", help="Upsampling: bilinear (smooth strokes) or nearest (the 17 source levels as blocks)."),
+):
+    """Write scikit-learn's 1797 real 8x8 UCI handwritten digits as a folder of grayscale PNGs."""
+    from pipeline.data.digits import write_digits
+
+    try:
+        counts = write_digits(out, resolution, resample)
+    except ValueError as exc:
+        _fail(str(exc))
+    console.print(f"[green]wrote[/] {sum(counts.values())} digits ({resolution}x{resolution}, {resample}) to {out}")
+    console.print("split (list_eval_partition.txt, ratios 0.8/0.1/0.1 by image-id hash): "
+                  + ", ".join(f"{k} {v}" for k, v in counts.items()) + "; digit class in factors.csv")
+    console.print(f"next: vaepipe data shard --source {out} --out data/shards/digits{resolution} "
+                  f"--resolution {resolution} --format png")
+
+
 @data_app.command("shard")
 def data_shard(
     source: str = typer.Option(..., help="CelebA folder (img_align_celeba/ or .zip + list files) or a folder of square images."),
@@ -59,24 +79,37 @@ def data_shard(
     shard_size: int = typer.Option(1000, help="Samples per tar shard."),
     image_format: str = typer.Option("jpg", "--format", help="jpg, png or webp."),
     workers: Optional[int] = typer.Option(None, help="Processes (default: all cores)."),
+    split: Optional[str] = typer.Option(None, help="all=train, all=valid or all=test: the whole source is one split."),
+    split_ratios: Optional[str] = typer.Option(None, help="train,valid,test fractions, e.g. 0.8,0.1,0.1 (by image-id hash)."),
+    partition: Optional[str] = typer.Option(None, help="File of '<image id> 0|1|2' lines (CelebA's list_eval_partition.txt format)."),
 ):
-    """Write WebDataset shards per split plus manifest.json (re-runs skip matching shards)."""
+    """Write WebDataset shards per split plus manifest.json (re-runs skip matching shards).
+
+    Split rule: the one flag given; else the source's list_eval_partition.txt (always there
+    for CelebA); else, for a plain image folder, ratios 0.8/0.1/0.1 by image-id hash.
+    """
     from pipeline.data.shards import write_shards
+    from pipeline.data.splits import rule_from_flags
 
     try:
-        manifest = write_shards(source, out, resolution=resolution, shard_size=shard_size, image_format=image_format, workers=workers)
+        rule = rule_from_flags(split, split_ratios, partition)
+        manifest = write_shards(source, out, resolution=resolution, shard_size=shard_size, image_format=image_format,
+                                workers=workers, split_rule=rule)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     _print_manifest(out, manifest)
 
 
 def _print_manifest(url: str, manifest: dict, checks: Optional[list] = None) -> None:
+    from pipeline.data.splits import describe_rule
+
     table = Table(title=f"{url}  ({manifest['resolution']}px {manifest.get('image_format', 'jpg')}, source: {manifest.get('source', '?')})")
     for col in ("split", "shards", "samples"):
         table.add_column(col)
     for split, info in manifest["splits"].items():
         table.add_row(split, str(len(info["shards"])), str(info["num_samples"]))
     console.print(table)
+    console.print(f"split rule: {describe_rule(manifest.get('split_rule'))}")
     if manifest.get("skipped_corrupt"):
         console.print(f"[yellow]skipped corrupt source images:[/] {manifest['skipped_corrupt']}")
     if checks is not None:
@@ -227,6 +260,7 @@ def evaluate(
             console.print(f"[yellow]FID skipped:[/] {msg}")
     run_id, results = run_evaluation(model, data, spec, workers, resolve_tracking_uri(cfg), experiment)
     console.print(f"{model} on {data} [{split}]")
+    console.print(f"split {split}: {_split_size(data, split)} samples")
     table = Table(title=f"evaluation ({results['num_samples']} images)")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -236,6 +270,12 @@ def evaluate(
     if "collapse" in results:
         console.print(results["collapse"]["message"])
     console.print(f"MLflow evaluation run: {run_id}")
+
+
+def _split_size(data: str, split: str):
+    from pipeline.data.shards import read_manifest
+
+    return read_manifest(data)["splits"].get(split, {}).get("num_samples", 0)
 
 
 @app.command(context_settings={"allow_extra_args": True})

@@ -10,7 +10,8 @@ from collections import defaultdict
 import pytest
 from PIL import Image
 
-from pipeline.data.celeba import center_crop_resize, hash_split, open_celeba
+from pipeline.data.celeba import center_crop_resize, open_celeba
+from pipeline.data.splits import ratio_splits
 from pipeline.data.synth import CELEBA_ATTR_NAMES, FACTORS, generate_synthetic_celeba
 
 try:
@@ -112,8 +113,11 @@ def test_open_celeba_hq_style_folder(tmp_path):
         Image.new("RGB", (48, 48), (i * 8, 100, 50)).save(hq / f"{i}.png")
     src = open_celeba(hq)
     assert src.layout == "hq" and len(src) == 30 and src.attr_names == []
-    assert {r.split for r in src.records()} <= {"train", "valid", "test"}
-    assert all(r.split == hash_split(r.image_id) for r in src.records())
+    # no partition file: the default rule is ratios 0.8/0.1/0.1 by image-id hash, 24/3/3 here
+    assert src.split_rule.kind == "ratios" and src.split_rule.chosen_by == "default"
+    expected = ratio_splits([f"{i}.png" for i in range(30)], (0.8, 0.1, 0.1))
+    assert {r.image_id: r.split for r in src.records()} == expected
+    assert sorted(expected.values()).count("train") == 24
     assert src.load_image("3.png").size == (48, 48)
     # Attributes are picked up when an attribute file sits beside the images.
     (hq / "list_attr_celeba.txt").write_text("30\nSmiling Young\n" + "".join(f"{i}.png 1 -1\n" for i in range(30)))

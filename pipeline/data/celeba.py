@@ -6,9 +6,12 @@ Three layouts are recognised under one local folder:
   (the official download, unzipped; also what ``synth.generate_synthetic_celeba`` writes);
 * the same with ``img_align_celeba.zip`` left zipped (200k small files are slow to unpack on
   network filesystems, so reading members straight from the zip is worth supporting);
-* a CelebA-HQ-style folder: image files directly in the folder, no partition file. The split
-  then comes from a hash of the file name (80/10/10, stable when files are added), and
-  attributes from ``list_attr_celeba.txt`` / ``CelebAMask-HQ-attribute-anno.txt`` if present.
+* a CelebA-HQ-style folder: image files directly in the folder, attributes from
+  ``list_attr_celeba.txt`` / ``CelebAMask-HQ-attribute-anno.txt`` if present.
+
+Which image lands in which split is a ``pipeline.data.splits`` rule: the one passed in, else
+the source's own ``list_eval_partition.txt``, else (plain folders) ratios 0.8/0.1/0.1 by a
+hash of the file name.
 
 An optional ``factors.csv`` (synthetic data) adds ground-truth factors to each record.
 ``CelebASource`` pickles (the zip handle is reopened lazily in each process) so the shard
@@ -18,7 +21,6 @@ writer can hand it to a multiprocessing Pool.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 import zipfile
@@ -29,8 +31,9 @@ from typing import Iterator, Optional
 from PIL import Image
 
 from pipeline.data import storage
+from pipeline.data.splits import (PARTITION_FILE, SPLITS, SplitRule, assign_splits, default_rule,  # noqa: F401
+                                   portable_location, read_partition)
 
-SPLITS = ("train", "valid", "test")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 _ATTR_FILES = ("list_attr_celeba.txt", "CelebAMask-HQ-attribute-anno.txt")
 _HINT = ("download it from the CelebA page (Anno/ and Eval/ folders) or generate a synthetic "
@@ -78,19 +81,6 @@ def read_attr_table(path: Path) -> tuple[list[str], dict[str, dict[str, int]]]:
     return names, table
 
 
-def read_partition(path: Path) -> dict[str, str]:
-    """Parse ``list_eval_partition.txt`` (``000001.jpg 0``) to ``{id: "train"|"valid"|"test"}``."""
-    out = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
-            raise ValueError(f"{path}:{lineno}: expected '<image id> 0|1|2', got {line!r}")
-        out[parts[0]] = SPLITS[int(parts[1])]
-    return out
-
-
 def read_factors(path: Path) -> tuple[list[str], dict[str, dict[str, int]]]:
     """Parse ``factors.csv`` (``image_id,<factor names>``, integer levels)."""
     with open(path, newline="") as f:
@@ -103,18 +93,13 @@ def read_factors(path: Path) -> tuple[list[str], dict[str, dict[str, int]]]:
     return names, table
 
 
-def hash_split(image_id: str) -> str:
-    """Deterministic 80/10/10 split from the file name, for folders without a partition file."""
-    bucket = int(hashlib.sha1(image_id.encode()).hexdigest(), 16) % 10
-    return "train" if bucket < 8 else ("valid" if bucket == 8 else "test")
-
-
 class CelebASource:
     """An opened CelebA-layout source: annotations in memory, images read on demand."""
 
     def __init__(self, root: Path, layout: str, records: list[Record], attr_names: list[str],
-                 factor_names: list[str], zip_members: Optional[dict[str, str]] = None):
-        self.root, self.layout = root, layout
+                 factor_names: list[str], zip_members: Optional[dict[str, str]] = None,
+                 split_rule: Optional[SplitRule] = None):
+        self.root, self.layout, self.split_rule = root, layout, split_rule
         self.attr_names, self.factor_names = attr_names, factor_names
         self._records = records
         self._zip_members = zip_members
@@ -128,8 +113,9 @@ class CelebASource:
         return f"CelebASource({self.describe()}, {len(self)} images)"
 
     def describe(self) -> str:
-        """Where the images come from, for the shard manifest."""
-        return f"{self.layout}:{self.root}"
+        """Where the images come from, for the shard manifest: the layout and the folder named
+        relative to the working directory (or by its base name), never by a machine's absolute path."""
+        return f"{self.layout}:{portable_location(self.root)}"
 
     def records(self) -> Iterator[Record]:
         """All records in id order."""
@@ -175,26 +161,25 @@ def _zip_members(zip_path: Path) -> dict[str, str]:
         return {os.path.basename(m): m for m in zf.namelist() if m.lower().endswith(IMAGE_EXTS)}
 
 
-def _build_records(ids: list[str], splits: dict[str, str], attrs: dict, factors: Optional[dict]) -> list[Record]:
+def _build_records(ids: list[str], rule: SplitRule, attrs: dict, factors: Optional[dict]) -> list[Record]:
+    splits = assign_splits(ids, rule)
     return [Record(i, splits[i], attrs.get(i, {}), factors.get(i) if factors is not None else None) for i in ids]
 
 
-def open_celeba(source) -> CelebASource:
-    """Open a CelebA, zipped-CelebA or CelebA-HQ-style folder (local path or ``file://``)."""
-    root = Path(storage.local_path(os.fspath(source)))
-    if not root.is_dir():
-        raise FileNotFoundError(f"CelebA source {source} is not a folder: pass the folder holding "
-                                "img_align_celeba/ (or .zip) and the list_*.txt files")
-    factor_names, factors = ([], None)
-    if (root / "factors.csv").is_file():
-        factor_names, factors = read_factors(root / "factors.csv")
-    if (root / "img_align_celeba").is_dir() or (root / "img_align_celeba.zip").is_file():
-        layout = "folder" if (root / "img_align_celeba").is_dir() else "zip"
-        attr_names, attrs = read_attr_table(_require(root / "list_attr_celeba.txt"))
-        splits = read_partition(_require(root / "list_eval_partition.txt"))
-        members = _zip_members(root / "img_align_celeba.zip") if layout == "zip" else None
-        records = _build_records(sorted(splits), splits, attrs, factors)
-        return CelebASource(root, layout, records, attr_names, factor_names, members)
+def _open_celeba_layout(root: Path, rule: Optional[SplitRule], factor_names: list, factors) -> CelebASource:
+    """img_align_celeba/ or .zip: every image of the attribute table; CelebA's partition by default."""
+    layout = "folder" if (root / "img_align_celeba").is_dir() else "zip"
+    attr_names, attrs = read_attr_table(_require(root / "list_attr_celeba.txt"))
+    if rule is None:
+        _require(root / PARTITION_FILE)
+        rule = default_rule(root)
+    members = _zip_members(root / "img_align_celeba.zip") if layout == "zip" else None
+    records = _build_records(sorted(attrs), rule, attrs, factors)
+    return CelebASource(root, layout, records, attr_names, factor_names, members, rule)
+
+
+def _open_image_folder(root: Path, rule: Optional[SplitRule], factor_names: list, factors) -> CelebASource:
+    """A folder of image files (CelebA-HQ, FFHQ, digits); attributes if an attribute file is there."""
     ids = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     if not ids:
         raise FileNotFoundError(f"no img_align_celeba/, img_align_celeba.zip or image files in {root}: {_HINT}")
@@ -203,7 +188,23 @@ def open_celeba(source) -> CelebASource:
         if (root / name).is_file():
             attr_names, attrs = read_attr_table(root / name)
             break
-    part = root / "list_eval_partition.txt"
-    splits = read_partition(part) if part.is_file() else {}
-    splits = {i: splits.get(i) or hash_split(i) for i in ids}
-    return CelebASource(root, "hq", _build_records(ids, splits, attrs, factors), attr_names, factor_names)
+    rule = rule or default_rule(root)
+    return CelebASource(root, "hq", _build_records(ids, rule, attrs, factors), attr_names, factor_names, None, rule)
+
+
+def open_celeba(source, split_rule: Optional[SplitRule] = None) -> CelebASource:
+    """Open a CelebA, zipped-CelebA or CelebA-HQ-style folder (local path or ``file://``).
+
+    ``split_rule`` (``pipeline.data.splits``) overrides the default: the folder's own
+    ``list_eval_partition.txt``, else (plain image folders only) ratios 0.8/0.1/0.1.
+    """
+    root = Path(storage.local_path(os.fspath(source)))
+    if not root.is_dir():
+        raise FileNotFoundError(f"CelebA source {source} is not a folder: pass the folder holding "
+                                "img_align_celeba/ (or .zip) and the list_*.txt files")
+    factor_names, factors = ([], None)
+    if (root / "factors.csv").is_file():
+        factor_names, factors = read_factors(root / "factors.csv")
+    if (root / "img_align_celeba").is_dir() or (root / "img_align_celeba.zip").is_file():
+        return _open_celeba_layout(root, split_rule, factor_names, factors)
+    return _open_image_folder(root, split_rule, factor_names, factors)

@@ -31,6 +31,7 @@ from PIL import Image
 
 from pipeline.data import progress_bar, storage
 from pipeline.data.celeba import SPLITS, CelebASource, center_crop_resize, open_celeba
+from pipeline.data.splits import SplitRule
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ def _build_manifest(source: CelebASource, params: dict, entries: list[dict]) -> 
     reused = sum(1 for e in entries if e["reused"])
     return {"format": FORMAT, "resolution": params["resolution"], "image_format": params["image_format"],
             "source": source.describe(), "attr_names": list(source.attr_names),
+            "split_rule": source.split_rule.to_manifest() if source.split_rule else None,
             "factor_names": list(source.factor_names), "params": params, "splits": splits,
             "skipped_corrupt": sum(s["skipped_corrupt"] for s in splits.values()),
             "corrupt_ids": corrupt_ids[:_MAX_LISTED_CORRUPT],
@@ -186,8 +188,12 @@ def _build_manifest(source: CelebASource, params: dict, entries: list[dict]) -> 
 
 
 def write_shards(source, out_url: str, resolution: int, shard_size: int = 1000, image_format: str = "jpg",
-                 quality: int = 95, workers: Optional[int] = None, progress: bool = True) -> dict:
+                 quality: int = 95, workers: Optional[int] = None, progress: bool = True,
+                 split_rule: Optional[SplitRule] = None) -> dict:
     """Shard ``source`` (a folder for ``open_celeba`` or a CelebASource) to ``out_url``; return the manifest.
+
+    ``split_rule`` (a folder source only) overrides the folder's default split rule; the rule
+    used is recorded in ``manifest["split_rule"]``.
 
     ``manifest["last_run"]`` says how many shards were written and how many reused from a
     previous run; ``manifest["skipped_corrupt"]`` how many source images could not be read.
@@ -196,7 +202,9 @@ def write_shards(source, out_url: str, resolution: int, shard_size: int = 1000, 
         raise ValueError(f"image_format={image_format!r}: choose one of {sorted(IMAGE_FORMATS)}")
     if resolution < 1 or shard_size < 1:
         raise ValueError(f"resolution={resolution}, shard_size={shard_size}: both must be >= 1")
-    src = source if isinstance(source, CelebASource) else open_celeba(source)
+    if isinstance(source, CelebASource) and split_rule is not None:
+        raise ValueError("split_rule applies when opening a folder: pass it to open_celeba instead")
+    src = source if isinstance(source, CelebASource) else open_celeba(source, split_rule)
     if len(src) == 0:
         raise ValueError(f"{src!r} has no images to shard")
     params = {"resolution": resolution, "image_format": image_format, "quality": quality, "shard_size": shard_size}

@@ -15,6 +15,9 @@ Guarantees the training loop relies on:
   (rank, DataLoader worker) slot reads its own shards; with fewer, every slot reads all
   shards and keeps every ``slots``-th sample, so no slot ever gets an empty stream.
 * **Corrupt samples are skipped and counted** (``batch["n_corrupt"]``), never fatal.
+* **Binarisation** (``binarize``, see ``pipeline.data.binarize``) is applied after the resize
+  and grayscale conversion: training batches get the configured draw, ``iter_eval`` the
+  deterministic per-key (static) draw whenever the data is binarised at all.
 * **Cheap resume.** ``iter_epoch(epoch, start_step)`` drops ``start_step`` batches' worth of
   raw samples *after* the shuffle buffer but *before* decoding, so the remaining batches are
   those an uninterrupted run would have produced, up to corrupt samples met while skipping
@@ -42,6 +45,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import storage
+from pipeline.data.binarize import binarize_pixels, check_mode, for_eval
 from pipeline.data.shards import DECODE_ERRORS, IMAGE_FORMATS, read_manifest
 
 log = logging.getLogger(__name__)
@@ -204,6 +208,13 @@ class _SliceDataset(IterableDataset):
         quota = None if p["steps"] is None else batches_of_worker(worker, nw, p["start_step"], p["steps"])
         yield from self._batches(samples, quota)
 
+    def _binarized(self, decoded: tuple) -> tuple:
+        p = self.plan
+        if p["binarize"] == "none":
+            return decoded
+        key, pixels, *rest = decoded
+        return (key, binarize_pixels(pixels, p["binarize"], key, p["seed"], p["epoch"]), *rest)
+
     def _batches(self, samples, quota: Optional[int]):
         """Decode and group into batches; only the last batch of a non-repeating pass may be short."""
         p, items, corrupt, made = self.plan, [], 0, 0
@@ -217,7 +228,7 @@ class _SliceDataset(IterableDataset):
                     raise RuntimeError(f"rank {p['rank']}: {corrupt} undecodable samples in a row in split "
                                        f"{p['split']!r}: run verify_shards and re-shard the data")
                 continue
-            items.append(decoded)
+            items.append(self._binarized(decoded))
             if len(items) == p["batch_size"]:
                 yield collate(items, corrupt, len(p["attr_names"]), len(p["factor_names"]))
                 items, corrupt, made = [], 0, made + 1
@@ -232,7 +243,8 @@ class ShardStream:
 
     def __init__(self, url: str, split: str, batch_size: int, resolution: int, rank: int, world_size: int,
                  seed: int = 0, shuffle_buffer: int = 1000, num_workers: int = 1, channels: int = 3,
-                 mp_context: Optional[str] = None):
+                 mp_context: Optional[str] = None, binarize: str = "none"):
+        check_mode(binarize)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         if batch_size < 1 or channels not in (1, 3) or num_workers < 0:
@@ -241,6 +253,7 @@ class ShardStream:
         self.url, self.split, self.batch_size, self.resolution = url, split, batch_size, resolution
         self.rank, self.world_size, self.seed, self.shuffle_buffer = rank, world_size, seed, shuffle_buffer
         self.num_workers, self.channels, self.mp_context = num_workers, channels, mp_context
+        self.binarize = binarize
         self.manifest = read_manifest(url)
         stored = self.manifest["resolution"]
         if resolution > stored:
@@ -264,6 +277,7 @@ class ShardStream:
                 "epoch": epoch, "start_step": start_step, "steps": steps, "batch_size": self.batch_size,
                 "shuffle_buffer": self.shuffle_buffer if train else 0, "repeat": train,
                 "resolution": self.resolution, "channels": self.channels,
+                "binarize": self.binarize if train else for_eval(self.binarize),
                 "attr_names": list(self.manifest["attr_names"]), "factor_names": list(self.manifest["factor_names"])}
 
     def _loader(self, plan: dict):

@@ -54,7 +54,11 @@ def _has_gaussian_latent(model: torch.nn.Module) -> bool:
 
 
 def eval_stream(blob: dict, data_url: str, split: str, batch_size: int, rank: int, world: int):
-    """An unshuffled stream of ``split`` at the model's input shape; batches shrink for small splits."""
+    """An unshuffled stream of ``split`` at the model's input shape; batches shrink for small splits.
+
+    The data is binarised as the model was trained (``binarize`` of the run's data config), with
+    the deterministic per-key draw even for a ``dynamic`` model, so scores are reproducible.
+    """
     from pipeline.data.shards import read_manifest
     from pipeline.data.stream import ShardStream
 
@@ -63,7 +67,12 @@ def eval_stream(blob: dict, data_url: str, split: str, batch_size: int, rank: in
     if n < world:
         raise ValueError(f"split {split!r} of {data_url} has {n} samples, fewer than the {world} workers")
     return ShardStream(data_url, split, max(1, min(batch_size, n // world)), resolution, rank, world,
-                       shuffle_buffer=1, num_workers=0, channels=channels)
+                       shuffle_buffer=1, num_workers=0, channels=channels, binarize=trained_binarize(blob))
+
+
+def trained_binarize(blob: dict) -> str:
+    """The run's ``data.binarize``; ``none`` for blobs saved before the setting existed."""
+    return ((blob.get("config") or {}).get("data") or {}).get("binarize", "none")
 
 
 def model_input_shape(model_config: dict) -> tuple[int, int]:

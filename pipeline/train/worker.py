@@ -99,7 +99,7 @@ def build_worker(loop_config: dict) -> Worker:
     stream = ShardStream(
         cfg.data.path, "train", cfg.data.batch_size, cfg.data.resolution, rank, world,
         seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-        num_workers=cfg.data.loader_workers, channels=cfg.data.channels,
+        num_workers=cfg.data.loader_workers, channels=cfg.data.channels, binarize=cfg.data.binarize,
     )
     log = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
     worker = Worker(cfg, engine, stream, TrainState(), log, device, rank, world, precision,
