@@ -4,7 +4,7 @@ Importing this package registers every family, so ``build_model(cfg)`` works rig
 ``import models``.
 """
 
-from models.registry import build_model, list_models, register_model, resolve_model_config
+from models.registry import build_model, list_models, objective_name, register_model, resolve_model_config
 from models.likelihoods import LIKELIHOODS, bits_per_dim, build_likelihood
 from models.kl import gaussian_kl, standard_normal_kl
 from models.priors import PRIORS, build_prior
@@ -29,6 +29,7 @@ __all__ = [
     "gaussian_kl",
     "list_models",
     "permute_dims",
+    "objective_name",
     "register_model",
     "resolve_model_config",
     "standard_normal_kl",

@@ -171,6 +171,12 @@ class ConvVAE(nn.Module):
         )
 
     @classmethod
+    def objective_of(cls, config: dict[str, Any]) -> str:
+        """What ``-forward()["elbo"]`` is: a bound on -log p(x) only without encoder->decoder skips
+        (with skips the reconstruction term conditions on x itself)."""
+        return "neg_objective" if config.get("skip_connections") else "neg_elbo"
+
+    @classmethod
     def resolve_config(cls, cfg: Any) -> dict[str, Any]:
         """Constructor kwargs: base defaults < flavor preset < fields the config sets."""
         return resolve_conv_vae_config(cfg)

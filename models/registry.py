@@ -66,6 +66,18 @@ def resolve_model_config(cfg: Any) -> dict[str, Any]:
     return dict(resolve(cfg)) if callable(resolve) else {}
 
 
+def objective_name(cfg: Any) -> str:
+    """The name of the quantity ``-forward(x)["elbo"]`` is for this config's family.
+
+    ``neg_elbo`` (a bound on -log p(x) in nats: the default), ``neg_objective`` (a training
+    objective that is not a bound, e.g. with encoder->decoder skips) or ``code_nll`` (a
+    second-stage prior's negative log-likelihood of discrete codes). Only equal names compare.
+    """
+    cls, cfg = _family(cfg)
+    rule = getattr(cls, "objective_of", None)
+    return rule(resolve_model_config(cfg)) if callable(rule) else "neg_elbo"
+
+
 def build_model(cfg: Any):
     """Build the model named ``cfg.name`` from a config object.
 

@@ -196,6 +196,12 @@ class VQPrior(nn.Module):
             self.net = CausalTransformer(self.num_codes, self.grid, int(ar["hidden"]), int(ar["layers"]), int(ar["heads"]))
 
     @classmethod
+    def objective_of(cls, config: dict[str, Any]) -> str:
+        """``-forward()["elbo"]`` is the negative log-likelihood of the parent's codes (nats per
+        image), not a bound on the pixels' likelihood."""
+        return "code_nll"
+
+    @classmethod
     def resolve_config(cls, cfg: Any) -> dict[str, Any]:
         """Constructor kwargs: base defaults < flavor preset < fields the config sets."""
         return resolve_family_config(cfg, BASE_DEFAULTS, FLAVORS, "vq_prior")

@@ -346,7 +346,9 @@ class VQVAE(nn.Module):
         loss = recon + self.commitment_weight * q["commitment"]
         if self.quantizer.update == "grad":
             loss = loss + q["codebook_loss"]
-        zero = recon.new_zeros(())
+        # q(z|x) is one-hot and p(z) uniform over K codes at each of the h*w positions, so
+        # KL(q||p) = h*w*log K for every image: the constant that makes -(recon + kl) a bound.
+        kl = recon.new_full((), self.grid * self.grid * math.log(self.codebook_size))
         metrics = {
             "commitment": q["commitment"].detach(),
             "codebook_perplexity": q["perplexity"],
@@ -358,9 +360,9 @@ class VQVAE(nn.Module):
         return {
             "loss": loss,
             "recon": recon,
-            "kl": zero,
+            "kl": kl,
             "kl_per_dim": recon.new_zeros(0),
-            "elbo": -recon,
+            "elbo": -(recon + kl),
             "x_hat": self.likelihood.mean(params),
             "codes": q["codes"],
             "z_e": z_e,

@@ -167,8 +167,6 @@ class OptimConfig:
     """Weight decay (decoupled for adamw)."""
     grad_clip: float = 5.0
     """Gradient clipping by global norm (0 disables)."""
-    skip_grad_norm: float = 1e4
-    """A step whose gradient norm exceeds this (or is not finite) is skipped on all ranks."""
 
 
 @dataclass

@@ -52,6 +52,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Vaepipe
     cfg = apply_overrides(cfg, flat, f"sweep file '{path}'")
     cfg = apply_overrides(cfg, list(overrides), "command-line override")
     validate_space(space, cfg)
+    check_comparable(space, cfg)
     return cfg, space
 
 
@@ -78,6 +79,44 @@ def validate_space(space: dict, cfg: VaepipeConfig) -> None:
         probes = values if kind in ("choice", "grid") else values[:2]
         for v in probes:
             apply_overrides(cfg, {key: v}, f"search space '{key}'")
+
+
+def _objective(cfg: VaepipeConfig) -> str:
+    from models import objective_name
+
+    return objective_name(cfg.model)
+
+
+def check_comparable(space: dict, cfg: VaepipeConfig) -> None:
+    """Refuse a sweep whose trials would report different quantities under ``tune.metric``.
+
+    ``val_<objective>`` is what a trial reports (``val_neg_elbo`` only where -ELBO is a bound);
+    ranking needs every trial to report the same quantity on the same data scale, so the
+    metric must be the family's and no searched key may change the objective or the likelihood.
+    """
+    metric, base = cfg.tune.metric, _objective(cfg)
+    if metric.startswith("val_") and metric not in ("val_loss", f"val_{base}"):
+        raise ConfigError(f"tune.metric={metric!r} is never reported by model.name={cfg.model.name!r}: its "
+                          f"validation quantity is val_{base} ({_OBJECTIVES.get(base, base)}); set tune.metric=val_{base}")
+    if "model.likelihood" in space and metric != "val_loss":
+        raise ConfigError(f"search space key 'model.likelihood' makes trials incomparable under tune.metric={metric!r}: "
+                          "log-likelihoods of different observation models are not on one scale; fix the likelihood "
+                          "and sweep the rest")
+    for key, spec in space.items():
+        kind, values = next(iter(spec.items()))
+        if kind not in ("choice", "grid") or not key.startswith("model."):
+            continue
+        for v in values:
+            other = _objective(apply_overrides(cfg, {key: v}, f"search space '{key}'"))
+            if other != base:
+                raise ConfigError(f"search space '{key}' value {v!r} makes a trial report val_{other} "
+                                  f"({_OBJECTIVES.get(other, other)}) while the others report val_{base}: "
+                                  "they cannot be ranked together; sweep them separately")
+
+
+_OBJECTIVES = {"neg_elbo": "negative ELBO in nats, a bound on -log p(x)",
+               "neg_objective": "the training objective, not a bound: encoder->decoder skips condition on x",
+               "code_nll": "negative log-likelihood of the VQ codes in nats, not of the pixels"}
 
 
 def build_param_space(space: dict, grid_as_choice: bool = False) -> dict:

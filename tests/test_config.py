@@ -65,3 +65,10 @@ def test_dict_round_trip_is_identity():
     flat = flatten(cfg)
     assert flat["model.latent_dim"] == 12 and flat["schedule.free_bits"] == 0.25
     assert set(flat) == set(known_keys())
+
+
+def test_removed_skip_grad_norm_is_an_unknown_key():
+    """optim.skip_grad_norm was documented but never read; it is gone rather than silently ignored
+    (non-finite steps are skipped on all ranks and large norms clipped by optim.grad_clip)."""
+    with pytest.raises(ConfigError, match="skip_grad_norm"):
+        load_config(None, ["optim.skip_grad_norm=100"])

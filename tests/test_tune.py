@@ -19,6 +19,8 @@ import yaml
 from conftest import base_overrides
 from pipeline.config import ConfigError, load_config
 
+JOBS = Path(__file__).resolve().parent.parent / "jobs"
+
 
 def _sweep_file(tmp_path: Path, shards: str, space: dict, **sections) -> Path:
     doc = {"space": space}
@@ -276,3 +278,42 @@ def test_pbt_exploit_restores_deepspeed_checkpoint(ray_session, shards32, tmp_pa
     assert restored, "PBT never exploited: no trial restarted from another trial's checkpoint"
     assert restored[0].data.tags["vaepipe.pbt_restored_step"] == "4"
     assert restored[0].data.tags["vaepipe.resumed_from_step"] == "4"  # the workers loaded the DeepSpeed state
+
+
+def test_sweep_refuses_trials_whose_metric_is_not_comparable(tmp_path):
+    """Skips turn -ELBO into a non-bound, a likelihood choice changes the scale, a prior over
+    codes reports a code NLL: each is refused before any trial runs, naming the key."""
+    from pipeline.config import ConfigError
+    from pipeline.tune import load_sweep
+
+    def sweep(space: str, extra: str = "") -> Path:
+        p = tmp_path / "s.yaml"
+        p.write_text(f"base: {JOBS / 'quickstart.yaml'}\nspace:\n{space}\n{extra}")
+        return p
+
+    with pytest.raises(ConfigError, match=r"model.skip_connections.*val_neg_objective"):
+        load_sweep(sweep("  model.skip_connections: {choice: [false, true]}"))
+    with pytest.raises(ConfigError, match=r"model.likelihood"):
+        load_sweep(sweep("  model.likelihood: {choice: [bernoulli, gaussian]}"))
+    with pytest.raises(ConfigError, match=r"tune.metric='val_neg_elbo'.*val_code_nll"):
+        load_sweep(sweep("  optim.lr: {choice: [0.001]}", "model: {name: vq_prior}"))
+    cfg, _ = load_sweep(sweep("  optim.lr: {choice: [0.001, 0.01]}", "model: {name: vq_prior}\ntune: {metric: val_code_nll}"))
+    assert cfg.tune.metric == "val_code_nll"
+
+
+def test_vqvae_elbo_includes_the_uniform_code_prior():
+    """-ELBO of a VQ-VAE = recon NLL + h*w*log K: a bigger codebook pays for its bits."""
+    import math
+
+    import torch
+
+    from models import build_model
+    from pipeline.config import load_config
+
+    for k in (16, 256):
+        cfg = load_config(None, ["model.name=vqvae", "model.flavor=debug", "data.resolution=32",
+                                 f"model.vq.codebook_size={k}"])
+        out = build_model(cfg.model).eval()(torch.rand(2, 3, 32, 32))
+        grid = 32 // cfg.model.vq.downsample
+        assert float(out["kl"]) == pytest.approx(grid * grid * math.log(k), rel=1e-6)
+        assert float(out["elbo"]) == pytest.approx(-(float(out["recon"]) + grid * grid * math.log(k)), rel=1e-6)

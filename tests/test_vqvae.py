@@ -35,8 +35,9 @@ def test_forward_keys_shapes_and_metrics():
     assert (model.codebook_size, model.code_dim, model.grid) == (16, 8, 8)  # debug flavor, 32/4
     out = model(rectangles(4))
     assert {"loss", "recon", "kl", "kl_per_dim", "elbo", "x_hat", "metrics"} <= set(out)
-    assert out["kl"].dim() == 0 and out["kl"].item() == 0.0 and out["kl_per_dim"].numel() == 0
-    assert torch.equal(out["elbo"], -out["recon"])
+    # KL(one-hot q || uniform p) over the 8x8 code grid: 64 log 16 nats, the same for every image
+    assert out["kl"].dim() == 0 and out["kl"].item() == pytest.approx(64 * math.log(16)) and out["kl_per_dim"].numel() == 0
+    torch.testing.assert_close(out["elbo"], -(out["recon"] + out["kl"]))
     assert out["x_hat"].shape == (4, 1, 32, 32) and out["codes"].shape == (4, 8, 8)
     assert set(out["metrics"]) == {"commitment", "codebook_perplexity", "codebook_usage", "dead_codes_restarted"}
     m = out["metrics"]

@@ -59,7 +59,8 @@ def log_window(w: Any, win: MetricWindow) -> None:
     elapsed = time.perf_counter() - win.t0
     kl_dims = win.kl_dims / n if win.kl_dims is not None else torch.zeros(0)
     metrics = {
-        "loss": loss, "recon": recon, "kl": kl, "elbo": elbo,
+        "loss": loss, "recon": recon, "kl": kl,
+        **({"elbo": elbo} if w.objective == "neg_elbo" else {w.objective: -elbo}),
         "beta": win.sums.get("beta", 0.0) / n,
         "active_units": float((kl_dims > 0.01).sum()),
         "skipped_steps": float(st.skipped_steps + ds_skipped),
@@ -104,7 +105,9 @@ def validate(w: Any) -> None:
     dims = kl_dims.tolist() if kl_dims is not None else []
     reduced = all_reduce_values(sums + dims, w.device)
     count = max(n * w.world_size, 1)
-    val = {f"val_{k}": reduced[i] / count for i, k in enumerate(("loss", "recon", "kl", "elbo"))}
+    val = {f"val_{k}": reduced[i] / count for i, k in enumerate(("loss", "recon", "kl"))}
+    # named for what it is: val_neg_elbo only where -elbo is a bound (models.objective_name)
+    val[f"val_{w.objective}"] = -reduced[3] / count
     kl_per_dim = torch.tensor(reduced[4:]) / count
     if len(kl_per_dim):
         val["val_active_units"] = float(active_units_kl(kl_per_dim))
@@ -113,8 +116,8 @@ def validate(w: Any) -> None:
             warnings.warn(f"step {w.state.step}: {verdict['message']}", RuntimeWarning, stacklevel=1)
         w.log.tags({"vaepipe.posterior_collapse": verdict["collapsed"]})
     w.log.metrics(val, w.state.step)
-    # negative ELBO on the validation split is what sweeps optimise
-    w.last_val = {"val_loss": val["val_loss"], "val_neg_elbo": -val["val_elbo"]}
+    # what sweeps rank: val_neg_elbo for bounds; other families report their own quantity
+    w.last_val = {"val_loss": val["val_loss"], f"val_{w.objective}": val[f"val_{w.objective}"]}
 
 
 def log_images(w: Any, batch: dict) -> None:

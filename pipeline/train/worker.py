@@ -56,6 +56,7 @@ class Worker:
     last_val: dict = field(default_factory=dict)  # latest validation metrics, reported with checkpoints
     last_kl_dims: Optional[torch.Tensor] = None  # per-dimension KL of the latest log window
     aux: Optional[AuxiliaryTrainer] = None  # a family's second optimizer (Factor-VAE discriminator)
+    objective: str = "neg_elbo"  # what -elbo is for this family (models.objective_name)
 
 
 def build_model_for_rank(cfg: VaepipeConfig, loop_config: dict) -> torch.nn.Module:
@@ -102,7 +103,9 @@ def build_worker(loop_config: dict) -> Worker:
         num_workers=cfg.data.loader_workers, channels=cfg.data.channels, binarize=cfg.data.binarize,
     )
     log = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
+    from models import objective_name
+
     worker = Worker(cfg, engine, stream, TrainState(), log, device, rank, world, precision,
-                    fault=loop_config.get("fault", {}), aux=aux)
+                    fault=loop_config.get("fault", {}), aux=aux, objective=objective_name(cfg.model))
     restore(worker, loop_config.get("run_dir"), loop_config.get("resume_from"))
     return worker
