@@ -414,8 +414,15 @@ def to_dict(cfg: VaepipeConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
+# Keys older versions wrote into saved configs (checkpoints, sweep state); read and dropped so
+# those runs still resume. Never accepted from a YAML file or an override.
+_REMOVED_KEYS = {"optim": ("skip_grad_norm",)}
+
+
 def from_dict(data: dict) -> VaepipeConfig:
     """Rebuild the typed config from ``to_dict`` output, re-validating it."""
+    data = {k: ({kk: vv for kk, vv in v.items() if kk not in _REMOVED_KEYS.get(k, ())} if isinstance(v, dict) else v)
+            for k, v in data.items()}
     cfg = _merge(OmegaConf.structured(VaepipeConfig), OmegaConf.create(data), "config dict")
     return validate(OmegaConf.to_object(cfg))
 

@@ -72,3 +72,11 @@ def test_removed_skip_grad_norm_is_an_unknown_key():
     (non-finite steps are skipped on all ranks and large norms clipped by optim.grad_clip)."""
     with pytest.raises(ConfigError, match="skip_grad_norm"):
         load_config(None, ["optim.skip_grad_norm=100"])
+
+
+def test_saved_config_with_the_removed_key_still_loads():
+    from pipeline.config import from_dict, to_dict
+
+    saved = to_dict(load_config(None, []))
+    saved["optim"]["skip_grad_norm"] = 1e4  # written by vaepipe before the key was removed
+    assert from_dict(saved).optim.lr == saved["optim"]["lr"]
