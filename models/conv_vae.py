@@ -34,7 +34,7 @@ from torch import nn
 from models.config_access import check_positive_ints, make_likelihood, resolve_family_config
 from models.kl import diag_gaussian_log_prob, free_bits_kl
 from models.layers import make_down_block, make_up_block, reparameterize
-from models.likelihoods import LIKELIHOODS, build_likelihood
+from models.likelihoods import LIKELIHOODS, at_least_float32, build_likelihood
 from models.priors import PRIORS, build_prior
 from models.registry import register_model
 
@@ -368,9 +368,9 @@ class ConvVAE(nn.Module):
         if z.shape != mu.shape:
             raise ValueError(f"z must have shape {list(mu.shape)} to match x, got {list(z.shape)}")
         # Generative path (zero skips): with skip connections p(x|z) must not peek at x.
-        params = self.decode_logits(z).float()
+        params = at_least_float32(self.decode_logits(z))
         return {
-            "log_px_z": self.likelihood.log_prob(params, x.float()),
-            "log_pz": self.prior.log_prob(z.float()),
-            "log_qz_x": diag_gaussian_log_prob(z.float(), mu.float(), logvar.float()),
+            "log_px_z": self.likelihood.log_prob(params, at_least_float32(x)),
+            "log_pz": self.prior.log_prob(at_least_float32(z)),
+            "log_qz_x": diag_gaussian_log_prob(at_least_float32(z), at_least_float32(mu), at_least_float32(logvar)),
         }

@@ -32,7 +32,7 @@ from torch import nn
 from models.config_access import check_positive_ints, make_likelihood, resolve_family_config, to_plain
 from models.kl import diag_gaussian_log_prob, free_bits_kl, gaussian_kl
 from models.layers import make_down_block, make_up_block
-from models.likelihoods import build_likelihood
+from models.likelihoods import at_least_float32, build_likelihood
 from models.registry import register_model
 
 # ----------------------------------------------------------------------------- Gaussian pieces
@@ -418,13 +418,13 @@ class LadderVAE(nn.Module):
         """For concatenated z [B, latent_dim]: log p(x|z), log p(z) = Σ_i log p(z_i|z_{i+1}) and
         log q(z|x) = Σ_i log q(z_i|z_{i+1}, x), each [B] with all constants (true nats)."""
         levels, h1 = self._infer(x, z_given=self.split_levels(z))
-        params = self.decode_logits(levels[0]["z"], h1).float()
+        params = at_least_float32(self.decode_logits(levels[0]["z"], h1))
         log_pz = sum(
-            diag_gaussian_log_prob(lv["z"].float(), lv["mu_p"].float(), _logvar(lv["std_p"].float()))
+            diag_gaussian_log_prob(at_least_float32(lv["z"]), at_least_float32(lv["mu_p"]), _logvar(at_least_float32(lv["std_p"])))
             for lv in levels
         )
         log_qz = sum(
-            diag_gaussian_log_prob(lv["z"].float(), lv["mu_q"].float(), _logvar(lv["std_q"].float()))
+            diag_gaussian_log_prob(at_least_float32(lv["z"]), at_least_float32(lv["mu_q"]), _logvar(at_least_float32(lv["std_q"])))
             for lv in levels
         )
-        return {"log_px_z": self.likelihood.log_prob(params, x.float()), "log_pz": log_pz, "log_qz_x": log_qz}
+        return {"log_px_z": self.likelihood.log_prob(params, at_least_float32(x)), "log_pz": log_pz, "log_qz_x": log_qz}

@@ -14,6 +14,11 @@ import torch.nn.functional as F
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` upcast from half precision to float32; float64 stays float64 (evaluation scores in float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _sum_per_sample(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(start_dim=1).sum(dim=1)
 

@@ -41,6 +41,7 @@ from torch import nn
 
 from models.config_access import check_positive_ints, make_likelihood, resolve_family_config, to_plain
 from models.layers import make_down_block, make_up_block
+from models.likelihoods import at_least_float32
 from models.registry import register_model
 
 StatReducer = Callable[[torch.Tensor], torch.Tensor]
@@ -373,8 +374,8 @@ class VQVAE(nn.Module):
     def log_likelihood_terms(self, x: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """For codes z [B, h, w]: log p(x|z_q), log p(z) = −h·w·log K (uniform prior) and
         log q(z|x) = 0 where z are x's own codes, −inf otherwise (the posterior is one-hot)."""
-        params = self.decode_logits(self.quantizer.lookup(z.long())).float()
+        params = at_least_float32(self.decode_logits(self.quantizer.lookup(z.long())))
         own = (self.encode_codes(x) == z).flatten(1).all(dim=1)
         log_q = torch.where(own, 0.0, float("-inf")).to(params)
         log_pz = torch.full_like(log_q, -z[0].numel() * math.log(self.codebook_size))
-        return {"log_px_z": self.likelihood.log_prob(params, x.float()), "log_pz": log_pz, "log_qz_x": log_q}
+        return {"log_px_z": self.likelihood.log_prob(params, at_least_float32(x)), "log_pz": log_pz, "log_qz_x": log_q}

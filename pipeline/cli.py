@@ -230,18 +230,21 @@ def config_show(ctx: typer.Context, config: Optional[Path] = typer.Option(None, 
 def evaluate(
     model: str = typer.Option(..., help="Model URI: models:/name@alias, models:/name/3 or runs:/<id>/model."),
     data: str = typer.Option(..., help="Shard set (folder, file:// or s3://)."),
-    metrics: str = typer.Option("nll,elbo,au,mig,sap", help="Comma list of nll, elbo, au, mig, sap, fid."),
+    metrics: str = typer.Option("nll,elbo,au,mig,sap", help="Comma list of nll (= neg_iwae_nats), elbo, au, mig, sap, fid."),
     split: str = typer.Option("test", help="Split to score."),
-    k: int = typer.Option(1000, help="Importance samples per image for nll."),
+    k: int = typer.Option(1000, help="Importance samples per image for nll / neg_iwae_nats."),
     max_samples: Optional[int] = typer.Option(None, help="Score at most this many images."),
     workers: int = typer.Option(1, help="Ray workers scoring shares of the split (1 = this process)."),
     fid_weights: Optional[str] = typer.Option(None, help="pt_inception-2015-12-05-6726825d.pth (else VAEPIPE_FID_WEIGHTS)."),
     tracking_uri: Optional[str] = typer.Option(None, help="Default: MLFLOW_TRACKING_URI or sqlite:///mlruns.db."),
     experiment: str = typer.Option("vaepipe-eval", help="MLflow experiment of the evaluation run."),
 ):
-    """Score a model (NLL by importance sampling, ELBO, active units, MIG, SAP, FID) into a new MLflow run."""
+    """Score a model (IWAE bound, ELBO, active units, MIG, SAP, FID) into a new MLflow run.
+
+    The IWAE bound is shown as nll only where the likelihood is a probability of the stored data.
+    """
     from pipeline.config import VaepipeConfig
-    from pipeline.evaluate.job import run_evaluation, scalar_metrics
+    from pipeline.evaluate.job import result_notes, run_evaluation, scalar_metrics
     from pipeline.evaluate.runner import EvalSpec
     from pipeline.tracking import resolve_tracking_uri
 
@@ -267,6 +270,8 @@ def evaluate(
     for name, value in scalar_metrics(results).items():
         table.add_row(name, f"{value:.4g}")
     console.print(table)
+    for note in result_notes(results):
+        console.print(note, markup=False, highlight=False)
     if "collapse" in results:
         console.print(results["collapse"]["message"])
     console.print(f"MLflow evaluation run: {run_id}")
@@ -313,10 +318,11 @@ def tune(
 def promote(
     name: str = typer.Option(..., help="Registered model name with a 'challenger' alias."),
     data: str = typer.Option(..., help="Shard set both models are scored on."),
-    metrics: str = typer.Option("nll,au", help="Comma list; the first must improve, the rest must not get worse."),
+    metrics: str = typer.Option("neg_iwae_nats,au", help="Comma list; the first must improve, the rest must not get worse. "
+                                "nll only for a likelihood that is a probability of the stored data."),
     margins: str = typer.Option("0", help="One margin, or one per metric (in the metric's units)."),
     split: str = typer.Option("valid", help="Split to score."),
-    k: int = typer.Option(200, help="Importance samples per image for nll."),
+    k: int = typer.Option(200, help="Importance samples per image for nll / neg_iwae_nats."),
     max_samples: Optional[int] = typer.Option(None, help="Score at most this many images."),
     workers: int = typer.Option(1, help="Ray workers for the scoring."),
     tracking_uri: Optional[str] = typer.Option(None, help="Default: MLFLOW_TRACKING_URI or sqlite:///mlruns.db."),
@@ -324,6 +330,7 @@ def promote(
     """Move alias 'champion' to the 'challenger' version only if it beats the champion."""
     from pipeline.config import VaepipeConfig
     from pipeline.evaluate.runner import EvalSpec
+    from pipeline.promote import NO_CHAMPION
     from pipeline.promote import promote as do_promote
     from pipeline.tracking import resolve_tracking_uri
 
@@ -339,7 +346,10 @@ def promote(
         table.add_column(col)
     for r in rows:
         table.add_row(r.metric, f"{r.champion:.4g}", f"{r.challenger:.4g}", f"{r.improvement:+.4g}", f"{r.margin:g}", "yes" if r.ok else "NO")
-    console.print(table)
+    if rows:
+        console.print(table)
+    else:
+        console.print(f"nothing to compare ({NO_CHAMPION}, or the challenger already is the champion); decision logged")
     if wins:
         console.print(f"[green]promoted:[/] models:/{name}@champion -> version {version}")
     else:

@@ -2,8 +2,13 @@
 challenger wins on the configured metrics, both scored on the same data with the same seeds.
 
 A challenger wins when it improves the first metric by more than its margin and is not
-worse than the champion by more than the margin on any other metric. The comparison table
-and the decision are logged as an MLflow run either way.
+worse than the champion by more than the margin on any other metric. Every decision is
+logged as an MLflow run (experiment ``vaepipe-promotions``) with tag ``vaepipe.decision``:
+a first promotion (no champion yet) scores the challenger and logs its metrics too.
+
+``nll`` is only a metric for models whose likelihood is a probability of the stored data
+(:func:`pipeline.evaluate.likelihood.likelihood_is_density`); ``neg_iwae_nats`` is the same
+importance-weighted bound under its own name and works for every model.
 """
 
 from __future__ import annotations
@@ -11,13 +16,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from pipeline.evaluate.runner import EvalSpec, evaluate
+from pipeline.evaluate.likelihood import IWAE_METRIC, likelihood_is_density
+from pipeline.evaluate.runner import EvalSpec, data_config, evaluate
 
 # metric name -> (result key, higher is better)
 DIRECTIONS = {
-    "nll": ("nll", False), "elbo": ("elbo", True), "fid": ("fid", False),
+    "nll": ("nll", False), IWAE_METRIC: (IWAE_METRIC, False), "elbo": ("elbo", True), "fid": ("fid", False),
     "au": ("active_units_cov", True), "mig": ("mig", True), "sap": ("sap", True),
 }
+NO_CHAMPION = "promoted: no champion yet"
+ALREADY_CHAMPION = "kept: the challenger is already the champion"
 
 
 @dataclass
@@ -43,11 +51,65 @@ def compare(champion: dict, challenger: dict, metrics: list[str], margins: list[
     return all(r.ok for r in rows), rows
 
 
+def check_metrics_defined(metrics: list[str], blobs: dict[str, dict], name: str) -> None:
+    """Refuse ``nll`` for a model whose likelihood is not a probability of the stored data."""
+    if "nll" not in metrics:
+        return
+    for alias, blob in blobs.items():
+        ok, reason = likelihood_is_density(blob["model_config"], data_config(blob))
+        if not ok:
+            raise ValueError(f"promotion metric 'nll' is not defined for models:/{name}@{alias} ({reason}); "
+                             f"use --metrics {IWAE_METRIC} (the same importance-weighted bound, in nats) instead")
+
+
+def _is_missing_alias(err: Exception) -> bool:
+    """MLflow's answer for an alias that is not set: INVALID_PARAMETER_VALUE from the SQL store
+    ('Registered model alias champion not found.'), RESOURCE_DOES_NOT_EXIST from some servers."""
+    from mlflow.exceptions import MlflowException
+
+    text = str(err).lower()
+    return (isinstance(err, MlflowException)
+            and err.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")
+            and "alias" in text and "not found" in text)
+
+
+def current_champion(client, name: str):
+    """The champion version, or None when the alias is not set; any other error propagates."""
+    try:
+        return client.get_model_version_by_alias(name, "champion")
+    except Exception as err:
+        if _is_missing_alias(err):
+            return None
+        raise
+
+
+def _log_decision(client, tracking_uri: str, experiment: str, name: str, challenger, champion,
+                  decision: str, scores: dict[str, dict], rows: list[Comparison]) -> str:
+    from pipeline.evaluate.job import scalar_metrics
+    from pipeline.tracking import ensure_experiment
+
+    exp_id = ensure_experiment(client, experiment, "mlartifacts", tracking_uri)
+    run = client.create_run(exp_id, run_name=f"promote-{name}-v{challenger.version}", tags={
+        "vaepipe.model_name": name, "vaepipe.challenger_version": str(challenger.version),
+        "vaepipe.champion_version": str(champion.version) if champion is not None else "none",
+        "vaepipe.decision": decision})
+    run_id = run.info.run_id
+    for alias, result in scores.items():
+        for key, value in scalar_metrics(result).items():
+            client.log_metric(run_id, f"{alias}/{key}", value)
+    if rows:
+        table = "metric,champion,challenger,improvement,margin,ok\n" + "".join(
+            f"{r.metric},{r.champion},{r.challenger},{r.improvement},{r.margin},{r.ok}\n" for r in rows)
+        client.log_text(run_id, table, "promotion/comparison.csv")
+    client.set_terminated(run_id)
+    return run_id
+
+
 def promote(name: str, data_url: str, spec: EvalSpec, margins: list[float], tracking_uri: str,
             workers: int = 1, experiment: str = "vaepipe-promotions") -> tuple[bool, list[Comparison], Optional[int]]:
     """Evaluate champion and challenger of ``name``; move ``champion`` when the challenger wins."""
     from pipeline.serving import load_logged_weights
-    from pipeline.tracking import ensure_experiment, make_client
+    from pipeline.tracking import make_client
 
     bad = [m for m in spec.metrics if m not in DIRECTIONS]
     if bad:
@@ -57,25 +119,23 @@ def promote(name: str, data_url: str, spec: EvalSpec, margins: list[float], trac
     margins = margins * len(spec.metrics) if len(margins) == 1 else margins
     client = make_client(tracking_uri)
     challenger = client.get_model_version_by_alias(name, "challenger")
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-    except Exception:
-        champion = None
-    if champion is None or champion.version == challenger.version:
+    champion = current_champion(client, name)
+    if champion is not None and champion.version == challenger.version:
+        _log_decision(client, tracking_uri, experiment, name, challenger, champion, ALREADY_CHAMPION, {}, [])
+        return True, [], int(challenger.version)
+    aliases = ("challenger",) if champion is None else ("champion", "challenger")
+    blobs = {alias: load_logged_weights(f"models:/{name}@{alias}") for alias in aliases}
+    check_metrics_defined(spec.metrics, blobs, name)
+    scores = {alias: evaluate(blob, data_url, spec, workers) for alias, blob in blobs.items()}
+    if champion is None:
+        _log_decision(client, tracking_uri, experiment, name, challenger, None, NO_CHAMPION, scores, [])
+        client.set_model_version_tag(name, challenger.version, "vaepipe.promotion", NO_CHAMPION)
         client.set_registered_model_alias(name, "champion", challenger.version)
         return True, [], int(challenger.version)
-    scores = {alias: evaluate(load_logged_weights(f"models:/{name}@{alias}"), data_url, spec, workers)
-              for alias in ("champion", "challenger")}
     wins, rows = compare(scores["champion"], scores["challenger"], spec.metrics, margins)
-    exp_id = ensure_experiment(client, experiment, "mlartifacts", tracking_uri)
-    run = client.create_run(exp_id, run_name=f"promote-{name}-v{challenger.version}", tags={
-        "vaepipe.model_name": name, "vaepipe.champion_version": str(champion.version),
-        "vaepipe.challenger_version": str(challenger.version), "vaepipe.decision": "promoted" if wins else "refused"})
-    table = "metric,champion,challenger,improvement,margin,ok\n" + "".join(
-        f"{r.metric},{r.champion},{r.challenger},{r.improvement},{r.margin},{r.ok}\n" for r in rows)
-    client.log_text(run.info.run_id, table, "promotion/comparison.csv")
-    client.set_terminated(run.info.run_id)
-    client.set_model_version_tag(name, challenger.version, "vaepipe.promotion", "promoted" if wins else "refused")
+    decision = "promoted" if wins else "refused"
+    _log_decision(client, tracking_uri, experiment, name, challenger, champion, decision, scores, rows)
+    client.set_model_version_tag(name, challenger.version, "vaepipe.promotion", decision)
     if wins:
         client.set_registered_model_alias(name, "champion", challenger.version)
     return wins, rows, int(challenger.version) if wins else int(champion.version)

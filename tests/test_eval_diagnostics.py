@@ -83,19 +83,50 @@ def test_accumulator_gives_exact_data_averages_and_merges_like_one_pass():
     assert r["kl"] == pytest.approx(float(full["kl"]), rel=1e-6)
     assert r["elbo"] == pytest.approx(-(r["recon"] + r["kl"]), rel=1e-6)  # float32 model math
     torch.testing.assert_close(r["kl_per_dim"], full["kl_per_dim"].double(), rtol=1e-6, atol=1e-7)
-    # two "workers": sums add up; from_sums rebuilds the same numbers (what an all-reduce does)
+    # two "workers": each state dict rebuilds an accumulator; merging gives the one-pass numbers
     a, b = ELBOAccumulator(latent_dim=D), ELBOAccumulator(latent_dim=D)
     for i, batch in enumerate(batches):
         with torch.no_grad():
             (a if i % 2 else b).update(model(batch["image"]))  # forward outputs are accepted too
-    sums = {k: a.state_dict()[k] + b.state_dict()[k] for k in a.state_dict()}
-    assert all(v.dtype == torch.float64 for v in sums.values())
-    rebuilt = ELBOAccumulator.from_sums(sums).compute()
+    assert all(v.dtype == torch.float64 for v in a.state_dict().values())
+    rebuilt = ELBOAccumulator.from_state(a.state_dict()).merge(b.state_dict()).compute()
     merged = a.merge(b).compute()
     for res in (rebuilt, merged):
         assert res["elbo"] == pytest.approx(r["elbo"], rel=1e-12)
         torch.testing.assert_close(res["kl_per_dim"], r["kl_per_dim"])
         torch.testing.assert_close(res["mu_variance"], r["mu_variance"])
+
+
+def _mu_output(mu: torch.Tensor) -> dict:
+    """A forward-output dict carrying only what the accumulator reads, with float64 ``mu``."""
+    zero = torch.zeros((), dtype=torch.float64)
+    return {"elbo": zero, "recon": zero, "kl": zero, "kl_per_dim": torch.zeros(mu.shape[1]), "mu": mu}
+
+
+def test_mu_variance_survives_a_large_offset_where_the_naive_form_cancels():
+    g = torch.Generator().manual_seed(0)
+    mu = 1e4 + 1e-3 * torch.randn(3000, 4, generator=g, dtype=torch.float64)  # variance 1e-6 around 1e4
+    mu[:, 3] = 1e4 + 0.2 * torch.randn(3000, generator=g, dtype=torch.float64)  # one active unit (variance 0.04)
+    exact = mu.var(0, unbiased=False)  # two-pass reference
+    naive = (mu.pow(2).sum(0) / len(mu) - (mu.sum(0) / len(mu)).pow(2))  # what E[x²] − E[x]² gives
+    assert ((naive - exact).abs() / exact)[:3].max() > 1e-2  # the data really defeats the naive form
+    sizes = [1, 7, 500, 992, 1500]  # uneven batches, one of a single row
+    one, workers = ELBOAccumulator(), [ELBOAccumulator(), ELBOAccumulator()]
+    for i, rows in enumerate(torch.split(mu, sizes)):
+        one.update(_mu_output(rows))
+        workers[i % 2].update(_mu_output(rows))
+    merged = ELBOAccumulator.from_state(workers[0].state_dict()).merge(workers[1].state_dict())
+    for acc in (one, merged):
+        result = acc.compute()
+        torch.testing.assert_close(result["mu_variance"], exact, rtol=1e-9, atol=0)
+        assert result["active_units_cov"] == 1
+
+
+def test_state_with_partial_mu_moments_is_refused():
+    state = ELBOAccumulator(latent_dim=2).state_dict()
+    del state["mu_m2"]
+    with pytest.raises(KeyError, match="mu_m2"):
+        ELBOAccumulator.from_state(state)
 
 
 def test_accumulator_errors_are_explicit():
@@ -132,4 +163,29 @@ def test_evaluate_elbo_on_the_reference_conv_vae():
     assert result["num_samples"] == 4 and result["kl_per_dim"].shape == (6,)
     assert result["elbo"] < 0 and result["kl"] >= 0
     assert result["elbo"] == pytest.approx(-(result["recon"] + result["kl"]), rel=1e-5)
-    assert isinstance(result["collapse"]["collapsed"], bool)
+    # the verdict is the one collapse_verdict gives for the per-dim KL the model reported
+    expected = collapse_verdict(result["kl_per_dim"], result["kl"])
+    assert result["collapse"]["collapsed"] is expected["collapsed"]
+    assert result["collapse"]["active_units"] == active_units_kl(result["kl_per_dim"])
+
+
+def test_collapse_verdict_of_a_model_that_ignores_its_latent_and_of_one_that_uses_it():
+    # every unit constant (mu = 0, logvar = 0) -> KL 0: the decoder cannot be using z
+    collapsed = evaluate_elbo(_ConstantPosterior(torch.zeros(D)), _batches())
+    assert collapsed["collapse"]["collapsed"] is True and collapsed["active_units_kl"] == 0
+    assert "posterior collapse" in collapsed["collapse"]["message"]
+    # half the units carry the input (KL well above 0.01 nats each): not collapsed
+    healthy = evaluate_elbo(HalfIgnoringVAE(), _batches())
+    assert healthy["collapse"]["collapsed"] is False and healthy["collapse"]["active_units"] == D // 2
+    assert healthy["collapse"]["message"].startswith("ok:")
+
+
+class _ConstantPosterior(HalfIgnoringVAE):
+    """q(z|x) = N(const, I) for every x."""
+
+    def __init__(self, const: torch.Tensor):
+        super().__init__()
+        self.value = const
+
+    def encode(self, x):
+        return self.value.expand(x.shape[0], -1).clone(), torch.zeros(x.shape[0], D)

@@ -187,7 +187,8 @@ def test_cached_statistics_writes_once_next_to_manifest(tmp_path):
     assert (tmp_path / "fid_stats_valid_64.npz").is_file()
     mu2, sigma2 = cached_statistics(tmp_path / "manifest.json", "valid", 64, compute)
     assert len(calls) == 1
-    np.testing.assert_array_equal(mu2, mu) and np.testing.assert_array_equal(sigma2, sigma)
+    np.testing.assert_array_equal(mu2, mu)
+    np.testing.assert_array_equal(sigma2, sigma)
     cached_statistics(f"file://{tmp_path}", "test", 32, compute)
     assert (tmp_path / "fid_stats_test_32.npz").is_file() and len(calls) == 2
     cached_statistics("s3://bucket/shards", "valid", 64, compute)

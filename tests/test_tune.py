@@ -240,12 +240,13 @@ def test_promotion_moves_champion_only_for_a_better_challenger(shards32, tmp_pat
         opt.step()
     weak = register_model(uri, _log_model(uri, cfg, untrained.eval(), "weak"), "vae-promo", "champion")
     strong = register_model(uri, _log_model(uri, cfg, trained.eval(), "strong"), "vae-promo", "challenger")
-    spec = EvalSpec(metrics=["nll", "au"], split="valid", k=8, batch_k=8)
+    # bernoulli on continuous pixels: the IWAE bound is compared under its own name, not as nll
+    spec = EvalSpec(metrics=["neg_iwae_nats", "au"], split="valid", k=8, batch_k=8)
     wins, rows, version = promote("vae-promo", shards32, spec, [0.0, 32.0], uri)
     assert wins and version == strong
     client = make_client(uri)
     assert str(client.get_model_version_by_alias("vae-promo", "champion").version) == str(strong)
-    assert rows[0].metric == "nll" and rows[0].challenger < rows[0].champion
+    assert rows[0].metric == "neg_iwae_nats" and rows[0].challenger < rows[0].champion
     # now the weak model challenges the strong champion and is refused
     client.set_registered_model_alias("vae-promo", "challenger", weak)
     wins, rows, version = promote("vae-promo", shards32, spec, [0.0, 32.0], uri)

@@ -1,8 +1,9 @@
-"""Evaluation metrics for vaepipe models: IWAE log-likelihood, ELBO diagnostics and active
-units, disentanglement (MIG, SAP), FID, and latent-space pictures.
+"""Evaluation metrics for vaepipe models: the IWAE bound (an NLL where the likelihood is a
+probability of the stored data), ELBO diagnostics and active units, disentanglement (MIG,
+SAP), FID, and latent-space pictures.
 
 No Ray, MLflow or DeepSpeed here: every function works on a model and tensors/iterables, and
-the accumulators expose plain sums so the caller can all-reduce them across workers.
+the accumulators expose mergeable float64 state so the caller can combine workers.
 """
 
 from pipeline.evaluate.diagnostics import (
@@ -22,7 +23,7 @@ from pipeline.evaluate.fid import (
     frechet_distance,
     load_fid_inception,
 )
-from pipeline.evaluate.likelihood import bits_per_dim, iwae_log_likelihood
+from pipeline.evaluate.likelihood import bits_per_dim, iwae_log_likelihood, likelihood_is_density
 from pipeline.evaluate.visualize import interpolate, kl_bar_plot, latent_traversals, make_grid, save_png
 
 __all__ = [
@@ -30,6 +31,6 @@ __all__ = [
     "collect_codes", "mig", "sap",
     "FeatureMoments", "FIDInceptionV3", "cached_statistics", "compute_statistics", "fid_available",
     "frechet_distance", "load_fid_inception",
-    "bits_per_dim", "iwae_log_likelihood",
+    "bits_per_dim", "iwae_log_likelihood", "likelihood_is_density",
     "interpolate", "kl_bar_plot", "latent_traversals", "make_grid", "save_png",
 ]

@@ -1,8 +1,9 @@
 """ELBO decomposition, active units and posterior-collapse checks over a data set.
 
-Everything is accumulated as plain float64 sums and counts (:class:`ELBOAccumulator`), so a
-distributed evaluation all-reduces ``state_dict()`` (every entry is a sum) and rebuilds the
-result with :meth:`ELBOAccumulator.from_sums`; the averages are only formed in ``compute()``.
+Everything is accumulated in float64 (:class:`ELBOAccumulator`): sums and counts for the ELBO
+terms, per-dim (count, mean, M2) moments for the posterior means. A distributed evaluation
+gathers the workers' ``state_dict()`` and merges them (Chan's parallel formula for the
+moments); the averages are only formed in ``compute()``.
 
 Two definitions of an *active* latent unit are offered because they answer different
 questions:
@@ -36,7 +37,7 @@ COLLAPSE_MIN_TOTAL_KL = 0.1  # nats per sample: below this the decoder ignores z
 COLLAPSE_MAX_INACTIVE_FRACTION = 0.9  # more than 90% of the units inactive
 
 _SCALARS = ("elbo_sum", "recon_sum", "kl_sum", "count")
-_VECTORS = ("kl_per_dim_sum", "mu_sum", "mu_sq_sum")
+_MU_MOMENTS = ("mu_count", "mu_mean", "mu_m2")
 
 
 def _as_float64_vector(values: Any) -> torch.Tensor:
@@ -110,8 +111,12 @@ class ELBOAccumulator:
     through ``model`` without gradient. The batch size is taken from ``mu`` (or x) so the
     per-batch means are re-weighted into exact data averages.
 
-    ``state_dict()`` is a flat dict of float64 tensors that are all *sums*: all-reduce each
-    with SUM across workers and call ``from_sums`` (or ``merge`` two accumulators locally).
+    ``state_dict()`` is a flat dict of float64 tensors: sums (``*_sum``, ``count``) and, for the
+    posterior means, per-dim moments ``mu_count``, ``mu_mean``, ``mu_m2`` (sum of squared
+    deviations). The moments are combined with Chan et al.'s parallel formula, not added: an
+    E[mu²] − E[mu]² form loses every digit when the means sit far from 0 (mu ≈ 1e4 with a
+    variance of 1e-2 leaves nothing of float64's 16 digits). To combine workers, gather their
+    state dicts and ``merge`` them (:meth:`from_state` rebuilds an accumulator from one).
     Give ``latent_dim`` when a worker may see no batch so every rank has the same shapes.
     """
 
@@ -119,8 +124,8 @@ class ELBOAccumulator:
         self.model = model
         self._sums: dict[str, torch.Tensor] = {k: torch.zeros((), dtype=torch.float64) for k in _SCALARS}
         if latent_dim is not None:
-            for k in _VECTORS:
-                self._sums[k] = torch.zeros(latent_dim, dtype=torch.float64)
+            self._sums["kl_per_dim_sum"] = torch.zeros(latent_dim, dtype=torch.float64)
+            self._sums.update(_moments(torch.zeros(0, latent_dim, dtype=torch.float64)))
 
     # -- accumulation -------------------------------------------------------------------
     def _run_model(self, batch: Any) -> Mapping[str, torch.Tensor]:
@@ -144,11 +149,22 @@ class ELBOAccumulator:
         value = value.detach().to("cpu", torch.float64)
         if key in self._sums and self._sums[key].shape == value.shape:
             self._sums[key] += value
-        elif key in _VECTORS and key not in self._sums:
+        elif key == "kl_per_dim_sum" and key not in self._sums:
             self._sums[key] = value.clone()
         else:
             raise ValueError(f"ELBOAccumulator: {key} has shape {list(value.shape)}, "
                              f"expected {list(self._sums[key].shape)} (latent_dim changed between batches?)")
+
+    def _merge_mu(self, other: Mapping[str, torch.Tensor]) -> None:
+        if "mu_mean" not in other:
+            return
+        if "mu_mean" not in self._sums:
+            self._sums.update({k: other[k].clone() for k in _MU_MOMENTS})
+            return
+        if self._sums["mu_mean"].shape != other["mu_mean"].shape:
+            raise ValueError(f"ELBOAccumulator: mu has {other['mu_mean'].numel()} dims, expected "
+                             f"{self._sums['mu_mean'].numel()} (latent_dim changed between batches?)")
+        self._sums.update(_chan_merge(self._sums, other))
 
     def update(self, out_or_batch: Any) -> "ELBOAccumulator":
         is_output = isinstance(out_or_batch, Mapping) and "elbo" in out_or_batch and "kl_per_dim" in out_or_batch
@@ -164,33 +180,39 @@ class ELBOAccumulator:
             self._add(f"{key}_sum", torch.as_tensor(out[key]).reshape(()) * n)
         self._add("kl_per_dim_sum", torch.as_tensor(out["kl_per_dim"]).reshape(-1) * n)
         if isinstance(mu, torch.Tensor) and mu.dim() == 2:
-            mu64 = mu.detach().to("cpu", torch.float64)
-            self._add("mu_sum", mu64.sum(0))
-            self._add("mu_sq_sum", mu64.pow(2).sum(0))
+            self._merge_mu(_moments(mu.detach().to("cpu", torch.float64)))
         self._sums["count"] += n
         return self
 
     # -- distributed plumbing -----------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat dict of float64 sums (scalars and [D] vectors); safe to all-reduce with SUM."""
+        """Flat dict of float64 tensors: sums plus the mu moments; combine two with :meth:`merge`."""
         return {k: v.clone() for k, v in self._sums.items()}
 
-    def load_state_dict(self, sums: Mapping[str, torch.Tensor]) -> None:
-        missing = [k for k in _SCALARS if k not in sums]
-        if missing:
-            raise KeyError(f"ELBOAccumulator sums lack {missing}; got keys {sorted(sums)}")
-        self._sums = {k: torch.as_tensor(v).detach().to("cpu", torch.float64).clone() for k, v in sums.items()}
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        missing = [k for k in _SCALARS if k not in state]
+        partial = [k for k in _MU_MOMENTS if k not in state] if any(k in state for k in _MU_MOMENTS) else []
+        if missing or partial:
+            raise KeyError(f"ELBOAccumulator state lacks {missing + partial}; got keys {sorted(state)}")
+        self._sums = {k: torch.as_tensor(v).detach().to("cpu", torch.float64).clone() for k, v in state.items()}
 
     @classmethod
-    def from_sums(cls, sums: Mapping[str, torch.Tensor]) -> "ELBOAccumulator":
+    def from_state(cls, state: Mapping[str, torch.Tensor]) -> "ELBOAccumulator":
         acc = cls()
-        acc.load_state_dict(sums)
+        acc.load_state_dict(state)
         return acc
 
-    def merge(self, other: "ELBOAccumulator") -> "ELBOAccumulator":
-        """Add another accumulator's sums into this one (in place); returns self."""
-        for key, value in other._sums.items():
-            self._add(key, value)
+    def merge(self, other: "ELBOAccumulator | Mapping[str, torch.Tensor]") -> "ELBOAccumulator":
+        """Combine another accumulator (or its state dict) into this one, in place; returns self.
+
+        Sums add; the mu moments combine by Chan's formula, so the merged variance equals the
+        one-pass variance of the union whatever the split.
+        """
+        state = other.state_dict() if isinstance(other, ELBOAccumulator) else other
+        for key, value in state.items():
+            if key not in _MU_MOMENTS:
+                self._add(key, torch.as_tensor(value))
+        self._merge_mu({k: torch.as_tensor(state[k]).to(torch.float64) for k in _MU_MOMENTS if k in state})
         return self
 
     # -- results ------------------------------------------------------------------------
@@ -214,13 +236,33 @@ class ELBOAccumulator:
             "kl_per_dim": s["kl_per_dim_sum"] / n,
         }
         result["active_units_kl"] = active_units_kl(result["kl_per_dim"], threshold)
-        if "mu_sum" in s:
-            mean = s["mu_sum"] / n
-            result["mu_variance"] = (s["mu_sq_sum"] / n - mean.pow(2)).clamp_min(0.0)
+        if "mu_mean" in s and s["mu_count"] > 0:
+            result["mu_variance"] = s["mu_m2"] / s["mu_count"]
             result["active_units_cov"] = int((result["mu_variance"] > threshold).sum())
         if result["kl_per_dim"].numel():  # families without a continuous latent (VQ-VAE) have no units
             result["collapse"] = collapse_verdict(result["kl_per_dim"], result["kl"], unit_threshold=threshold)
         return result
+
+
+def _moments(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """count, per-dim mean and sum of squared deviations (M2) of float64 rows [N, D]."""
+    n = rows.shape[0]
+    mean = rows.mean(0) if n else rows.new_zeros(rows.shape[1])
+    return {"mu_count": torch.tensor(float(n), dtype=torch.float64), "mu_mean": mean,
+            "mu_m2": (rows - mean).pow(2).sum(0)}
+
+
+def _chan_merge(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Moments of the union of two sets (Chan, Golub & LeVeque 1979); exact, no cancellation."""
+    na, nb = a["mu_count"], b["mu_count"]
+    if nb == 0:
+        return {k: a[k].clone() for k in _MU_MOMENTS}
+    if na == 0:
+        return {k: b[k].clone() for k in _MU_MOMENTS}
+    n = na + nb
+    delta = b["mu_mean"] - a["mu_mean"]
+    return {"mu_count": n, "mu_mean": a["mu_mean"] + delta * (nb / n),
+            "mu_m2": a["mu_m2"] + b["mu_m2"] + delta.pow(2) * (na * nb / n)}
 
 
 def evaluate_elbo(model: Any, batches: Any, max_batches: Optional[int] = None,

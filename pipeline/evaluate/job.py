@@ -6,10 +6,8 @@ tags, and the model version gets a ``vaepipe.eval_run`` tag pointing at the run.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict
-from typing import Optional
 
 import torch
 
@@ -78,9 +76,12 @@ def run_evaluation(model_uri: str, data_url: str, spec: EvalSpec, workers: int, 
         client.log_param(run_id, k, str(v))
     client.log_param(run_id, "workers", workers)
     logger = RankZeroLogger(tracking_uri, run_id, enabled=True)
-    logger.metrics(scalar_metrics(results, blob), step=0)
+    logger.metrics(scalar_metrics(results), step=0)
     if "collapse" in results:
         logger.tags({"vaepipe.posterior_collapse": results["collapse"]["collapsed"]})
+    for tag, key in (("vaepipe.nll_not_shown", "nll_not_shown"), ("vaepipe.fid_warning", "fid_warning")):
+        if results.get(key):
+            logger.tags({tag: results[key]})
     log_visuals(logger, build_eval_model(blob), blob, data_url, spec.split, results, spec.seed)
     logger.flush()
     client.set_terminated(run_id)
@@ -89,14 +90,27 @@ def run_evaluation(model_uri: str, data_url: str, spec: EvalSpec, workers: int, 
     return run_id, results
 
 
-def scalar_metrics(results: dict, blob: Optional[dict] = None) -> dict[str, float]:
-    """The numbers of a result dict that go into MLflow and the printed table."""
-    out = {k: float(results[k]) for k in ("nll", "elbo", "recon", "kl", "active_units_kl", "active_units_cov",
-                                           "mig", "sap", "fid", "num_samples", "num_units")
-           if results.get(k) is not None}
-    # bits/dim only means what the papers mean for a discrete likelihood over 8-bit values
-    if "nll" in out and blob is not None and blob["model_config"].get("likelihood") == "logistic_mixture":
-        mc = blob["model_config"]
-        dims = mc.get("in_channels", 3) * mc.get("resolution", 64) ** 2
-        out["nll_bits_per_dim"] = out["nll"] / (dims * math.log(2))
-    return out
+SCALAR_KEYS = ("nll", "nll_bits_per_dim", "neg_iwae_nats", "elbo", "neg_elbo", "bce", "recon", "kl",
+               "active_units_kl", "active_units_cov", "mig", "sap", "fid", "num_samples", "num_units")
+
+
+def scalar_metrics(results: dict) -> dict[str, float]:
+    """The numbers of a result dict that go into MLflow and the printed table.
+
+    Where the IWAE bound is a data NLL it is shown once, as ``nll`` (with bits/dim) beside
+    ``elbo``; elsewhere the same numbers go by what they are, ``neg_iwae_nats``, ``neg_elbo``
+    and (Bernoulli) ``bce`` for ``recon``; see ``likelihood_is_density``.
+    """
+    renamed = {"neg_iwae_nats": "nll", "elbo": "neg_elbo", "recon": "bce"}  # shown once, under one name
+    keys = [k for k in SCALAR_KEYS if renamed.get(k) not in results]
+    return {k: float(results[k]) for k in keys if results.get(k) is not None}
+
+
+def result_notes(results: dict) -> list[str]:
+    """One line per caveat of a result: why nll is not shown, why FID is not comparable."""
+    notes = []
+    if "nll_not_shown" in results and "neg_iwae_nats" in results:
+        notes.append(results["nll_not_shown"])
+    if results.get("fid_warning"):
+        notes.append(f"fid warning: {results['fid_warning']}")
+    return notes

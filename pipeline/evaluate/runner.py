@@ -1,15 +1,21 @@
 """Scoring a model on a shard split, one partition per worker, merged in the driver.
 
-Every stochastic quantity of a sample (its importance samples, its ELBO draw) is seeded
-from the sample's key, so the merged result does not depend on how many workers scored
-the split, nor on which worker saw which sample: two Ray workers give the single-process
-numbers. Workers return sums (ELBO accumulator, FID feature moments) and per-sample rows
-(NLL, codes, factors); the driver adds the sums and concatenates the rows.
+Every stochastic quantity of a sample (its importance samples, its ELBO draw, the model
+sample FID pairs with it) is seeded from the sample's key, so the merged result does not
+depend on how many workers scored the split, nor on which worker saw which sample: two Ray
+workers give the single-process numbers. Workers return mergeable state (ELBO accumulator,
+FID feature moments) and per-sample rows (IWAE bound, codes, factors); the driver merges
+the state and concatenates the rows.
+
+The IWAE bound is reported as ``nll`` only where the likelihood is a probability of the
+stored data (:func:`pipeline.evaluate.likelihood.likelihood_is_density`); elsewhere it is
+``neg_iwae_nats`` and ``nll_not_shown`` says why.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -17,7 +23,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-METRICS = ("nll", "elbo", "au", "mig", "sap", "fid")
+from pipeline.evaluate.likelihood import IWAE_METRIC, binarize_mode
+
+METRICS = ("nll", IWAE_METRIC, "elbo", "au", "mig", "sap", "fid")
+# seed streams of a sample key: its ELBO draw, its importance samples, its FID sample
+SEED_STREAMS = {"elbo": 0, "iwae": 1, "fid": 2}
 
 
 @dataclass
@@ -36,6 +46,11 @@ class EvalSpec:
         if bad:
             raise ValueError(f"--metrics {','.join(bad)} unknown; choose from {','.join(METRICS)}")
 
+    @property
+    def wants_iwae(self) -> bool:
+        """``nll`` and ``neg_iwae_nats`` are two names of one computation, the IWAE bound."""
+        return bool({"nll", IWAE_METRIC} & set(self.metrics))
+
 
 def build_eval_model(blob: dict) -> torch.nn.Module:
     from models import build_model
@@ -45,8 +60,14 @@ def build_eval_model(blob: dict) -> torch.nn.Module:
     return model.eval()
 
 
-def _sample_seed(seed: int, key: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63)
+def data_config(blob: dict) -> dict:
+    """The ``data`` section of the run config saved with the model ({} for blobs without one)."""
+    return dict((blob.get("config") or {}).get("data") or {})
+
+
+def sample_seed(seed: int, key: str, stream: int = 0) -> int:
+    """The seed of one sample's draws in one ``stream`` (ELBO, IWAE, FID, binarisation)."""
+    return ((seed * len(SEED_STREAMS) + stream) * 1_000_003 + zlib.crc32(key.encode())) % (2**63)
 
 
 def _has_gaussian_latent(model: torch.nn.Module) -> bool:
@@ -67,12 +88,7 @@ def eval_stream(blob: dict, data_url: str, split: str, batch_size: int, rank: in
     if n < world:
         raise ValueError(f"split {split!r} of {data_url} has {n} samples, fewer than the {world} workers")
     return ShardStream(data_url, split, max(1, min(batch_size, n // world)), resolution, rank, world,
-                       shuffle_buffer=1, num_workers=0, channels=channels, binarize=trained_binarize(blob))
-
-
-def trained_binarize(blob: dict) -> str:
-    """The run's ``data.binarize``; ``none`` for blobs saved before the setting existed."""
-    return ((blob.get("config") or {}).get("data") or {}).get("binarize", "none")
+                       shuffle_buffer=1, num_workers=0, channels=channels, binarize=binarize_mode(data_config(blob)))
 
 
 def model_input_shape(model_config: dict) -> tuple[int, int]:
@@ -82,131 +98,202 @@ def model_input_shape(model_config: dict) -> tuple[int, int]:
     return channels, model_config.get("resolution") or parent.get("resolution", 64)
 
 
-@torch.no_grad()
-def score_partition(blob: dict, data_url: str, spec: EvalSpec, rank: int, world: int) -> dict:
-    """Score this worker's share of ``spec.split``; returns sums and per-sample rows."""
-    from pipeline.evaluate.diagnostics import ELBOAccumulator
-    from pipeline.evaluate.likelihood import iwae_log_likelihood
-
-    model = build_eval_model(blob)
-    stream = eval_stream(blob, data_url, spec.split, spec.batch_size, rank, world)
-    acc = ELBOAccumulator(latent_dim=None)
-    rows: dict[str, list] = {"key": [], "nll": [], "codes": [], "factors": []}
-    wanted = set(spec.metrics)
-    quota = None if spec.max_samples is None else math.ceil(spec.max_samples / world)
+def _partition_batches(stream, spec: EvalSpec, quota: Optional[int]):
+    """(x, keys, factors) of this worker's share, cut at ``quota`` samples (binarised by the stream)."""
     seen = 0
     for batch in stream.iter_eval(spec.split):
-        x, keys = batch["image"], list(batch["key"])
         if quota is not None and seen >= quota:
-            break
-        if quota is not None:
-            x, keys = x[: quota - seen], keys[: quota - seen]
+            return
+        keys = list(batch["key"])[: None if quota is None else quota - seen]
+        x = batch["image"][: len(keys)]
+        factors = batch["factors"][: len(keys)].numpy() if "factors" in batch else None
         seen += len(keys)
+        yield x, keys, factors
+
+
+@torch.no_grad()
+def score_partition(blob: dict, data_url: str, spec: EvalSpec, rank: int, world: int,
+                    feature_net: Optional[torch.nn.Module] = None) -> dict:
+    """Score this worker's share of ``spec.split``; returns mergeable state and per-sample rows.
+
+    ``feature_net`` replaces the FID Inception (tests, custom feature extractors).
+    """
+    from pipeline.evaluate.diagnostics import ELBOAccumulator
+    from pipeline.evaluate.likelihood import float64_copy, iwae_log_likelihood
+
+    model = build_eval_model(blob)
+    model64 = float64_copy(model) if spec.wants_iwae else None  # per-pixel terms summed in float64
+    stream = eval_stream(blob, data_url, spec.split, spec.batch_size, rank, world)
+    fid = _FIDState.start(spec, feature_net) if "fid" in spec.metrics else None
+    acc = ELBOAccumulator(latent_dim=None)
+    rows: dict[str, list] = {"key": [], "neg_iwae": [], "codes": [], "factors": []}
+    wanted = set(spec.metrics)
+    quota = None if spec.max_samples is None else math.ceil(spec.max_samples / world)
+    for x, keys, factors in _partition_batches(stream, spec, quota):
         rows["key"] += keys
         if wanted & {"mig", "sap", "au"} and _has_gaussian_latent(model):
-            mu = model.encode(x)[0]
-            rows["codes"].append(mu.double().numpy())
-            if "factors" in batch:
-                rows["factors"].append(batch["factors"][: len(keys)].numpy())
+            rows["codes"].append(model.encode(x)[0].double().numpy())
+            if factors is not None:
+                rows["factors"].append(factors)
         for i, key in enumerate(keys):
             xi = x[i : i + 1]
             if wanted & {"elbo", "au"}:
-                torch.manual_seed(_sample_seed(spec.seed, key))
+                torch.manual_seed(sample_seed(spec.seed, key, SEED_STREAMS["elbo"]))
                 acc.update(model(xi))
-            if "nll" in wanted:
-                torch.manual_seed(_sample_seed(spec.seed + 1, key))
-                rows["nll"].append(-float(iwae_log_likelihood(model, xi, k=spec.k, batch_k=spec.batch_k)[0]))
-    part: dict[str, Any] = {"elbo_sums": acc.state_dict() if acc.count else None, "rows": rows}
-    if "fid" in wanted:
-        part["fid"] = _fid_moments(model, stream, spec, rank, world, quota)
+            if model64 is not None:
+                torch.manual_seed(sample_seed(spec.seed, key, SEED_STREAMS["iwae"]))
+                rows["neg_iwae"].append(-float(iwae_log_likelihood(model64, xi.double(), k=spec.k, batch_k=spec.batch_k)[0]))
+        if fid is not None:
+            fid.update(model, x, keys, spec.seed)
+    part: dict[str, Any] = {"elbo_state": acc.state_dict() if acc.count else None, "rows": rows}
+    if fid is not None:
+        part["fid"] = fid.moments()
     return part
 
 
-def _fid_moments(model, stream, spec: EvalSpec, rank: int, world: int, quota: Optional[int]) -> Optional[dict]:
-    """Inception feature sums of this worker's data images and of as many model samples."""
-    from pipeline.evaluate.fid import FeatureMoments, fid_available, load_fid_inception
+def fid_model_samples(model: torch.nn.Module, keys: list[str], seed: int) -> torch.Tensor:
+    """One model sample per data key, each drawn from its own seed: the same set of samples
+    whatever the partition of the keys across workers."""
+    out = []
+    for key in keys:
+        torch.manual_seed(sample_seed(seed, key, SEED_STREAMS["fid"]))
+        out.append(model.sample(1))
+    return torch.cat(out).float().clamp(0.0, 1.0)
 
-    ok, _ = fid_available(spec.fid_weights)
-    if not ok:
-        return None
-    inception = load_fid_inception(spec.fid_weights)
-    real, fake, n = FeatureMoments(), FeatureMoments(), 0
-    torch.manual_seed(spec.seed * 7919 + rank)
-    for batch in stream.iter_eval(spec.split):
-        x = batch["image"]
-        if quota is not None:
-            x = x[: max(quota - n, 0)]
-        if len(x) == 0:
-            break
-        n += len(x)
-        real.update(inception(x).double())
-        fake.update(inception(model.sample(len(x)).float()).double())
-    return {"real": real, "fake": fake}
+
+@dataclass
+class _FIDState:
+    """Feature moments of this worker's data images and of as many model samples."""
+
+    net: Any
+    real: Any
+    fake: Any
+
+    @classmethod
+    def start(cls, spec: EvalSpec, feature_net: Optional[torch.nn.Module]) -> Optional["_FIDState"]:
+        from pipeline.evaluate.fid import FeatureMoments, fid_available, load_fid_inception
+
+        if feature_net is None:
+            if not fid_available(spec.fid_weights)[0]:
+                return None
+            feature_net = load_fid_inception(spec.fid_weights)
+        return cls(feature_net.eval(), FeatureMoments(), FeatureMoments())
+
+    def update(self, model: torch.nn.Module, x: torch.Tensor, keys: list[str], seed: int) -> None:
+        dtype = next(self.net.parameters()).dtype  # the Inception is float32; a test net may be float64
+        self.real.update(self.net(x.to(dtype)).double())
+        self.fake.update(self.net(fid_model_samples(model, keys, seed).to(dtype)).double())
+
+    def moments(self) -> dict:
+        return {"real": self.real, "fake": self.fake}
 
 
 def merge_partitions(parts: list[dict], spec: EvalSpec) -> dict:
-    """Add the workers' sums, join their rows and compute the requested metrics."""
-    from pipeline.evaluate.diagnostics import ELBOAccumulator, active_units_cov
-    from pipeline.evaluate.disentanglement import mig, sap
-
+    """Merge the workers' state, join their rows and compute the requested metrics."""
     results: dict[str, Any] = {}
     keys = [k for p in parts for k in p["rows"]["key"]]
     order = np.argsort(keys, kind="stable")  # rows in key order: independent of the partitioning
     results["num_samples"] = len(keys)
-    sums = [p["elbo_sums"] for p in parts if p["elbo_sums"] is not None]
-    if sums:
-        total = ELBOAccumulator.from_sums(sums[0])
-        for other in sums[1:]:
-            total.merge(ELBOAccumulator.from_sums(other))
-        r = total.compute()
-        results.update({"elbo": r["elbo"], "recon": r["recon"], "kl": r["kl"], "kl_per_dim": r["kl_per_dim"],
-                        "active_units_kl": r["active_units_kl"]})
-        if "collapse" in r:
-            results["collapse"] = r["collapse"]
-    nll = np.array([v for p in parts for v in p["rows"]["nll"]], dtype=np.float64)
-    if len(nll):
-        results["nll"] = float(nll.mean())
-        results["nll_per_sample"] = nll[order]
-    codes_parts = [c for p in parts for c in p["rows"]["codes"]]
-    if codes_parts:
-        codes = np.concatenate(codes_parts)[order]
-        results["num_units"] = int(codes.shape[1])
-        if "au" in spec.metrics:
-            results["active_units_cov"] = active_units_cov(codes)
-        factor_parts = [f for p in parts for f in p["rows"]["factors"]]
-        if factor_parts:
-            factors = np.concatenate(factor_parts)[order]
-            if "mig" in spec.metrics:
-                results["mig"] = float(mig(codes, factors))
-            if "sap" in spec.metrics:
-                # SAP trains its 1-D classifiers on one half and scores on the other, split by key
-                half = np.array([zlib.crc32(keys[i].encode()) % 2 == 0 for i in order])
-                results["sap"] = float(sap(codes[half], factors[half], codes[~half], factors[~half]))
+    results.update(_merge_elbo(parts))
+    neg_iwae = np.array([v for p in parts for v in p["rows"]["neg_iwae"]], dtype=np.float64)
+    if len(neg_iwae):
+        results[IWAE_METRIC] = float(neg_iwae.mean())
+        results[f"{IWAE_METRIC}_per_sample"] = neg_iwae[order]
+    results.update(_merge_codes(parts, spec, keys, order))
     if "fid" in spec.metrics:
-        results["fid"] = _merge_fid(parts)
+        results.update(_merge_fid(parts))
     return results
 
 
-def _merge_fid(parts: list[dict]) -> Optional[float]:
+def _merge_elbo(parts: list[dict]) -> dict:
+    from pipeline.evaluate.diagnostics import ELBOAccumulator
+
+    states = [p["elbo_state"] for p in parts if p["elbo_state"] is not None]
+    if not states:
+        return {}
+    total = ELBOAccumulator.from_state(states[0])
+    for other in states[1:]:
+        total.merge(other)
+    r = total.compute()
+    out = {k: r[k] for k in ("elbo", "recon", "kl", "kl_per_dim", "active_units_kl")}
+    if "collapse" in r:
+        out["collapse"] = r["collapse"]
+    return out
+
+
+def _merge_codes(parts: list[dict], spec: EvalSpec, keys: list[str], order: np.ndarray) -> dict:
+    from pipeline.evaluate.diagnostics import active_units_cov
+    from pipeline.evaluate.disentanglement import mig, sap
+
+    codes_parts = [c for p in parts for c in p["rows"]["codes"]]
+    if not codes_parts:
+        return {}
+    codes = np.concatenate(codes_parts)[order]
+    out: dict[str, Any] = {"num_units": int(codes.shape[1])}
+    if "au" in spec.metrics:
+        out["active_units_cov"] = active_units_cov(codes)
+    factor_parts = [f for p in parts for f in p["rows"]["factors"]]
+    if factor_parts:
+        factors = np.concatenate(factor_parts)[order]
+        if "mig" in spec.metrics:
+            out["mig"] = float(mig(codes, factors))
+        if "sap" in spec.metrics:
+            # SAP trains its 1-D classifiers on one half and scores on the other, split by key
+            half = np.array([zlib.crc32(keys[i].encode()) % 2 == 0 for i in order])
+            out["sap"] = float(sap(codes[half], factors[half], codes[~half], factors[~half]))
+    return out
+
+
+def _merge_fid(parts: list[dict]) -> dict:
+    """``fid`` (None without a feature network) and ``fid_warning`` when the covariance is singular."""
     from pipeline.evaluate.fid import frechet_distance
 
     moments = [p.get("fid") for p in parts]
     if not moments or any(m is None for m in moments):
-        return None
+        return {"fid": None}
     real, fake = moments[0]["real"], moments[0]["fake"]
     for m in moments[1:]:
         real.merge(m["real"])
         fake.merge(m["fake"])
-    return frechet_distance(*real.compute(), *fake.compute())
+    out: dict[str, Any] = {"fid": frechet_distance(*real.compute(), *fake.compute())}
+    dim = int(real.mean.shape[0])
+    if real.n < dim:
+        out["fid_warning"] = (f"FID from {real.n} samples < {dim} feature dimensions: the covariance is singular "
+                              "and the number is not comparable with FIDs from other sample counts")
+        warnings.warn(out["fid_warning"], stacklevel=2)
+    return out
 
 
-def evaluate(blob: dict, data_url: str, spec: EvalSpec, workers: int = 1) -> dict:
+def name_likelihood_metrics(results: dict, blob: dict) -> dict:
+    """Name the IWAE bound by what it is: ``nll`` (+ bits/dim) only for a probability of the stored
+    data; otherwise ``neg_iwae_nats``, ``neg_elbo`` (and ``bce`` for Bernoulli) with ``nll_not_shown``."""
+    from pipeline.evaluate.likelihood import bits_per_dim, likelihood_is_density, likelihood_name
+
+    is_density, reason = likelihood_is_density(blob["model_config"], data_config(blob))
+    results["likelihood_is_density"] = is_density
+    if is_density and IWAE_METRIC in results:
+        channels, resolution = model_input_shape(blob["model_config"])
+        results["nll"] = results[IWAE_METRIC]
+        results["nll_per_sample"] = results[f"{IWAE_METRIC}_per_sample"]
+        results["nll_bits_per_dim"] = float(bits_per_dim(-results["nll"], channels * resolution ** 2))
+    if not is_density:
+        results["nll_not_shown"] = reason
+        if "elbo" in results:
+            results["neg_elbo"] = -results["elbo"]
+            if likelihood_name(blob["model_config"]) == "bernoulli":
+                results["bce"] = results["recon"]
+    return results
+
+
+def evaluate(blob: dict, data_url: str, spec: EvalSpec, workers: int = 1,
+             feature_net: Optional[torch.nn.Module] = None) -> dict:
     """Score ``data_url``'s split with ``workers`` Ray workers (1 = in this process)."""
     if workers <= 1:
-        return merge_partitions([score_partition(blob, data_url, spec, 0, 1)], spec)
-    import ray
+        parts = [score_partition(blob, data_url, spec, 0, 1, feature_net)]
+    else:
+        import ray
 
-    blob_ref = ray.put(blob)
-    task = ray.remote(num_cpus=1)(score_partition)
-    parts = ray.get([task.remote(blob_ref, data_url, spec, r, workers) for r in range(workers)])
-    return merge_partitions(parts, spec)
+        blob_ref = ray.put(blob)
+        task = ray.remote(num_cpus=1)(score_partition)
+        parts = ray.get([task.remote(blob_ref, data_url, spec, r, workers, feature_net) for r in range(workers)])
+    return name_likelihood_metrics(merge_partitions(parts, spec), blob)
