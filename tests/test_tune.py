@@ -223,7 +223,8 @@ def test_promotion_moves_champion_only_for_a_better_challenger(shards32, tmp_pat
     from models import build_model
     from pipeline.data.stream import ShardStream
     from pipeline.evaluate.runner import EvalSpec
-    from pipeline.promote import promote
+    from pipeline.evaluate.diagnostics import active_units_cov
+    from pipeline.promote import compare, promote
     from pipeline.tracking import make_client, register_model
 
     cfg = load_config(None, base_overrides(shards32, tmp_path, **{"model.likelihood": "bernoulli"}))
@@ -242,14 +243,27 @@ def test_promotion_moves_champion_only_for_a_better_challenger(shards32, tmp_pat
     strong = register_model(uri, _log_model(uri, cfg, trained.eval(), "strong"), "vae-promo", "challenger")
     # bernoulli on continuous pixels: the IWAE bound is compared under its own name, not as nll
     spec = EvalSpec(metrics=["neg_iwae_nats", "au"], split="valid", k=8, batch_k=8)
-    wins, rows, version = promote("vae-promo", shards32, spec, [0.0, 32.0], uri)
+    au_margin = 8.0  # the whole 8-unit latent: the au gate passes here, it is exercised below
+    wins, rows, version = promote("vae-promo", shards32, spec, [0.0, au_margin], uri)
     assert wins and version == strong
     client = make_client(uri)
     assert str(client.get_model_version_by_alias("vae-promo", "champion").version) == str(strong)
     assert rows[0].metric == "neg_iwae_nats" and rows[0].challenger < rows[0].champion
+    # the au row is Burda's count on the same split, computed here another way
+    valid = torch.cat([b["image"] for b in ShardStream(shards32, "valid", 8, 32, 0, 1, num_workers=0).iter_eval("valid")])
+    with torch.no_grad():
+        direct = [active_units_cov(m.eval().encode(valid)[0].double()) for m in (untrained, trained)]
+    assert (rows[1].metric, rows[1].champion, rows[1].challenger) == ("au", direct[0], direct[1])
+    # a margin one unit tighter than the drop in active units the strong model shows refuses it
+    drop = rows[1].champion - rows[1].challenger
+    if drop >= 1:
+        _, tight = compare({"neg_iwae_nats": rows[0].champion, "active_units_cov": rows[1].champion},
+                           {"neg_iwae_nats": rows[0].challenger, "active_units_cov": rows[1].challenger},
+                           ["neg_iwae_nats", "au"], [0.0, drop - 1])
+        assert not tight[1].ok
     # now the weak model challenges the strong champion and is refused
     client.set_registered_model_alias("vae-promo", "challenger", weak)
-    wins, rows, version = promote("vae-promo", shards32, spec, [0.0, 32.0], uri)
+    wins, rows, version = promote("vae-promo", shards32, spec, [0.0, au_margin], uri)
     assert not wins and version == strong
     assert str(client.get_model_version_by_alias("vae-promo", "champion").version) == str(strong)
     decisions = [r.data.tags["vaepipe.decision"] for r in client.search_runs(
