@@ -235,6 +235,10 @@ class DistConfig:
     """Ray cluster address; None = RAY_ADDRESS or a local Ray started for this run."""
     max_failures: int = 1
     """Worker-group restarts from the latest checkpoint before the run fails."""
+    start_retries: int = 2
+    """Times a worker group whose workers cannot be placed is retried (Ray waits 60 s each,
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) before the run fails naming the resources; -1 waits
+    forever (an autoscaling cluster that will add nodes)."""
 
 
 @dataclass
@@ -371,6 +375,7 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
     _check(s.num_workers >= 1, "dist.num_workers", s.num_workers, "must be >= 1")
     _check(s.zero_stage in (0, 1, 2, 3), "dist.zero_stage", s.zero_stage, "must be 0, 1, 2 or 3")
+    _check(s.start_retries >= -1, "dist.start_retries", s.start_retries, "must be >= -1 (-1 retries forever)")
     _check(not s.offload_params or s.zero_stage == 3, "dist.offload_params", s.offload_params, "needs dist.zero_stage=3")
     _check(not s.offload_optimizer or s.zero_stage >= 1, "dist.offload_optimizer", s.offload_optimizer, "needs dist.zero_stage >= 1")
     _check(not (t.precision == "fp16" and s.gpus_per_worker == 0), "train.precision", t.precision,

@@ -42,9 +42,11 @@ def ray_session():
     """One local Ray for every integration test: a 2-worker fit costs ~30 s of start-up."""
     import ray
 
-    # 4 logical CPUs on a 2-core machine: 2 training workers plus Train's controller.
-    # The dashboard serves the State API Train V2's placement-group cleaner needs (loopback only).
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    from pipeline.ray_local import start_local_ray
+
+    # 4 logical CPUs on a 2-core machine: 2 training workers plus Train's controller. Addressed
+    # explicitly, so a vaepipe job running beside the suite cannot confuse either.
+    start_local_ray(num_cpus=4)
     yield ray
     ray.shutdown()
 

@@ -7,8 +7,12 @@ dozen steps of the debug model at 32 px.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +136,46 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, shards32, tmp_
     assert result.metrics["step"] == 12
     run = _client(result.tracking_uri).get_run(result.run_id)
     assert run.data.tags["vaepipe.resumed_from_step"] == "5"
+
+
+def _kill_when_paused(marker: Path, timeout: float = 600.0) -> threading.Thread:
+    """SIGKILL, from outside, the worker that wrote its pid into ``marker`` (a fault drill pause)."""
+    def kill() -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            pid = marker.read_text().strip() if marker.exists() else ""
+            if pid.isdigit():
+                os.kill(int(pid), signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("where, resumed", [("step:8", "5"), ("checkpoint:10", "5")])
+def test_worker_sigkilled_from_outside_resumes_from_the_last_committed_checkpoint(
+        ray_session, shards32, tmp_path, monkeypatch, where, resumed):
+    """A preemption: one worker is SIGKILLed mid-epoch (after step 8) or while it writes step 10's
+    checkpoint. Ray restarts the group, which restores the newest *committed* checkpoint (step 5:
+    step 10's folder is never committed), redoes at most one interval and ends at the step asked."""
+    from pipeline.train.checkpoint import commit_status, marker_of
+
+    marker = tmp_path / "fault.marker"
+    monkeypatch.setenv("VAEPIPE_FAULT_PAUSE", where)
+    monkeypatch.setenv("VAEPIPE_FAULT_MARKER", str(marker))
+    killer = _kill_when_paused(marker)
+    result = _train(base_overrides(shards32, tmp_path, **{"dist.max_failures": 1, "train.checkpoint_every": 5,
+                                                            "train.keep_checkpoints": 5, "tracking.log_model": False}))
+    killer.join(timeout=5)
+    assert marker.read_text().strip().isdigit(), "no worker paused for the drill"
+    assert result.metrics["step"] == 12
+    run = _client(result.tracking_uri).get_run(result.run_id)
+    assert run.data.tags["vaepipe.resumed_from_step"] == resumed
+    folders = list(Path(result.run_dir).glob("checkpoint_*"))
+    committed = sorted(marker_of(f)["step"] for f in folders if commit_status(f)[0])
+    assert committed[-1] == 12 and 5 in committed
 
 
 def test_manual_resume_continues_step_count(ray_session, shards32, tmp_path):

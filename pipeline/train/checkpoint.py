@@ -1,9 +1,16 @@
-"""Checkpoints of a training run: every rank's DeepSpeed shard plus vaepipe's own state.
+"""Checkpoints of a training run: write, commit, find the newest committed one, restore.
 
 A checkpoint folder holds ``ds/`` (DeepSpeed's per-rank files), ``vaepipe_state.json``
 (train state, data position, config, MLflow run id), the auxiliary network when a family
-has one, and the resolved ``config.yaml``. Every rank writes into its own temporary folder
-and reports it; Ray merges them into one checkpoint on storage.
+has one, the resolved ``config.yaml`` and the commit marker ``vaepipe_commit.json``. Every
+rank writes into its own temporary folder; the ranks then exchange the names and sizes of
+what they wrote, rank 0 writes the marker listing every rank's files, and all report the
+folder to Ray, which merges them into one checkpoint on storage.
+
+A checkpoint is *committed* only when the marker is there and every file it lists is there
+with exactly the listed size: a rank killed while writing or uploading leaves a folder that
+is never chosen. A restore tries the newest committed checkpoint first and falls back to the
+previous one when loading fails on any rank.
 """
 
 from __future__ import annotations
@@ -17,10 +24,17 @@ from typing import Any, Optional
 import torch
 
 from pipeline.config import to_dict, to_yaml
+from pipeline.train.collectives import any_rank, gather_objects
+from pipeline.train.faults import maybe_pause
 
 STATE_FILE = "vaepipe_state.json"
 AUX_FILE = "auxiliary.pt"  # the auxiliary network and its optimizer (identical on every rank)
+MARKER_FILE = "vaepipe_commit.json"  # written last by rank 0: every rank's files and sizes
 CKPT_TAG = "ds"  # one tag per Ray checkpoint folder: Ray keeps the history, not DeepSpeed
+
+
+class CheckpointError(RuntimeError):
+    """No committed checkpoint could be restored; the message lists each candidate's reason."""
 
 
 def read_state(folder: Path) -> dict:
@@ -31,12 +45,12 @@ def checkpoint_step(folder: Path) -> int:
     return int(read_state(folder)["train_state"]["step"])
 
 
-def save_checkpoint(w: Any, metrics: dict) -> None:
-    """Every rank saves its DeepSpeed shard into its own folder, then all report one checkpoint.
+def _files_and_sizes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
 
-    Ray merges the ranks' folders into one checkpoint on storage, so a restart on any
-    rank layout that matches the world size finds every shard.
-    """
+
+def save_checkpoint(w: Any, metrics: dict) -> None:
+    """Every rank saves its shard, rank 0 commits the file list, then all report one checkpoint."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,52 +62,103 @@ def save_checkpoint(w: Any, metrics: dict) -> None:
             if w.aux is not None:
                 torch.save(w.aux.state_dict(), Path(tmp) / AUX_FILE)
             (Path(tmp) / "config.yaml").write_text(to_yaml(w.cfg))
+        listed = gather_objects(_files_and_sizes(Path(tmp)))
+        if w.rank == 0:
+            write_marker(Path(tmp), listed, w.state.step, w.world_size, w.cfg.dist.zero_stage)
+        maybe_pause(w, "checkpoint")  # fault drills only: a kill between writing and reporting
         report = {**metrics, **w.last_val, "step": w.state.step}
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def complete_checkpoints(run_dir: Path, world_size: int, zero_stage: int) -> list[Path]:
-    """Checkpoint folders under ``run_dir`` holding the state file and every rank's ZeRO shard."""
-    out = []
-    for d in run_dir.glob("checkpoint_*"):
-        tag = d / CKPT_TAG
-        if not (d / STATE_FILE).exists() or not list(tag.glob("*model_states.pt")):
-            continue
-        if zero_stage >= 1 and len(list(tag.glob("*optim_states.pt"))) < world_size:
-            continue
-        out.append(d)
-    return out
+def write_marker(folder: Path, per_rank: list[dict[str, int]], step: int, world_size: int, zero_stage: int) -> None:
+    files: dict[str, int] = {}
+    for rank_files in per_rank:
+        files.update(rank_files)
+    marker = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "files": files}
+    (folder / MARKER_FILE).write_text(json.dumps(marker, indent=1))
+
+
+def commit_status(folder: Path) -> tuple[bool, str]:
+    """(True, "") for a committed checkpoint, else (False, what is wrong with it)."""
+    marker_path = Path(folder) / MARKER_FILE
+    if not marker_path.is_file():
+        return False, f"{folder}: no {MARKER_FILE} (never committed: written before vaepipe committed, or cut off)"
+    try:
+        marker = json.loads(marker_path.read_text())
+    except ValueError:
+        return False, f"{folder}: {MARKER_FILE} is not valid JSON (cut off while written)"
+    for rel, size in marker["files"].items():
+        path = Path(folder) / rel
+        if not path.is_file():
+            return False, f"{folder}: {rel} is missing"
+        if path.stat().st_size != size:
+            return False, f"{folder}: {rel} has {path.stat().st_size} bytes, the commit lists {size} (truncated)"
+    return True, ""
+
+
+def marker_of(folder: Path) -> dict:
+    return json.loads((Path(folder) / MARKER_FILE).read_text())
+
+
+def committed_checkpoints(run_dir: Path) -> list[Path]:
+    """Committed checkpoint folders under ``run_dir``, newest step first."""
+    found = [d for d in Path(run_dir).glob("checkpoint_*") if commit_status(d)[0]]
+    return sorted(found, key=lambda d: marker_of(d)["step"], reverse=True)
+
+
+def _candidates(run_dir: Optional[str], resume_from: Optional[str], ray_dir: Optional[str]) -> list[Path]:
+    """``--resume``'s folder, Ray's latest and the run folder's committed ones, newest first, once each."""
+    found = [Path(p) for p in (resume_from, ray_dir) if p]
+    if run_dir and "://" not in run_dir:
+        found += committed_checkpoints(Path(run_dir))
+    unique = {str(p.resolve()): p for p in found}
+    return sorted(unique.values(), key=lambda d: marker_of(d)["step"] if commit_status(d)[0] else -1, reverse=True)
 
 
 def restore(w: Any, run_dir: Optional[str], resume_from: Optional[str]) -> None:
-    """Load the newest checkpoint into engine, train state and data position.
-
-    Candidates: the folder ``--resume`` named, and the latest checkpoint Ray registered for
-    this run (after an automatic restart). A
-    report that reached storage but not the controller (a rank died within the controller's
-    poll interval of reporting) is found by scanning the run folder for complete checkpoints;
-    the one with the highest step wins.
-    """
+    """Load the newest committed checkpoint that every rank can load into engine, state and stream."""
     import ray.train
 
-    candidates: list[Path] = [Path(resume_from)] if resume_from else []
     ckpt = ray.train.get_checkpoint()
     with (ckpt.as_directory() if ckpt is not None else contextlib.nullcontext()) as ray_dir:
-        if ray_dir is not None:
-            candidates.append(Path(ray_dir))
-        if run_dir and "://" not in run_dir:
-            candidates += complete_checkpoints(Path(run_dir), w.world_size, w.cfg.dist.zero_stage)
-        if not candidates:
+        restore_newest(w, _candidates(run_dir, resume_from, ray_dir))
+
+
+def restore_newest(w: Any, candidates: list[Path]) -> None:
+    """Try ``candidates`` in order; the first that every rank loads wins. Ranks agree after each try."""
+    reasons = []
+    for folder in candidates:
+        reason = _try_load(w, folder)
+        if not any_rank(reason is not None, w.device):
+            w.resumed_from = w.state.step
+            if reasons and w.rank == 0:
+                print(f"[vaepipe] restored {folder} (step {w.state.step}) after skipping: " + "; ".join(reasons))
             return
-        best = max(candidates, key=checkpoint_step)
-        w.engine.load_checkpoint(str(best), tag=CKPT_TAG)
-        # the config's learning rate wins over the one saved with the optimizer state: a PBT
-        # exploit or a resumed run with a new optim.lr continues with the new value
-        for group in w.engine.optimizer.param_groups:
-            group["lr"] = w.cfg.optim.lr
-        saved = read_state(best)
-        if w.aux is not None and (best / AUX_FILE).exists():
-            w.aux.load_state_dict(torch.load(best / AUX_FILE, map_location=w.device))
+        reasons.append(reason or f"{folder}: another rank could not load it")
+    if reasons:
+        raise CheckpointError("no committed checkpoint could be restored: " + "; ".join(reasons))
+
+
+def _try_load(w: Any, folder: Path) -> Optional[str]:
+    """Load ``folder`` into this rank; None on success, else why not."""
+    ok, why = commit_status(folder)
+    if not ok:
+        return why
+    marker = marker_of(folder)
+    if marker["world_size"] != w.world_size:
+        return (f"{folder}: written by {marker['world_size']} ranks, this run has {w.world_size} "
+                "(resuming on another world size needs a universal checkpoint)")
+    try:
+        w.engine.load_checkpoint(str(folder), tag=CKPT_TAG)
+        saved = read_state(folder)
+        if w.aux is not None and (folder / AUX_FILE).exists():
+            w.aux.load_state_dict(torch.load(folder / AUX_FILE, map_location=w.device, weights_only=True))
+    except Exception as exc:  # a committed file that still does not load: fall back to an older one
+        return f"{folder}: loading failed ({type(exc).__name__}: {str(exc)[:200]})"
+    # the config's learning rate wins over the one saved with the optimizer state: a PBT
+    # exploit or a resumed run with a new optim.lr continues with the new value
+    for group in w.engine.optimizer.param_groups:
+        group["lr"] = w.cfg.optim.lr
     w.state.load_state_dict(saved["train_state"])
     w.stream.load_state_dict(saved["data_state"])
-    w.resumed_from = w.state.step
+    return None

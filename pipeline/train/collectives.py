@@ -32,6 +32,21 @@ def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    dist = _dist()
+    if dist is None:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when ``flag`` is true on any rank (one collective)."""
+    return bool(all_reduce_values([1.0 if flag else 0.0], device, op="max")[0])
+
+
 def world_size() -> int:
     dist = _dist()
     return dist.get_world_size() if dist is not None else 1

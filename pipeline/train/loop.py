@@ -7,12 +7,11 @@ restores, ``export`` logs the model. This module only sequences them.
 
 from __future__ import annotations
 
-import os
 import warnings
-from pathlib import Path
 
 from pipeline.train.checkpoint import save_checkpoint
 from pipeline.train.export import export_model
+from pipeline.train.faults import maybe_exit, maybe_pause
 from pipeline.train.observe import MetricWindow, log_images, log_window, validate
 from pipeline.train.step import train_step
 from pipeline.train.worker import Worker, build_worker
@@ -53,7 +52,8 @@ def run_steps(w: Worker) -> None:
             st.samples_seen += cfg.data.batch_size * w.world_size
             st.step += 1
             window.add(out)
-            _maybe_fault(st.step, w.fault)
+            maybe_exit(st.step, w.fault)
+            maybe_pause(w, "step")
             after_step(w, window, batch)
             if st.step >= cfg.train.max_steps:
                 break
@@ -83,13 +83,3 @@ def check_divergence(w: Worker, consecutive_skips: int) -> None:
             f"diverged: {consecutive_skips} consecutive non-finite losses at step {w.state.step} "
             f"(train.max_consecutive_skips): lower optim.lr (now {cfg.optim.lr}) "
             f"or check the data at {cfg.data.path}")
-
-
-def _maybe_fault(step: int, fault: dict) -> None:
-    """Fault injection for fault-tolerance tests and drills: with ``VAEPIPE_FAULT_AT_STEP=N`` and
-    ``VAEPIPE_FAULT_MARKER=<file>`` in the driver's environment, the process of every rank
-    that reaches step N first dies once (the marker file keeps the restarted group alive)."""
-    at, marker = fault.get("VAEPIPE_FAULT_AT_STEP"), fault.get("VAEPIPE_FAULT_MARKER")
-    if at and marker and step == int(at) and not Path(marker).exists():
-        Path(marker).write_text(str(step))
-        os._exit(1)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.config import ConfigError, VaepipeConfig, to_dict
-from pipeline.train.checkpoint import STATE_FILE
+from pipeline.train.checkpoint import MARKER_FILE, STATE_FILE, commit_status, marker_of
 from pipeline.train.loop import train_loop_per_worker
 
 
@@ -67,12 +67,17 @@ def find_checkpoint(resume: str, uri: str) -> Path:
         if not run_dir:
             raise ConfigError(f"MLflow run {resume} has no vaepipe.run_dir tag; pass the checkpoint folder instead")
         p = Path(run_dir)
-    if (p / STATE_FILE).exists():
+    if (p / STATE_FILE).exists() or (p / MARKER_FILE).exists():
+        ok, why = commit_status(p)
+        if not ok:
+            raise ConfigError(f"--resume {resume!r} is not a committed checkpoint: {why}; "
+                              "pass its run folder to take the newest committed one")
         return p
-    candidates = sorted((c for c in p.glob("**/checkpoint_*") if (c / STATE_FILE).exists()), key=lambda c: json.loads((c / STATE_FILE).read_text())["train_state"]["step"])
-    if not candidates:
-        raise ConfigError(f"--resume {resume!r}: no vaepipe checkpoint (a folder with {STATE_FILE}) under {p}")
-    return candidates[-1]
+    committed = [c for c in p.glob("**/checkpoint_*") if commit_status(c)[0]]
+    if not committed:
+        raise ConfigError(f"--resume {resume!r}: no committed vaepipe checkpoint (a folder with {MARKER_FILE} "
+                          f"whose files are all complete) under {p}")
+    return max(committed, key=lambda c: marker_of(c)["step"])
 
 
 def attach_parent(cfg: VaepipeConfig, uri: str) -> tuple[VaepipeConfig, dict]:
@@ -112,10 +117,26 @@ def init_ray(cfg: VaepipeConfig, spare_cpus: int = 0) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # The dashboard process serves the State API that Train V2's placement-group cleaner
-        # polls; without it finished runs leak their workers' CPUs. Bound to loopback.
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-                 num_cpus=(os.cpu_count() or 1) + spare_cpus)
+        from pipeline.ray_local import start_local_ray
+
+        start_local_ray((os.cpu_count() or 1) + spare_cpus)
+
+
+def _raise_if_unplaceable(exc: BaseException, cfg: VaepipeConfig) -> None:
+    """Ray's worker-group start timeout, retried ``dist.start_retries`` times, as a message that says
+    what was asked and what the cluster had free."""
+    import ray
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    failure = getattr(exc, "controller_failure", None)
+    if not isinstance(failure, WorkerGroupStartupTimeoutError):
+        return
+    d = cfg.dist
+    raise RuntimeError(
+        f"the {d.num_workers} training workers ({d.cpus_per_worker} CPU, {d.gpus_per_worker} GPU each) could not be "
+        f"placed after {d.start_retries + 1} tries; the cluster has {ray.available_resources()} free of "
+        f"{ray.cluster_resources()}: lower dist.num_workers, wait for other jobs, or raise dist.start_retries "
+        "on an autoscaling cluster") from exc
 
 
 def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id: Optional[str] = None,
@@ -170,15 +191,17 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
         run_config=RunConfig(
             name=name,
             storage_path=cfg.train.storage_path,
-            failure_config=FailureConfig(max_failures=cfg.dist.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.dist.max_failures,
+                                         controller_failure_limit=cfg.dist.start_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=list(callbacks),
         ),
     )
     try:
         result = trainer.fit()
-    except BaseException:
+    except BaseException as exc:
         tracking.end_run(uri, run_id, "FAILED")
+        _raise_if_unplaceable(exc, cfg)
         raise
     tracking.end_run(uri, run_id, "FINISHED")
     run = tracking.make_client(uri).get_run(run_id)

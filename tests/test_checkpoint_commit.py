@@ -1,0 +1,103 @@
+"""Checkpoints are chosen by their commit marker, never by counting files: a truncated or
+missing file, a missing marker or another world size is refused with the reason, and a
+restore that fails on the newest committed checkpoint falls back to the previous one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.train.checkpoint import (
+    MARKER_FILE, STATE_FILE, CheckpointError, commit_status, committed_checkpoints, restore_newest, write_marker,
+)
+from pipeline.train.trainer import find_checkpoint
+from pipeline.train.worker import TrainState
+
+
+def _checkpoint(run: Path, name: str, step: int, world: int = 2, sizes=(100, 80)) -> Path:
+    d = run / name
+    (d / "ds").mkdir(parents=True)
+    per_rank = []
+    for r, size in enumerate(sizes):
+        f = d / "ds" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+        f.write_bytes(b"x" * size)
+        per_rank.append({str(f.relative_to(d)): size})
+    (d / STATE_FILE).write_text(json.dumps({"train_state": {"step": step}, "data_state": {"pos": step}}))
+    per_rank[0][STATE_FILE] = (d / STATE_FILE).stat().st_size
+    write_marker(d, per_rank, step, world, 2)
+    return d
+
+
+def test_a_committed_checkpoint_lists_every_ranks_files(tmp_path):
+    d = _checkpoint(tmp_path, "checkpoint_a", 10)
+    assert commit_status(d) == (True, "")
+    listed = json.loads((d / MARKER_FILE).read_text())["files"]
+    assert sorted(listed) == sorted(["ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                     "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt", STATE_FILE])
+
+
+def test_truncated_missing_and_unmarked_checkpoints_are_never_committed(tmp_path):
+    truncated = _checkpoint(tmp_path, "checkpoint_t", 20)
+    shard = truncated / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(b"x" * 40)  # cut off mid-upload
+    ok, why = commit_status(truncated)
+    assert not ok and "zero_pp_rank_1" in why and "40 bytes" in why and "80" in why
+    missing = _checkpoint(tmp_path, "checkpoint_m", 30)
+    (missing / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    assert not commit_status(missing)[0] and "missing" in commit_status(missing)[1]
+    unmarked = _checkpoint(tmp_path, "checkpoint_u", 40)
+    (unmarked / MARKER_FILE).unlink()
+    assert "no vaepipe_commit.json" in commit_status(unmarked)[1]
+    good = _checkpoint(tmp_path, "checkpoint_g", 10)
+    assert committed_checkpoints(tmp_path) == [good]  # the higher steps are all refused
+
+
+def test_resume_refuses_an_uncommitted_folder_and_takes_the_newest_committed(tmp_path):
+    _checkpoint(tmp_path, "checkpoint_1", 5)
+    newest = _checkpoint(tmp_path, "checkpoint_2", 10)
+    torn = _checkpoint(tmp_path, "checkpoint_3", 15)
+    (torn / MARKER_FILE).write_text('{"step": 15, "files": {')  # cut off while written
+    assert find_checkpoint(str(tmp_path), "sqlite:///unused.db") == newest
+    with pytest.raises(ConfigError, match="not a committed checkpoint.*not valid JSON"):
+        find_checkpoint(str(torn), "sqlite:///unused.db")
+
+
+class _Engine:
+    def __init__(self, broken: set):
+        self.broken, self.loaded = broken, []
+        self.optimizer = SimpleNamespace(param_groups=[{"lr": 1.0}])
+
+    def load_checkpoint(self, path, tag):
+        if Path(path).name in self.broken:
+            raise RuntimeError("PytorchStreamReader failed reading zip archive")
+        self.loaded.append(Path(path).name)
+
+
+def _worker(broken=(), world=2):
+    stream = SimpleNamespace(state=None)
+    stream.load_state_dict = lambda s: setattr(stream, "state", s)
+    cfg = SimpleNamespace(optim=SimpleNamespace(lr=1e-3))
+    return SimpleNamespace(engine=_Engine(set(broken)), state=TrainState(), stream=stream, aux=None, cfg=cfg,
+                           device=torch.device("cpu"), world_size=world, rank=0, resumed_from=None)
+
+
+def test_restore_falls_back_to_the_previous_committed_checkpoint(tmp_path, capsys):
+    older, newer = _checkpoint(tmp_path, "checkpoint_1", 5), _checkpoint(tmp_path, "checkpoint_2", 10)
+    w = _worker(broken={"checkpoint_2"})
+    restore_newest(w, committed_checkpoints(tmp_path))
+    assert w.engine.loaded == ["checkpoint_1"] and w.state.step == 5 and w.resumed_from == 5
+    assert w.stream.state == {"pos": 5} and w.engine.optimizer.param_groups[0]["lr"] == 1e-3
+    assert "PytorchStreamReader" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="checkpoint_1.*checkpoint_2|checkpoint_2.*checkpoint_1"):
+        restore_newest(_worker(broken={"checkpoint_1", "checkpoint_2"}), [newer, older])
+
+
+def test_a_checkpoint_of_another_world_size_is_refused_with_the_reason(tmp_path):
+    four = _checkpoint(tmp_path, "checkpoint_4", 10, world=4, sizes=(10, 10, 10, 10))
+    with pytest.raises(CheckpointError, match="written by 4 ranks, this run has 2"):
+        restore_newest(_worker(world=2), [four])
