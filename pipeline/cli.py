@@ -210,6 +210,12 @@ def sample(
 
     import warnings
 
+    from pipeline.serving import check_model_uri
+
+    try:
+        check_model_uri(model)
+    except ValueError as exc:
+        _fail(str(exc))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*type hint.*")
         pyfunc = mlflow.pyfunc.load_model(model)
@@ -261,7 +267,10 @@ def evaluate(
         ok, msg = fid_available(fid_weights)
         if not ok:
             console.print(f"[yellow]FID skipped:[/] {msg}")
-    run_id, results = run_evaluation(model, data, spec, workers, resolve_tracking_uri(cfg), experiment)
+    try:
+        run_id, results = run_evaluation(model, data, spec, workers, resolve_tracking_uri(cfg), experiment)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
     console.print(f"{model} on {data} [{split}]")
     console.print(f"split {split}: {_split_size(data, split)} samples")
     table = Table(title=f"evaluation ({results['num_samples']} images)")

@@ -71,11 +71,35 @@ class VaePyfunc(_Base):
         return out.float().cpu().numpy()
 
 
+def check_model_uri(model_uri: str) -> None:
+    """Fail with a message naming what is missing when ``models:/name@alias`` or ``models:/name/N``
+    does not exist (MLflow's own error says neither the alias nor what exists)."""
+    import re
+
+    import mlflow
+
+    m = re.fullmatch(r"models:/([^/@]+)(?:@(.+)|/(\d+))", model_uri)
+    if not m:
+        return
+    name, alias, version = m.groups()
+    client = mlflow.MlflowClient()
+    try:
+        registered = client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        raise ValueError(f"{model_uri}: no registered model named {name!r} at {mlflow.get_tracking_uri()}") from None
+    if alias and alias not in registered.aliases:
+        have = ", ".join(sorted(registered.aliases)) or "none"
+        raise ValueError(f"{model_uri}: registered model {name!r} has no alias {alias!r} (its aliases: {have})")
+    if version and not client.search_model_versions(f"name='{name}' and version_number={version}"):
+        raise ValueError(f"{model_uri}: registered model {name!r} has no version {version}")
+
+
 def load_logged_weights(model_uri: str) -> dict:
     """``{"model_config", "state_dict", "config"}`` of a logged or registered vaepipe model."""
     import mlflow
     import torch
 
+    check_model_uri(model_uri)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
     path = local / "artifacts" / "weights.pt"
     if not path.exists():

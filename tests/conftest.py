@@ -51,6 +51,41 @@ def ray_session():
     ray.shutdown()
 
 
+SECOND_RAY = """
+import signal, sys, time
+import ray
+ray.init(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1")
+signal.signal(signal.SIGTERM, lambda *_: (ray.shutdown(), sys.exit(0)))
+print("up", flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.fixture
+def second_local_ray():
+    """Another local Ray instance on this machine, as another user's job or test suite would start."""
+    proc = subprocess.Popen([sys.executable, "-c", SECOND_RAY], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up", "the second Ray instance did not start"
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wait_all_cpus_free(ray, timeout: float = 60.0) -> dict:
+    """Available resources once every CPU is free again (no placement group left behind)."""
+    deadline = time.time() + timeout
+    while True:
+        free, total = ray.available_resources(), ray.cluster_resources()
+        if free.get("CPU", 0) >= total.get("CPU", 0) or time.time() > deadline:
+            return {"free": free.get("CPU", 0), "total": total.get("CPU", 0)}
+        time.sleep(1)
+
+
 @pytest.fixture(scope="session")
 def synth_source(tmp_path_factory) -> Path:
     from pipeline.data.synth import generate_synthetic_celeba

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import base_overrides
+from conftest import base_overrides, wait_all_cpus_free
 from pipeline.config import ConfigError, load_config
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
@@ -80,7 +80,9 @@ def test_sweep_plot_takes_list_string_and_numeric_hyperparameters():
 
 
 @pytest.mark.integration
-def test_asha_sweep_of_distributed_trials(ray_session, shards32, tmp_path):
+def test_asha_sweep_of_distributed_trials(ray_session, shards32, tmp_path, second_local_ray):
+    """Run while a second local Ray instance is up: Train's placement-group cleaner used to
+    auto-detect "the" cluster, fail on two, and leave stopped trials' CPUs reserved."""
     from pipeline.tracking import make_client
     from pipeline.tune import load_sweep, run_sweep
 
@@ -115,6 +117,9 @@ def test_asha_sweep_of_distributed_trials(ray_session, shards32, tmp_path):
     best = client.get_model_version_by_alias("vae-sweep", "challenger")
     assert best.tags["vaepipe.run_id"] == summary["best"]["run_id"]
     assert summary["best"]["optim.lr"] != 1e-5
+    cpus = wait_all_cpus_free(ray_session)
+    assert cpus["free"] == cpus["total"], f"placement groups left behind: {cpus}"
+    assert second_local_ray.poll() is None  # the other instance was up the whole time
 
 
 @pytest.mark.integration

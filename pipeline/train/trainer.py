@@ -38,9 +38,17 @@ def _absolute(path: str) -> str:
 
 def preflight(cfg: VaepipeConfig) -> dict:
     """Fail before any worker starts: the shard set must exist and fit the requested shape."""
-    from pipeline.data.shards import read_manifest
+    from pipeline.data import storage
+    from pipeline.data.shards import read_manifest, shard_urls
 
-    manifest = read_manifest(cfg.data.path)
+    try:
+        manifest = read_manifest(cfg.data.path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"data.path={cfg.data.path!r}: {exc}") from None
+    missing = [u for u in shard_urls(cfg.data.path, "train", manifest)[:64] if not storage.exists(u)]
+    if missing:
+        raise ConfigError(f"data.path={cfg.data.path!r}: the manifest lists shards that are not there, e.g. {missing[0]}: "
+                          "re-run `vaepipe data shard`")
     stored = int(manifest["resolution"])
     if cfg.data.resolution > stored:
         raise ConfigError(f"data.resolution={cfg.data.resolution} is larger than the shards' stored resolution "
@@ -98,6 +106,22 @@ def attach_parent(cfg: VaepipeConfig, uri: str) -> tuple[VaepipeConfig, dict]:
     return replace(cfg, model=replace(cfg.model, ar=ar)), blob["state_dict"]
 
 
+def check_fits_cluster(cfg: VaepipeConfig) -> None:
+    """Refuse a worker group larger than the whole cluster before any worker starts (unless the run
+    waits for an autoscaler: ``dist.start_retries=-1``)."""
+    import ray
+
+    d, total = cfg.dist, ray.cluster_resources()
+    if d.start_retries == -1:
+        return
+    for key, per_worker, name in (("CPU", d.cpus_per_worker, "dist.cpus_per_worker"), ("GPU", d.gpus_per_worker, "dist.gpus_per_worker")):
+        need = d.num_workers * per_worker
+        if need > total.get(key, 0):
+            raise ConfigError(f"dist.num_workers={d.num_workers} x {name}={per_worker} needs {need:g} {key}s but the Ray "
+                              f"cluster has {total.get(key, 0):g}: lower dist.num_workers (or set dist.start_retries=-1 "
+                              "on an autoscaling cluster)")
+
+
 def _child_tags(parent_run_id: Optional[str], extra: Optional[dict] = None) -> dict:
     return {**({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}), **(extra or {})}
 
@@ -144,13 +168,12 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
                  mlflow_run_id: Optional[str] = None) -> TrainResult:
     """Train ``cfg`` on Ray Train + DeepSpeed, tracked in MLflow; optionally resume a run.
 
-    ``parent_run_id`` makes the MLflow run a child (a sweep's trial); ``callbacks`` are Ray
-    Train ``UserCallback``s (a sweep passes Tune's ``TuneReportCallback``); ``mlflow_run_id``
-    continues that run instead of the one the resumed checkpoint names (PBT segments).
+    Everything that can be refused (data, resume target, parent model, cluster size) is checked
+    before the MLflow run is opened and before any worker starts. ``parent_run_id`` makes the
+    MLflow run a child (a sweep's trial); ``callbacks`` are Ray Train ``UserCallback``s (a sweep
+    passes Tune's ``TuneReportCallback``); ``mlflow_run_id`` continues that run instead of the
+    one the resumed checkpoint names (PBT segments).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from pipeline import tracking
 
     t0 = time.perf_counter()
@@ -159,34 +182,54 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
                   tracking=replace(cfg.tracking, artifact_location=_absolute(cfg.tracking.artifact_location)))
     preflight(cfg)
     uri = tracking.resolve_tracking_uri(cfg)
-    checkpoint = None
-    if resume:
-        ckpt_dir = find_checkpoint(resume, uri)
-        saved = json.loads((ckpt_dir / STATE_FILE).read_text())
-        run_id = mlflow_run_id or saved.get("mlflow_run_id") or tracking.start_run(cfg, uri, _child_tags(parent_run_id, run_tags))
-        tracking.make_client(uri).update_run(run_id, status="RUNNING")
-        checkpoint = str(ckpt_dir)
-        print(f"[vaepipe] resuming from {ckpt_dir} (step {saved['train_state']['step']})")
-    else:
-        run_id = mlflow_run_id or tracking.start_run(cfg, uri, _child_tags(parent_run_id, run_tags))
-    name = cfg.train.run_name or f"vaepipe-{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}"
-    run_dir = str(Path(cfg.train.storage_path) / name) if "://" not in cfg.train.storage_path else f"{cfg.train.storage_path}/{name}"
-    tracking.make_client(uri).set_tag(run_id, "vaepipe.run_dir", run_dir)
+    ckpt_dir = find_checkpoint(resume, uri) if resume else None
     parent_state = None
     if cfg.model.ar.parent_uri:
         cfg, parent_state = attach_parent(cfg, uri)
     init_ray(cfg)
+    check_fits_cluster(cfg)
+    run_id = _open_run(cfg, uri, ckpt_dir, mlflow_run_id, _child_tags(parent_run_id, run_tags))
+    name = cfg.train.run_name or f"vaepipe-{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}"
+    run_dir = str(Path(cfg.train.storage_path) / name) if "://" not in cfg.train.storage_path else f"{cfg.train.storage_path}/{name}"
+    tracking.make_client(uri).set_tag(run_id, "vaepipe.run_dir", run_dir)
+    loop_config = {
+        "config": to_dict(cfg), "run_id": run_id, "tracking_uri": uri, "run_dir": run_dir,
+        # Train V2 dropped resume_from_checkpoint: the workers load this folder themselves
+        "resume_from": str(ckpt_dir) if ckpt_dir else None,
+        "parent_state": parent_state,
+        "fault": {k: v for k, v in os.environ.items() if k.startswith("VAEPIPE_FAULT_")},
+    }
+    result = _fit(build_trainer(cfg, loop_config, name, callbacks), cfg, uri, run_id)
+    model_uri = _register(cfg, uri, run_id)
+    return TrainResult(
+        run_id=run_id, tracking_uri=uri,
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        metrics=dict(result.metrics or {}), run_dir=run_dir, model_uri=model_uri, wall_s=time.perf_counter() - t0,
+    )
+
+
+def _open_run(cfg: VaepipeConfig, uri: str, ckpt_dir: Optional[Path], mlflow_run_id: Optional[str], tags: dict) -> str:
+    """The MLflow run this training writes into: the resumed one, the given one, or a new one."""
+    from pipeline import tracking
+
+    if ckpt_dir is None:
+        return mlflow_run_id or tracking.start_run(cfg, uri, tags)
+    saved = json.loads((ckpt_dir / STATE_FILE).read_text())
+    run_id = mlflow_run_id or saved.get("mlflow_run_id") or tracking.start_run(cfg, uri, tags)
+    tracking.make_client(uri).update_run(run_id, status="RUNNING")
+    print(f"[vaepipe] resuming from {ckpt_dir} (step {saved['train_state']['step']})")
+    return run_id
+
+
+def build_trainer(cfg: VaepipeConfig, loop_config: dict, name: str, callbacks: tuple):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     use_gpu = cfg.dist.gpus_per_worker > 0
     resources = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": cfg.dist.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": to_dict(cfg), "run_id": run_id, "tracking_uri": uri, "run_dir": run_dir,
-            # Train V2 dropped resume_from_checkpoint: the workers load this folder themselves
-            "resume_from": checkpoint,
-            "parent_state": parent_state,
-            "fault": {k: v for k, v in os.environ.items() if k.startswith("VAEPIPE_FAULT_")},
-        },
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
@@ -197,6 +240,12 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
             callbacks=list(callbacks),
         ),
     )
+
+
+def _fit(trainer, cfg: VaepipeConfig, uri: str, run_id: str):
+    """``trainer.fit()``, closing the MLflow run FINISHED or FAILED."""
+    from pipeline import tracking
+
     try:
         result = trainer.fit()
     except BaseException as exc:
@@ -204,14 +253,16 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
         _raise_if_unplaceable(exc, cfg)
         raise
     tracking.end_run(uri, run_id, "FINISHED")
-    run = tracking.make_client(uri).get_run(run_id)
-    if cfg.tracking.register_name and run.data.tags.get("vaepipe.model_uri"):
+    return result
+
+
+def _register(cfg: VaepipeConfig, uri: str, run_id: str) -> Optional[str]:
+    """Register the run's logged model when ``tracking.register_name`` is set; returns the model URI."""
+    from pipeline import tracking
+
+    model_uri = tracking.make_client(uri).get_run(run_id).data.tags.get("vaepipe.model_uri")
+    if cfg.tracking.register_name and model_uri:
         version = tracking.register_model(uri, run_id, cfg.tracking.register_name, cfg.tracking.register_alias)
         alias = f"@{cfg.tracking.register_alias}" if cfg.tracking.register_alias else f"/{version}"
         print(f"[vaepipe] registered models:/{cfg.tracking.register_name}{alias} (version {version})")
-    return TrainResult(
-        run_id=run_id, tracking_uri=uri,
-        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
-        metrics=dict(result.metrics or {}), run_dir=run_dir,
-        model_uri=run.data.tags.get("vaepipe.model_uri"), wall_s=time.perf_counter() - t0,
-    )
+    return model_uri

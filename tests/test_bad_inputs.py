@@ -1,0 +1,85 @@
+"""Bad input is refused before any worker starts, with a message naming it.
+
+| bad input                                   | where it is refused                  | test |
+|---------------------------------------------|--------------------------------------|------|
+| unknown key                                 | config merge (CLI exit 2)            | CONFIG_CASES |
+| wrong type                                  | config merge                         | CONFIG_CASES |
+| negative lr, latent_dim 0                   | config.validate                      | CONFIG_CASES |
+| resolution not a power of two               | config.validate                      | CONFIG_CASES |
+| model name not in the registry              | config.validate (flavor resolution)  | CONFIG_CASES |
+| data path missing / without shards          | trainer.preflight (CLI exit 2)       | test_data_path_refused |
+| more workers than the cluster's CPUs        | trainer.check_fits_cluster           | test_more_workers_than_cluster_cpus |
+| an alias that does not exist                | serving.check_model_uri (CLI exit 2) | test_missing_alias_named |
+| --resume target that is not committed       | trainer.find_checkpoint              | test_checkpoint_commit.py::test_resume_refuses_* |
+| non-finite training (K in a row)            | loop.check_divergence                | test_tune.py::test_asha_sweep_* (failed trial) |
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import base_overrides
+from pipeline.cli import app
+
+CONFIG_CASES = [
+    ("model.latnt_dim=8", "model.latnt_dim"),
+    ("train.max_steps=many", "train.max_steps"),
+    ("optim.lr=-0.001", "optim.lr=-0.001 is invalid"),
+    ("model.latent_dim=0", "model.latent_dim=0 is invalid"),
+    ("data.resolution=48", "data.resolution=48 is invalid: must be a power of two"),
+    ("model.name=pixelvae", "model.name='pixelvae'"),
+    ("dist.zero_stage=4", "dist.zero_stage=4 is invalid"),
+]
+
+
+def _train(*args: str):
+    return CliRunner().invoke(app, ["train", *args])
+
+
+@pytest.mark.parametrize("override, named", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config_refused_naming_it(override, named):
+    res = _train(override)
+    assert res.exit_code == 2, res.output
+    assert named in " ".join(res.output.split()), res.output
+
+
+def test_data_path_refused(tmp_path, shards32):
+    missing = _train(*base_overrides(str(tmp_path / "nowhere"), tmp_path))
+    text = " ".join(missing.output.split())
+    assert missing.exit_code == 2 and "data.path=" in text and "no manifest.json" in text
+    broken = tmp_path / "broken"
+    shutil.copytree(shards32, broken)
+    first = json.loads((broken / "manifest.json").read_text())["splits"]["train"]["shards"][0]["name"]
+    (broken / first).unlink()
+    res = _train(*base_overrides(str(broken), tmp_path))
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "shards that are not there" in text and first in text
+
+
+@pytest.mark.integration
+def test_more_workers_than_cluster_cpus(ray_session, shards32, tmp_path):
+    from pipeline.config import ConfigError, load_config
+    from pipeline.tracking import make_client
+    from pipeline.train.trainer import run_training
+
+    cfg = load_config(None, base_overrides(shards32, tmp_path, **{"dist.num_workers": 16, "data.batch_size": 2}))
+    with pytest.raises(ConfigError, match=r"dist.num_workers=16 .* needs 16 CPUs but the Ray cluster has 4"):
+        run_training(cfg)
+    client = make_client(cfg.tracking.tracking_uri)
+    assert all(not client.search_runs([e.experiment_id]) for e in client.search_experiments())  # no run opened
+
+
+def test_missing_alias_named(tmp_path, monkeypatch):
+    from pipeline.tracking import make_client
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    make_client(uri).create_registered_model("vae-x")
+    res = CliRunner().invoke(app, ["sample", "--model", "models:/vae-x@champion", "--tracking-uri", uri])
+    assert res.exit_code == 2
+    assert "has no alias 'champion' (its aliases: none)" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["sample", "--model", "models:/vae-y@champion", "--tracking-uri", uri])
+    assert res.exit_code == 2 and "no registered model named 'vae-y'" in " ".join(res.output.split())
