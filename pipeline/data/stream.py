@@ -81,8 +81,25 @@ def iter_tar_samples(url: str) -> Iterator[dict]:
                       "and re-shard it") from err
 
 
+def iter_shard_or_skip(url: str) -> Iterator[dict]:
+    """``iter_tar_samples`` that survives a shard cut off mid-stream or gone since the manifest:
+    the samples read so far are kept, the failure is logged with the shard and the last key, and
+    one ``{"__error__": ...}`` marker is yielded so the batcher counts it as a corrupt sample."""
+    last = None
+    try:
+        for sample in iter_tar_samples(url):
+            last = sample["__key__"]
+            sample["__url__"] = url
+            yield sample
+    except OSError as err:  # truncated or unreadable tar, missing file, storage error after retries
+        log.warning("skipping the rest of shard %s after key %s: %s", url, last, err)
+        yield {"__key__": f"{url}#after:{last}", "__error__": str(err)}
+
+
 def decode_sample(sample: dict, resolution: int, channels: int, attr_names: list, factor_names: list):
     """Raw sample -> (key, uint8 image [C,R,R], attrs, factors), or None if it cannot be decoded."""
+    if "__error__" in sample:
+        return None  # a shard read failure, already logged where it happened
     try:
         data = next(sample[ext] for ext in (*IMAGE_FORMATS, "jpeg") if ext in sample)
         with Image.open(io.BytesIO(data)) as img:
@@ -94,7 +111,8 @@ def decode_sample(sample: dict, resolution: int, channels: int, attr_names: list
         attrs = [int(meta["attrs"].get(name, 0)) for name in attr_names]
         factors = [int((meta.get("factors") or {}).get(name, -1)) for name in factor_names]
     except (StopIteration, *_BAD_SAMPLE) as err:
-        log.warning("skipping undecodable sample %s: %s", sample.get("__key__"), err)
+        log.warning("skipping undecodable sample %s of shard %s: %s: %s", sample.get("__key__"),
+                    sample.get("__url__", "?"), type(err).__name__, err)
         return None
     pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     return sample["__key__"], pixels.view(resolution, resolution, channels).permute(2, 0, 1), attrs, factors
@@ -151,7 +169,7 @@ class _SliceDataset(IterableDataset):
         """One pass over this slot's shards (or its stride of samples when it has none of its own)."""
         index = 0
         for url in urls:
-            for sample in iter_tar_samples(url):
+            for sample in iter_shard_or_skip(url):
                 index += 1
                 if stride_slot is None or (index - 1) % slots == stride_slot:
                     yield sample
