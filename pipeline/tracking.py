@@ -1,21 +1,18 @@
 """MLflow, the only way vaepipe records anything.
 
 The driver owns a run's life (create, params, resolved config, end status); rank 0 of the
-workers logs metrics, images and the model into that run through ``RankZeroLogger``.
-Metrics go through ``log_batch(..., synchronous=False)``: one HTTP call per batch of
-values, in the background, never one call per value per step.
+workers logs metrics, images and the model into that run through ``RankZeroLogger``
+(``pipeline.logger``: one ``log_batch`` per log window, queued while the server is away).
 """
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
-from typing import Any, Optional
-
-import numpy as np
+from typing import Optional
 
 from pipeline.config import VaepipeConfig, flatten, to_yaml
+from pipeline.logger import RankZeroLogger  # noqa: F401  (rank 0's logger, re-exported)
 
 DEFAULT_DB = "mlruns.db"
 
@@ -77,60 +74,6 @@ def start_run(cfg: VaepipeConfig, uri: str, tags: Optional[dict] = None) -> str:
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     make_client(uri).set_terminated(run_id, status=status)
-
-
-class RankZeroLogger:
-    """What rank 0 logs into the driver's run; every other rank gets ``enabled=False``."""
-
-    def __init__(self, uri: str, run_id: str, enabled: bool):
-        self.enabled = enabled
-        self.run_id = run_id
-        self.uri = uri
-        self.client = make_client(uri) if enabled else None
-
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        if not self.enabled:
-            return
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None and np.isfinite(v)]
-        self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
-
-    def image(self, array: np.ndarray, artifact_file: str) -> None:
-        if not self.enabled:
-            return
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.fromarray(array).save(buf, format="PNG")
-        self._log_bytes(buf.getvalue(), artifact_file)
-
-    def figure(self, fig, artifact_file: str) -> None:
-        if self.enabled:
-            self.client.log_figure(self.run_id, fig, artifact_file)
-
-    def _log_bytes(self, data: bytes, artifact_file: str) -> None:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(artifact_file).name
-            path.write_bytes(data)
-            parent = str(Path(artifact_file).parent)
-            self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
-
-    def tags(self, values: dict[str, Any]) -> None:
-        if self.enabled:
-            for k, v in values.items():
-                self.client.set_tag(self.run_id, k, str(v))
-
-    def flush(self) -> None:
-        if self.enabled:
-            import mlflow
-
-            mlflow.flush_async_logging()
 
 
 def register_model(uri: str, run_id: str, name: str, alias: Optional[str] = None, artifact_path: str = "model") -> int:

@@ -2,6 +2,7 @@
 ``VAEPIPE_FAULT_*`` variables in the driver's environment (the trainer forwards them).
 
 - ``VAEPIPE_FAULT_AT_STEP=N``: every rank that reaches step N exits at once (os._exit).
+- ``VAEPIPE_FAULT_STEP_SLEEP=S``: every step sleeps S seconds (keeps a short run going).
 - ``VAEPIPE_FAULT_PAUSE=step:N`` or ``checkpoint:N``: one rank writes its pid into the marker
   file and sleeps, after step N or in the middle of step N's checkpoint (its shard written,
   not yet reported), so a test can SIGKILL it from outside as a preemption does.
@@ -34,3 +35,11 @@ def maybe_pause(w: Any, where: str) -> None:
         return
     Path(marker).write_text(str(os.getpid()))
     time.sleep(120)  # killed from outside long before this ends
+
+
+def maybe_slow(fault: dict) -> None:
+    """``VAEPIPE_FAULT_STEP_SLEEP=<seconds>``: every step takes at least that long (a drill that
+    needs training to still be running while something else fails around it)."""
+    delay = fault.get("VAEPIPE_FAULT_STEP_SLEEP")
+    if delay:
+        time.sleep(float(delay))

@@ -11,7 +11,7 @@ import warnings
 
 from pipeline.train.checkpoint import save_checkpoint
 from pipeline.train.export import export_model
-from pipeline.train.faults import maybe_exit, maybe_pause
+from pipeline.train.faults import maybe_exit, maybe_pause, maybe_slow
 from pipeline.train.observe import MetricWindow, log_images, log_window, validate
 from pipeline.train.step import train_step
 from pipeline.train.worker import Worker, build_worker
@@ -54,6 +54,7 @@ def run_steps(w: Worker) -> None:
             window.add(out)
             maybe_exit(st.step, w.fault)
             maybe_pause(w, "step")
+            maybe_slow(w.fault)
             after_step(w, window, batch)
             if st.step >= cfg.train.max_steps:
                 break

@@ -1,0 +1,130 @@
+"""What rank 0 logs into the driver's MLflow run, surviving a tracking server that goes away.
+
+Training must not stop because MLflow is unreachable (a restart, a network blip). Every call
+goes through one queue: it is tried at once; if it fails, it and everything after it wait in
+order in memory, and the queue is retried at most every ``retry_every_s`` seconds from the
+next logging call on. A call leaves the queue only when the server accepted it, so nothing is
+logged twice, and order is kept. Images are rendered to PNG bytes before queueing, so a
+deferred image is the picture of its own step. ``flush`` at the end of training waits up to
+``flush_timeout_s`` for the server before it gives up with a warning (never an exception).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+class RankZeroLogger:
+    """Rank 0 logs; every other rank gets ``enabled=False`` and every call is a no-op."""
+
+    def __init__(self, uri: str, run_id: str, enabled: bool, retry_every_s: float = 5.0,
+                 flush_timeout_s: float = 300.0, max_pending: int = 100_000):
+        from pipeline.tracking import make_client
+
+        # The queue below retries; MLflow's own HTTP retries (7, exponential, minutes in all)
+        # would hold a training step for that long on every call while the server is away.
+        for var, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                           ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+            os.environ.setdefault(var, value)
+        self.enabled, self.run_id, self.uri = enabled, run_id, uri
+        self.client = make_client(uri) if enabled else None
+        self.retry_every_s, self.flush_timeout_s, self.max_pending = retry_every_s, flush_timeout_s, max_pending
+        self.pending: list[tuple[str, Callable[[], None]]] = []
+        self.failures = 0  # calls that failed at least once (each is retried until it succeeds)
+        self._next_retry = 0.0
+
+    # -- what the training loop logs ----------------------------------------------------
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None and np.isfinite(v)]
+        for i in range(0, len(batch), 1000):  # MLflow caps a batch at 1000 metrics
+            part = batch[i : i + 1000]
+            self._submit(f"metrics@{step}", lambda part=part: self.client.log_batch(self.run_id, metrics=part))
+
+    def image(self, array: np.ndarray, artifact_file: str) -> None:
+        if not self.enabled:
+            return
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        self._artifact(buf.getvalue(), artifact_file)
+
+    def figure(self, fig, artifact_file: str) -> None:
+        if not self.enabled:
+            return
+        import matplotlib.pyplot as plt
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", bbox_inches="tight")
+        plt.close(fig)
+        self._artifact(buf.getvalue(), artifact_file)
+
+    def tags(self, values: dict[str, Any]) -> None:
+        for k, v in values.items():
+            self._submit(f"tag {k}", lambda k=k, v=v: self.client.set_tag(self.run_id, k, str(v)))
+
+    def flush(self) -> None:
+        """Deliver everything still queued; give up with a warning after ``flush_timeout_s``."""
+        if not self.enabled:
+            return
+        deadline = time.monotonic() + self.flush_timeout_s
+        while self.pending and time.monotonic() < deadline:
+            self._drain()
+            if self.pending:
+                time.sleep(min(self.retry_every_s, max(deadline - time.monotonic(), 0)))
+        if self.pending:
+            warnings.warn(f"MLflow at {self._where()} still unreachable: {len(self.pending)} logging calls "
+                          f"(first: {self.pending[0][0]}) were not delivered", RuntimeWarning, stacklevel=2)
+
+    # -- the queue ------------------------------------------------------------------------
+    def _artifact(self, data: bytes, artifact_file: str) -> None:
+        def log() -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / Path(artifact_file).name
+                path.write_bytes(data)
+                parent = str(Path(artifact_file).parent)
+                self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+
+        self._submit(artifact_file, log)
+
+    def _submit(self, what: str, call: Callable[[], None]) -> None:
+        if not self.enabled:
+            return
+        if len(self.pending) >= self.max_pending:
+            self.pending.pop(0)  # bounded memory in a very long outage: the oldest call is dropped
+        self.pending.append((what, call))
+        if len(self.pending) == 1 or time.monotonic() >= self._next_retry:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Send queued calls in order until one fails; that one and the rest wait for the next retry."""
+        while self.pending:
+            what, call = self.pending[0]
+            try:
+                call()
+            except Exception as exc:  # any transport or server error: keep the call, keep training
+                self.failures += 1
+                if self.failures == 1 or self.failures % 50 == 0:
+                    print(f"[vaepipe] MLflow at {self._where()} unreachable ({type(exc).__name__}); "
+                          f"{len(self.pending)} logging calls queued, retried every {self.retry_every_s:g} s",
+                          flush=True)
+                self._next_retry = time.monotonic() + self.retry_every_s
+                return
+            self.pending.pop(0)
+
+    def _where(self) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.uri)
+        return f"{parts.scheme}://{parts.hostname}:{parts.port}" if parts.hostname else parts.scheme or "?"

@@ -1,0 +1,91 @@
+"""The MLflow server going away mid-run: training goes on, what rank 0 logs waits in order and
+reaches the server when it is back, and nothing is logged twice."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from conftest import base_overrides, free_port, start_mlflow_server, stop_process
+from pipeline.logger import RankZeroLogger
+
+
+class FlakyClient:
+    """Fails ``down`` calls, then accepts; records what it accepted."""
+
+    def __init__(self, down: int):
+        self.down, self.accepted = down, []
+
+    def _maybe_fail(self):
+        if self.down > 0:
+            self.down -= 1
+            raise ConnectionError("connection refused")
+
+    def log_batch(self, run_id, metrics):
+        self._maybe_fail()
+        self.accepted += [(m.key, m.step) for m in metrics]
+
+    def set_tag(self, run_id, key, value):
+        self._maybe_fail()
+        self.accepted.append((key, value))
+
+
+def test_queued_calls_are_delivered_once_in_order_after_an_outage(monkeypatch):
+    logger = RankZeroLogger("http://127.0.0.1:1", "run", enabled=True, retry_every_s=0.0, flush_timeout_s=5)
+    logger.client = FlakyClient(down=3)
+    logger.metrics({"loss": 1.0}, step=1)  # fails: queued
+    logger.tags({"stage": "a"})  # queued behind it, order kept
+    logger.metrics({"loss": 0.5}, step=2)  # fails again (retry), then the server is back
+    logger.metrics({"loss": 0.25}, step=3)
+    logger.flush()
+    assert logger.client.accepted == [("loss", 1), ("stage", "a"), ("loss", 2), ("loss", 3)]
+    assert logger.pending == [] and logger.failures == 3
+
+
+def test_a_disabled_logger_never_calls_the_server():
+    logger = RankZeroLogger("http://127.0.0.1:1", "run", enabled=False)
+    logger.metrics({"loss": 1.0}, 1)
+    logger.tags({"a": 1})
+    assert logger.pending == [] and logger.client is None
+
+
+@pytest.mark.integration
+def test_training_survives_the_tracking_server_going_away(ray_session, shards32, tmp_path, monkeypatch):
+    from pipeline.config import load_config
+    from pipeline.tracking import make_client
+    from pipeline.train.trainer import run_training
+
+    root, port = tmp_path / "server", free_port()
+    root.mkdir()
+    server = {"proc": start_mlflow_server(root, port)}
+    uri = f"http://127.0.0.1:{port}"
+    cfg = load_config(None, base_overrides(shards32, tmp_path, uri, **{
+        "train.max_steps": 60, "train.log_every": 2, "train.val_every": 30, "train.image_every": 30,
+        "train.checkpoint_every": 30, "tracking.log_model": False}))
+    monkeypatch.setenv("VAEPIPE_FAULT_STEP_SLEEP", "0.25")
+
+    def outage():
+        client = make_client(uri)
+        deadline = time.time() + 300
+        while time.time() < deadline:  # wait until the run has logged a few windows
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if runs and len(client.get_metric_history(runs[0].info.run_id, "loss")) >= 3:
+                break
+            time.sleep(0.5)
+        stop_process(server["proc"])
+        time.sleep(8)  # several log windows while the server is away
+        server["proc"] = start_mlflow_server(root, port)
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    try:
+        result = run_training(cfg)
+        thread.join(timeout=120)
+        steps = [m.step for m in make_client(uri).get_metric_history(result.run_id, "loss")]
+        assert steps == list(range(2, 61, 2))  # every window once, none lost, none twice
+        assert make_client(uri).get_run(result.run_id).info.status == "FINISHED"
+        assert result.metrics["step"] == 60
+    finally:
+        stop_process(server["proc"])
