@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline.config import to_dict, to_yaml
+from pipeline.redact import redact_config_dict
 
 STATE_FILE = "vaepipe_state.json"
 AUX_FILE = "auxiliary.pt"  # the auxiliary network and its optimizer (identical on every rank)
@@ -41,7 +42,7 @@ def save_checkpoint(w: Any, metrics: dict) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         saved = {"train_state": w.state.state_dict(), "data_state": w.stream.state_dict(),
-                 "config": to_dict(w.cfg), "mlflow_run_id": w.log.run_id}
+                 "config": redact_config_dict(to_dict(w.cfg)), "mlflow_run_id": w.log.run_id}
         w.engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"vaepipe": saved})
         if w.rank == 0:
             (Path(tmp) / STATE_FILE).write_text(json.dumps(saved))
