@@ -24,7 +24,9 @@ console = Console()
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
+    from pipeline.redact import redact_text
+
+    console.print(f"[bold red]error:[/] {redact_text(msg)}")
     raise typer.Exit(2)
 
 
@@ -150,9 +152,12 @@ def train(
         result = run_training(cfg, resume=resume)
     except (ConfigError, FileNotFoundError) as exc:
         _fail(str(exc))
+    from pipeline.redact import redact_text
+
+    uri = redact_text(result.tracking_uri)
     table = Table(title="vaepipe train: done", show_header=False)
     table.add_row("MLflow run", result.run_id)
-    table.add_row("tracking URI", result.tracking_uri)
+    table.add_row("tracking URI", uri)
     table.add_row("model", result.model_uri or "-")
     table.add_row("checkpoint", result.checkpoint_path or "-")
     for k in ("loss", "recon", "kl", "val_neg_elbo", "images_per_sec", "skipped_steps", "corrupt_samples"):
@@ -160,7 +165,7 @@ def train(
             table.add_row(k, f"{result.metrics[k]:.4g}")
     table.add_row("wall time", f"{result.wall_s:.0f} s")
     console.print(table)
-    console.print(f"images: mlflow artifacts of run {result.run_id} under images/  (mlflow ui --backend-store-uri {result.tracking_uri})")
+    console.print(f"images: mlflow artifacts of run {result.run_id} under images/  (mlflow ui --backend-store-uri {uri})")
 
 
 @app.command()

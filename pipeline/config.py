@@ -19,6 +19,8 @@ from typing import Any, Literal, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.redact import redact_config_dict
+
 
 class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names the key and the value."""
@@ -415,7 +417,8 @@ def materialize_flavor(m: ModelConfig) -> None:
 
 
 def to_dict(cfg: VaepipeConfig) -> dict:
-    """Plain, JSON-able dict of the resolved config (crosses the Ray boundary, goes into checkpoints)."""
+    """Plain, JSON-able dict of the resolved config, secrets included: anything written from it goes
+    through ``pipeline.redact.redact_config_dict`` (``to_yaml`` and ``flatten`` do so themselves)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
@@ -433,11 +436,12 @@ def from_dict(data: dict) -> VaepipeConfig:
 
 
 def to_yaml(cfg: VaepipeConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The config as written into runs, checkpoints and models: redacted (``pipeline.redact``)."""
+    return OmegaConf.to_yaml(OmegaConf.create(redact_config_dict(to_dict(cfg))))
 
 
 def flatten(cfg: VaepipeConfig) -> dict[str, Any]:
-    """Dotted key -> value, for MLflow params."""
+    """Dotted key -> value, for MLflow params; redacted like ``to_yaml``."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, node: Any) -> None:
@@ -447,7 +451,7 @@ def flatten(cfg: VaepipeConfig) -> dict[str, Any]:
         else:
             out[prefix] = node
 
-    walk("", to_dict(cfg))
+    walk("", redact_config_dict(to_dict(cfg)))
     return out
 
 

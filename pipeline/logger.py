@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.redact import redact_text
+
 
 class RankZeroLogger:
     """Rank 0 logs; every other rank gets ``enabled=False`` and every call is a no-op."""
@@ -72,7 +74,7 @@ class RankZeroLogger:
 
     def tags(self, values: dict[str, Any]) -> None:
         for k, v in values.items():
-            self._submit(f"tag {k}", lambda k=k, v=v: self.client.set_tag(self.run_id, k, str(v)))
+            self._submit(f"tag {k}", lambda k=k, v=v: self.client.set_tag(self.run_id, k, redact_text(str(v))))
 
     def flush(self) -> None:
         """Deliver everything still queued; give up with a warning after ``flush_timeout_s``."""

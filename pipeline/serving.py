@@ -42,7 +42,7 @@ class VaePyfunc(_Base):
 
         from models import build_model
 
-        blob = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=False)
+        blob = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.model = build_model(dict(blob["model_config"]))
         self.model.load_state_dict(blob["state_dict"])
         self.model.eval()
@@ -104,7 +104,7 @@ def load_logged_weights(model_uri: str) -> dict:
     path = local / "artifacts" / "weights.pt"
     if not path.exists():
         raise FileNotFoundError(f"{model_uri} is not a vaepipe model: no artifacts/weights.pt in it")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def model_signature(channels: int, resolution: int):

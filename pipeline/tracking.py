@@ -11,8 +11,10 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from pipeline.config import VaepipeConfig, flatten, to_yaml
+from pipeline.config import ConfigError, VaepipeConfig, flatten, to_yaml
+from pipeline.credentials import move_userinfo_to_env
 from pipeline.logger import RankZeroLogger  # noqa: F401  (rank 0's logger, re-exported)
+from pipeline.redact import is_redacted, redact_text
 
 DEFAULT_DB = "mlruns.db"
 
@@ -20,14 +22,23 @@ DEFAULT_DB = "mlruns.db"
 def resolve_tracking_uri(cfg: VaepipeConfig) -> str:
     """Config > MLFLOW_TRACKING_URI > the embedded SQLite file in the working directory.
 
-    Made absolute here, in the driver, because Ray workers do not share its cwd.
+    Made absolute here, in the driver, because Ray workers do not share its cwd. An http(s)
+    URI's ``user:password@`` moves into MLflow's basic-auth env vars (``credentials``), so
+    the URI returned, which MLflow prints in its "View run" lines, holds no password. A
+    config saved redacted (a checkpoint, a sweep state) takes its live URI from the env.
     """
-    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = cfg.tracking.tracking_uri
+    if is_redacted(uri):
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri or is_redacted(uri):
+            raise ConfigError(f"tracking.tracking_uri={cfg.tracking.tracking_uri!r} was saved redacted: set MLFLOW_TRACKING_URI "
+                              "to the live URI (credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return f"sqlite:///{(Path.cwd() / DEFAULT_DB).resolve()}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
-    return uri
+    return move_userinfo_to_env(uri)
 
 
 def _is_local_store(uri: str) -> bool:
@@ -63,13 +74,18 @@ def start_run(cfg: VaepipeConfig, uri: str, tags: Optional[dict] = None) -> str:
 
     client = make_client(uri)
     exp_id = ensure_experiment(client, cfg.tracking.experiment, cfg.tracking.artifact_location, uri)
-    run = client.create_run(exp_id, run_name=cfg.tracking.run_name, tags={"vaepipe.model": cfg.model.name, **(tags or {})})
+    run = client.create_run(exp_id, run_name=cfg.tracking.run_name, tags={"vaepipe.model": cfg.model.name, **{k: redact_text(str(v)) for k, v in (tags or {}).items()}})
     run_id = run.info.run_id
     params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()]
     for i in range(0, len(params), 100):  # MLflow caps a batch at 100 params
         client.log_batch(run_id, params=params[i : i + 100])
     client.log_text(run_id, to_yaml(cfg), "config/resolved.yaml")
     return run_id
+
+
+def say(message: str) -> None:
+    """The one way vaepipe prints a progress line: prefixed, redacted, flushed."""
+    print(f"[vaepipe] {redact_text(message)}", flush=True)
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

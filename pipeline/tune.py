@@ -31,6 +31,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, VaepipeConfig, apply_overrides, from_dict, known_keys, load_config, to_dict
+from pipeline.credentials import WorkerEnv
+from pipeline.redact import redact_config_dict, redact_text
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
 SWEEP_STATE = "vaepipe_sweep.json"
@@ -132,13 +134,16 @@ def build_param_space(space: dict, grid_as_choice: bool = False) -> dict:
     return {key: make[kind](values) for key, spec in space.items() for kind, values in spec.items()}
 
 
-def _trial(params: dict, base: dict, parent_run_id: str) -> None:
-    """One trial: the base config with this trial's values, trained by Ray Train + DeepSpeed."""
+def _trial(params: dict, base: dict, parent_run_id: str, env: WorkerEnv) -> None:
+    """One trial: the base config with this trial's values, trained by Ray Train + DeepSpeed.
+
+    ``base`` is redacted; ``env`` carries the live tracking URI and credentials."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline.train.trainer import run_training
 
+    env.apply()
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     cfg = apply_overrides(from_dict(base), {k: v for k, v in params.items()}, f"trial {trial_id}")
@@ -267,14 +272,13 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
             raise FileNotFoundError(f"--resume {resume}: no {SWEEP_STATE} there; pass the sweep's experiment folder")
         state = json.loads((exp_dir / SWEEP_STATE).read_text())
         cfg, space = from_dict(state["config"]), state["space"]
-        init_ray(cfg, spare_cpus=1)
     else:
-        init_ray(cfg, spare_cpus=1)
         cfg = replace(cfg, data=replace(cfg.data, path=_absolute(cfg.data.path)),
                       train=replace(cfg.train, storage_path=_absolute(cfg.train.storage_path)),
                       tracking=replace(cfg.tracking, artifact_location=_absolute(cfg.tracking.artifact_location)))
         preflight(cfg)
-    uri = tracking.resolve_tracking_uri(cfg)
+    uri = tracking.resolve_tracking_uri(cfg)  # before Ray starts: its processes inherit a password-free env
+    init_ray(cfg, spare_cpus=1)
     # trials run in their own working directories: give them the resolved, absolute store
     cfg = replace(cfg, tracking=replace(cfg.tracking, tracking_uri=uri))
     name = cfg.tune.name or f"vaepipe-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -286,7 +290,8 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
         exp_dir = Path(storage) / name
         parent = tracking.start_run(replace(cfg, tracking=replace(cfg.tracking, run_name=name)), uri,
                                     {"vaepipe.sweep": name})
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=to_dict(cfg), parent_run_id=parent), {"CPU": DRIVER_CPU})
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=redact_config_dict(to_dict(cfg)), parent_run_id=parent,
+                                                         env=WorkerEnv.capture(tracking_uri=uri)), {"CPU": DRIVER_CPU})
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=False, restart_errored=False)
     else:
@@ -301,7 +306,8 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
             run_config=tune.RunConfig(name=name, storage_path=storage),
         )
         exp_dir.mkdir(parents=True, exist_ok=True)
-        (exp_dir / SWEEP_STATE).write_text(json.dumps({"config": to_dict(cfg), "space": space, "parent_run_id": parent}))
+        state = {"config": to_dict(cfg), "space": space, "parent_run_id": parent}
+        (exp_dir / SWEEP_STATE).write_text(json.dumps(redact_config_dict(state)))
     grid = tuner.fit()
     try:
         return summarize(cfg, space, grid, parent, uri, exp_dir)
@@ -329,7 +335,7 @@ def summarize(cfg: VaepipeConfig, space: dict, grid, parent: str, uri: str, exp_
         if run is not None:
             client.set_tag(run.info.run_id, "vaepipe.trial_status", status)
             if status == "failed":
-                client.set_tag(run.info.run_id, "vaepipe.error", str(result.error)[:4000])
+                client.set_tag(run.info.run_id, "vaepipe.error", redact_text(str(result.error))[:4000])
             if run.info.status == "RUNNING":  # Tune stopped the trial's driver before it closed its run
                 client.set_terminated(run.info.run_id, "KILLED" if status == "stopped" else "FAILED")
         params = {k.removeprefix("config/"): v for k, v in (result.config or {}).items()}
@@ -346,7 +352,7 @@ def summarize(cfg: VaepipeConfig, space: dict, grid, parent: str, uri: str, exp_
     client.log_metric(parent, f"best_{cfg.tune.metric}", float(best[cfg.tune.metric]))
     for key, value in (("trials", len(rows)), ("trials_stopped_early", early), ("trials_failed", failed)):
         client.log_metric(parent, key, value)
-    client.log_text(parent, _table_csv(rows), "sweep/trials.csv")
+    client.log_text(parent, redact_text(_table_csv(rows)), "sweep/trials.csv")
     client.log_figure(parent, metric_plot(rows, list(space), cfg.tune.metric), "sweep/metric_vs_hyperparameters.png")
     version = None
     if cfg.tune.register_best and best["run_id"]:

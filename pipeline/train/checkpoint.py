@@ -24,6 +24,8 @@ from typing import Any, Optional
 import torch
 
 from pipeline.config import to_dict, to_yaml
+from pipeline.redact import redact_config_dict
+from pipeline.tracking import say
 from pipeline.train.collectives import any_rank, gather_objects
 from pipeline.train.faults import maybe_pause
 
@@ -55,7 +57,7 @@ def save_checkpoint(w: Any, metrics: dict) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         saved = {"train_state": w.state.state_dict(), "data_state": w.stream.state_dict(),
-                 "config": to_dict(w.cfg), "mlflow_run_id": w.log.run_id}
+                 "config": redact_config_dict(to_dict(w.cfg)), "mlflow_run_id": w.log.run_id}
         w.engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"vaepipe": saved})
         if w.rank == 0:
             (Path(tmp) / STATE_FILE).write_text(json.dumps(saved))
@@ -132,7 +134,7 @@ def restore_newest(w: Any, candidates: list[Path]) -> None:
         if not any_rank(reason is not None, w.device):
             w.resumed_from = w.state.step
             if reasons and w.rank == 0:
-                print(f"[vaepipe] restored {folder} (step {w.state.step}) after skipping: " + "; ".join(reasons))
+                say(f"restored {folder} (step {w.state.step}) after skipping: " + "; ".join(reasons))
             return
         reasons.append(reason or f"{folder}: another rank could not load it")
     if reasons:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 
 from pipeline.config import to_dict, to_yaml
+from pipeline.redact import redact_config_dict
 
 
 def gathered_state_dict(module: torch.nn.Module) -> dict:
@@ -18,6 +20,13 @@ def gathered_state_dict(module: torch.nn.Module) -> dict:
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
         return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
                 for k, v in module.state_dict().items()}
+
+
+def weights_blob(model_config: dict, state: dict, config: dict) -> dict:
+    """What ``weights.pt`` holds: tensors, and redacted configs of JSON types only, so the blob
+    loads with ``torch.load(weights_only=True)``."""
+    plain = lambda d: json.loads(json.dumps(redact_config_dict(d)))  # noqa: E731
+    return {"model_config": plain(model_config), "state_dict": state, "config": plain(config)}
 
 
 def export_model(w: Any) -> None:
@@ -31,7 +40,8 @@ def export_model(w: Any) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "weights.pt"
         # the family's constructor args (what build_model needs), keyed by the registered name
-        model_config = {"name": w.cfg.model.name, **dict(getattr(module, "config", {}) or to_dict(w.cfg)["model"])}
-        torch.save({"model_config": model_config, "state_dict": state, "config": to_dict(w.cfg)}, path)
+        model_config = redact_config_dict({"name": w.cfg.model.name,
+                                           **dict(getattr(module, "config", {}) or to_dict(w.cfg)["model"])})
+        torch.save(weights_blob(model_config, state, to_dict(w.cfg)), path)
         uri = log_pyfunc(w.log.run_id, path, model_config, to_yaml(w.cfg))
     w.log.tags({"vaepipe.model_uri": uri})

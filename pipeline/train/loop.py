@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 
+from pipeline.tracking import say
 from pipeline.train.checkpoint import save_checkpoint
 from pipeline.train.export import export_model
 from pipeline.train.faults import maybe_exit, maybe_pause, maybe_slow
@@ -23,7 +24,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     w = build_worker(loop_config)
     if w.rank == 0 and w.resumed_from is not None:
-        print(f"[vaepipe] resumed from step {w.resumed_from}")
+        say(f"resumed from step {w.resumed_from}")
         w.log.tags({"vaepipe.resumed_from_step": w.resumed_from})
     run_steps(w)
     if w.cfg.tracking.log_model:

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline.evaluate.visualize import kl_bar_plot, make_grid
+from pipeline.tracking import say
 from pipeline.train.collectives import all_reduce_values
 from pipeline.train.engine import input_dtype
 
@@ -74,8 +75,8 @@ def log_window(w: Any, win: MetricWindow) -> None:
     w.log.metrics(metrics, st.step)
     st.history.append([st.step, loss])
     if w.rank == 0:
-        print(f"[vaepipe] step {st.step}/{cfg.train.max_steps} loss {loss:.2f} recon {recon:.2f} kl {kl:.2f} "
-              f"beta {metrics['beta']:.3f} AU {int(metrics['active_units'])} {metrics['images_per_sec']:.0f} img/s", flush=True)
+        say(f"step {st.step}/{cfg.train.max_steps} loss {loss:.2f} recon {recon:.2f} kl {kl:.2f} "
+            f"beta {metrics['beta']:.3f} AU {int(metrics['active_units'])} {metrics['images_per_sec']:.0f} img/s")
     win.last_metrics = {k: v for k, v in metrics.items() if not k.startswith("kl_dim/")}
     win.reset()
 

@@ -1,7 +1,9 @@
 """The driver side of training: check everything, start Ray, run a TorchTrainer, close the run.
 
-The Ray boundary is thin: workers receive ``{"config": plain dict, "run_id", "tracking_uri"}``
-and rebuild the typed config themselves (``pipeline.train.loop``).
+The Ray boundary is thin: workers receive ``{"config": plain dict, "run_id", "env", ...}`` and
+rebuild the typed config themselves (``pipeline.train.loop``). The config they get is redacted;
+the live tracking URI and its credentials travel in ``env`` (a ``credentials.WorkerEnv``), whose
+printed form, the only one Ray Train keeps in its run state, names variables but no values.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.config import ConfigError, VaepipeConfig, to_dict
+from pipeline.credentials import WorkerEnv
+from pipeline.redact import is_redacted, redact_config_dict, redact_text
 from pipeline.train.checkpoint import MARKER_FILE, STATE_FILE, commit_status, marker_of
 from pipeline.train.loop import train_loop_per_worker
 
@@ -70,7 +74,7 @@ def find_checkpoint(resume: str, uri: str) -> Path:
         try:
             run = make_client(uri).get_run(resume)
         except Exception as exc:
-            raise ConfigError(f"--resume {resume!r} is neither a folder nor an MLflow run id at {uri} ({exc})") from None
+            raise ConfigError(f"--resume {resume!r} is neither a folder nor an MLflow run id at {redact_text(uri)} ({exc})") from None
         run_dir = run.data.tags.get("vaepipe.run_dir")
         if not run_dir:
             raise ConfigError(f"MLflow run {resume} has no vaepipe.run_dir tag; pass the checkpoint folder instead")
@@ -98,7 +102,7 @@ def attach_parent(cfg: VaepipeConfig, uri: str) -> tuple[VaepipeConfig, dict]:
     try:
         blob = load_logged_weights(cfg.model.ar.parent_uri)
     except Exception as exc:
-        raise ConfigError(f"model.ar.parent_uri={cfg.model.ar.parent_uri!r} could not be loaded from {uri}: {exc}") from None
+        raise ConfigError(f"model.ar.parent_uri={cfg.model.ar.parent_uri!r} could not be loaded from {redact_text(uri)}: {exc}") from None
     ar = replace(cfg.model.ar, parent_config=dict(blob["model_config"]))
     parent_res = blob["model_config"].get("resolution")
     if parent_res and parent_res != cfg.data.resolution:
@@ -138,6 +142,10 @@ def init_ray(cfg: VaepipeConfig, spare_cpus: int = 0) -> None:
     if ray.is_initialized():
         return
     address = cfg.dist.address or os.environ.get("RAY_ADDRESS")
+    if is_redacted(address):  # from a saved config: the live address is the environment's
+        address = os.environ.get("RAY_ADDRESS")
+        if not address:
+            raise ConfigError(f"dist.address={cfg.dist.address!r} was saved redacted: set RAY_ADDRESS or dist.address")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
@@ -193,7 +201,8 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
     run_dir = str(Path(cfg.train.storage_path) / name) if "://" not in cfg.train.storage_path else f"{cfg.train.storage_path}/{name}"
     tracking.make_client(uri).set_tag(run_id, "vaepipe.run_dir", run_dir)
     loop_config = {
-        "config": to_dict(cfg), "run_id": run_id, "tracking_uri": uri, "run_dir": run_dir,
+        "config": redact_config_dict(to_dict(cfg)), "run_id": run_id, "run_dir": run_dir,
+        "env": WorkerEnv.capture(tracking_uri=uri),  # live URI and credentials, never written anywhere
         # Train V2 dropped resume_from_checkpoint: the workers load this folder themselves
         "resume_from": str(ckpt_dir) if ckpt_dir else None,
         "parent_state": parent_state,
@@ -217,7 +226,7 @@ def _open_run(cfg: VaepipeConfig, uri: str, ckpt_dir: Optional[Path], mlflow_run
     saved = json.loads((ckpt_dir / STATE_FILE).read_text())
     run_id = mlflow_run_id or saved.get("mlflow_run_id") or tracking.start_run(cfg, uri, tags)
     tracking.make_client(uri).update_run(run_id, status="RUNNING")
-    print(f"[vaepipe] resuming from {ckpt_dir} (step {saved['train_state']['step']})")
+    tracking.say(f"resuming from {ckpt_dir} (step {saved['train_state']['step']})")
     return run_id
 
 
@@ -264,5 +273,5 @@ def _register(cfg: VaepipeConfig, uri: str, run_id: str) -> Optional[str]:
     if cfg.tracking.register_name and model_uri:
         version = tracking.register_model(uri, run_id, cfg.tracking.register_name, cfg.tracking.register_alias)
         alias = f"@{cfg.tracking.register_alias}" if cfg.tracking.register_alias else f"/{version}"
-        print(f"[vaepipe] registered models:/{cfg.tracking.register_name}{alias} (version {version})")
+        tracking.say(f"registered models:/{cfg.tracking.register_name}{alias} (version {version})")
     return model_uri

@@ -81,6 +81,7 @@ def build_worker(loop_config: dict) -> Worker:
     import ray.train
     import ray.train.torch
 
+    loop_config["env"].apply()  # MLflow's URI and credentials, kept out of the (redacted) config
     cfg = from_dict(loop_config["config"])
     use_cuda = cfg.dist.gpus_per_worker > 0
     set_accelerator_env(use_cuda)
@@ -102,7 +103,7 @@ def build_worker(loop_config: dict) -> Worker:
         seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
         num_workers=cfg.data.loader_workers, channels=cfg.data.channels, binarize=cfg.data.binarize,
     )
-    log = RankZeroLogger(loop_config["tracking_uri"], loop_config["run_id"], enabled=rank == 0)
+    log = RankZeroLogger(loop_config["env"].tracking_uri, loop_config["run_id"], enabled=rank == 0)
     from models import objective_name
 
     worker = Worker(cfg, engine, stream, TrainState(), log, device, rank, world, precision,
