@@ -132,34 +132,40 @@ def _full_weights(module, parent_state: dict | None) -> dict:
     return full
 
 
-def _run_case(rank: int, world: int, overrides: list[str], parent: tuple[dict, dict]) -> dict:
+def _build_worker(rank: int, world: int, overrides: list[str], parent: tuple[dict, dict]):
+    """What build_worker does, minus Ray and the shard stream: (worker, initial weights, parent state)."""
     from types import SimpleNamespace
 
     import deepspeed
 
     from models import objective_name
-    from pipeline.train.auxiliary import AuxiliaryTrainer
     from pipeline.train.engine import build_deepspeed_config
-    from pipeline.train.export import gathered_state_dict
-    from pipeline.train.observe import log_images, validate
-    from pipeline.train.step import train_step
-    from pipeline.train.worker import TrainState, build_model_for_rank
+    from pipeline.train.worker import TrainState, build_rank_modules
 
     cfg = _config(overrides, world, parent[0])
     parent_state = parent[1] if cfg.model.name == "vq_prior" else None
     device = torch.device("cpu")
-    model = build_model_for_rank(cfg, {"parent_state": parent_state})
+    # build_model_for_rank + AuxiliaryTrainer.for_model + seed_rank, as build_worker does: the
+    # ranks' RNGs differ from here, so equal samples below come from log_images's fixed seed
+    model, aux = build_rank_modules(cfg, {"parent_state": parent_state}, rank, device)
     init = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-    aux = AuxiliaryTrainer.for_model(model, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable,
                                       config=build_deepspeed_config(cfg, world, "fp32"))
-    seen: list = []
-    _record_outputs(engine.module, seen)
-    log = RecordingLogger()
-    w = SimpleNamespace(cfg=cfg, engine=engine, stream=FakeStream(rank), state=TrainState(), log=log,
+    w = SimpleNamespace(cfg=cfg, engine=engine, stream=FakeStream(rank), state=TrainState(), log=RecordingLogger(),
                         device=device, rank=rank, world_size=world, precision="fp32", aux=aux,
                         objective=objective_name(cfg.model), last_kl_dims=None, last_val={})
+    return w, init, parent_state
+
+
+def _run_case(rank: int, world: int, overrides: list[str], parent: tuple[dict, dict]) -> dict:
+    from pipeline.train.export import gathered_state_dict
+    from pipeline.train.observe import log_images, validate
+    from pipeline.train.step import train_step
+
+    w, init, parent_state = _build_worker(rank, world, overrides, parent)
+    seen: list = []
+    _record_outputs(w.engine.module, seen)
     outs = []
     for step in (1, 2):  # as loop.after_step: images right after a step, then validation + images
         outs.append(train_step(w, {"image": _images(10 * rank + step)}))
@@ -167,11 +173,11 @@ def _run_case(rank: int, world: int, overrides: list[str], parent: tuple[dict, d
         if step == 2:
             validate(w)
         log_images(w, {"image": _images(7)})  # the same batch on every rank: reconstructions must agree
-    exported = gathered_state_dict(engine.module)
-    full = _full_weights(engine.module, parent_state)
+    exported = gathered_state_dict(w.engine.module)
+    full = _full_weights(w.engine.module, parent_state)
     return {
         "losses": [o.get("loss", float("nan")) for o in outs], "skipped": [o["skipped"] for o in outs],
-        "val": log.calls["metrics"][-1][0], "images": log.calls["image"], "seen": seen,
+        "val": w.log.calls["metrics"][-1][0], "images": w.log.calls["image"], "seen": seen,
         "exported": exported, "full": full,
         "unmoved": [k for k, v in init.items() if torch.equal(v, full[k])],
     }

@@ -29,6 +29,9 @@ class MetricWindow:
     def reset(self) -> None:
         self.sums: dict[str, float] = {}
         self.extras: dict[str, float] = {}
+        # per key: a metric may be absent from some steps (a skipped discriminator update
+        # reports only disc_skipped), so each extra is averaged over the steps that had it
+        self.extra_counts: dict[str, int] = {}
         self.count = 0
         self.kl_dims: Optional[torch.Tensor] = None
         self.t0 = time.perf_counter()
@@ -41,6 +44,7 @@ class MetricWindow:
             self.sums[k] = self.sums.get(k, 0.0) + out[k]
         for k, v in out.get("extras", {}).items():
             self.extras[k] = self.extras.get(k, 0.0) + v
+            self.extra_counts[k] = self.extra_counts.get(k, 0) + 1
         kd = out["kl_per_dim"]
         self.kl_dims = kd.clone() if self.kl_dims is None else self.kl_dims + kd
 
@@ -50,8 +54,9 @@ def log_window(w: Any, win: MetricWindow) -> None:
     st, cfg = w.state, w.cfg
     n = max(win.count, 1)
     local = [win.sums.get(k, math.nan) / n for k in ("loss", "recon", "kl", "elbo")]
-    extra_keys = sorted(win.extras)  # the same keys on every rank: same model, same code path
-    local += [win.extras[k] / n for k in extra_keys]
+    # the same keys on every rank: same model, same code path, skips agreed over ranks
+    extra_keys = sorted(win.extras)
+    local += [win.extras[k] / win.extra_counts[k] for k in extra_keys]
     # Mean over ranks of each rank's window mean; skipped/corrupt counts are summed.
     ds_skipped = getattr(w.engine, "skipped_steps", 0) or 0
     reduced = all_reduce_values(local + [float(st.corrupt_samples)], w.device)
