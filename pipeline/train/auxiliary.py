@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from pipeline.train.collectives import all_reduce_values
+
 
 class AuxiliaryTrainer:
     def __init__(self, module: torch.nn.Module, optim_args: dict, device: torch.device):
@@ -39,23 +41,42 @@ class AuxiliaryTrainer:
                 dist.broadcast(p.data, src=0)
 
     def step(self, model: torch.nn.Module, out: dict) -> dict[str, float]:
-        """One auxiliary update from the VAE's forward output; returns its metrics."""
-        import torch.distributed as dist
+        """One auxiliary update from the VAE's forward output; returns its metrics.
 
+        ``disc_skipped`` is 1.0 when the update was skipped: a non-finite loss on any rank, or a
+        non-finite all-reduced gradient. The loss check is agreed over ranks *before* the
+        gradient all-reduce, as the main step does, or one rank's NaN would leave the others
+        waiting in that all-reduce forever. Skipped steps report no loss/accuracy (they would
+        be NaN), so a log window averages the updates that happened.
+        """
         self.optimizer.zero_grad(set_to_none=True)
         loss, metrics = model.auxiliary_loss(self.module, out)
-        if not torch.isfinite(loss):
-            return {k: float(v) for k, v in metrics.items()}
+        device = next(self.module.parameters()).device
+        (bad,) = all_reduce_values([0.0 if torch.isfinite(loss).item() else 1.0], device, op="max")
+        if bad:
+            return {"disc_skipped": 1.0}
         loss.backward()
+        if not self._all_reduce_grads():
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"disc_skipped": 1.0}
+        self.optimizer.step()
+        return {**{k: float(v) for k, v in metrics.items()}, "disc_skipped": 0.0}
+
+    def _all_reduce_grads(self) -> bool:
+        """Average the gradients over ranks; False when the average is not finite.
+
+        After the all-reduce every rank holds the same gradient, so every rank decides alike.
+        """
+        import torch.distributed as dist
+
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads)
         if dist.is_available() and dist.is_initialized():
-            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            flat = torch._utils._flatten_dense_tensors(grads)
             dist.all_reduce(flat)
             flat /= dist.get_world_size()
-            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                g.copy_(synced)
-        self.optimizer.step()
-        return {k: float(v) for k, v in metrics.items()}
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+        return bool(torch.isfinite(flat).all())
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -6,6 +6,7 @@ gathers parameters collectively, so all ranks compute and only rank 0 logs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -29,6 +30,9 @@ class MetricWindow:
     def reset(self) -> None:
         self.sums: dict[str, float] = {}
         self.extras: dict[str, float] = {}
+        # per key: a metric may be absent from some steps (a skipped discriminator update
+        # reports only disc_skipped), so each extra is averaged over the steps that had it
+        self.extra_counts: dict[str, int] = {}
         self.count = 0
         self.kl_dims: Optional[torch.Tensor] = None
         self.t0 = time.perf_counter()
@@ -41,6 +45,7 @@ class MetricWindow:
             self.sums[k] = self.sums.get(k, 0.0) + out[k]
         for k, v in out.get("extras", {}).items():
             self.extras[k] = self.extras.get(k, 0.0) + v
+            self.extra_counts[k] = self.extra_counts.get(k, 0) + 1
         kd = out["kl_per_dim"]
         self.kl_dims = kd.clone() if self.kl_dims is None else self.kl_dims + kd
 
@@ -50,8 +55,9 @@ def log_window(w: Any, win: MetricWindow) -> None:
     st, cfg = w.state, w.cfg
     n = max(win.count, 1)
     local = [win.sums.get(k, math.nan) / n for k in ("loss", "recon", "kl", "elbo")]
-    extra_keys = sorted(win.extras)  # the same keys on every rank: same model, same code path
-    local += [win.extras[k] / n for k in extra_keys]
+    # the same keys on every rank: same model, same code path, skips agreed over ranks
+    extra_keys = sorted(win.extras)
+    local += [win.extras[k] / win.extra_counts[k] for k in extra_keys]
     # Mean over ranks of each rank's window mean; skipped/corrupt counts are summed.
     ds_skipped = getattr(w.engine, "skipped_steps", 0) or 0
     reduced = all_reduce_values(local + [float(st.corrupt_samples)], w.device)
@@ -124,20 +130,20 @@ def validate(w: Any) -> None:
 def log_images(w: Any, batch: dict) -> None:
     """Reconstruction and sample grids, plus the per-dimension KL bar plot (rank 0 only).
 
-    Under ZeRO-3 every rank must take part in the forward (parameters are gathered
-    collectively), so all ranks compute and only rank 0 writes.
+    Every rank calls this (the gather below is collective); all ranks compute and only rank 0
+    writes.
     """
     module, n = w.engine.module, w.cfg.tracking.image_grid_size
     was_training = module.training
     module.eval()
-    with torch.no_grad():
+    with torch.no_grad(), gathered_for_direct_calls(w):
         x = batch["image"][: n * n // 2].to(w.device).to(input_dtype(w.precision))
         recon = module.reconstruct(x)
-        # every rank draws the same z (ZeRO-3 runs the decoder collectively), fixed across steps
-        rng_state = torch.get_rng_state()
-        torch.manual_seed(w.cfg.train.seed)
-        samples = module.sample(n * n, device=w.device)
-        torch.set_rng_state(rng_state)
+        # every rank draws the same z, fixed across steps; fork_rng puts back every generator
+        # it touched (CUDA's too), so each rank's own training noise stream carries on unchanged
+        with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+            torch.manual_seed(w.cfg.train.seed)
+            samples = module.sample(n * n, device=w.device)
     module.train(was_training)
     if w.rank != 0:
         return
@@ -148,3 +154,24 @@ def log_images(w: Any, batch: dict) -> None:
     if w.last_kl_dims is not None and w.last_kl_dims.numel():
         fig = kl_bar_plot(w.last_kl_dims, title=f"per-dimension KL at step {step}")
         w.log.figure(fig, f"images/kl_per_dim_step{step:07d}.png")
+
+
+def gathered_for_direct_calls(w: Any):
+    """Under ZeRO-3: the whole model gathered on every rank, for calls outside ``engine.forward``.
+
+    ``reconstruct`` and ``sample`` are not the engine's forward, and families read parameters
+    outside the forward of the module that owns them (MoG prior logits/means/scales in
+    ``sample``, the ladder's ``h_top``, conv skip gates, a grad-trained VQ codebook lookup).
+    ZeRO-3 gathers a parameter only inside its owner's forward (or, for such "external" reads,
+    only while ``engine.forward`` runs), so these reads would see an empty partition; they
+    happened to work only right after an eval forward, which leaves parameters gathered.
+    Why the whole module rather than per-site fixes: ``models/`` is torch only and cannot
+    register external parameters, every new family adds such reads, and the cost is one
+    full copy of a VAE's weights per rank for the length of one image call, as export pays.
+    Collective: every rank must call it together (log_images runs on all ranks).
+    """
+    if w.cfg.dist.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(w.engine.module.parameters()), modifier_rank=None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from pipeline.config import VaepipeConfig, from_dict
@@ -76,6 +77,29 @@ def build_model_for_rank(cfg: VaepipeConfig, loop_config: dict) -> torch.nn.Modu
     return model
 
 
+def seed_rank(seed: int, rank: int) -> int:
+    """Re-seed torch (every device) with a seed of its own for this rank; returns that seed.
+
+    Called once the model is built from the shared ``seed`` (identical initial weights on every
+    rank): from here reparameterisation noise, dropout masks and Factor-VAE's permutations are
+    independent across ranks instead of N copies of one draw. Data order is not affected:
+    ShardStream seeds its own ``random.Random`` instances from ``cfg.train.seed``. SeedSequence
+    mixes (seed, rank), so no rank of one run replays another run's seed (``seed + rank`` would).
+    """
+    rank_seed = int(np.random.SeedSequence([seed % 2**63, rank]).generate_state(1, np.uint64)[0])
+    torch.manual_seed(rank_seed)
+    return rank_seed
+
+
+def build_rank_modules(cfg: VaepipeConfig, loop_config: dict, rank: int,
+                       device: torch.device) -> tuple[torch.nn.Module, Optional[AuxiliaryTrainer]]:
+    """Model and auxiliary trainer from the shared seed, then this rank's own RNG stream."""
+    model = build_model_for_rank(cfg, loop_config)
+    aux = AuxiliaryTrainer.for_model(model, device)  # broadcast from rank 0 anyway
+    seed_rank(cfg.train.seed, rank)
+    return model, aux
+
+
 def build_worker(loop_config: dict) -> Worker:
     """Set up one rank: typed config, model, DeepSpeed engine, data stream, resume state."""
     import ray.train
@@ -92,8 +116,7 @@ def build_worker(loop_config: dict) -> Worker:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
-    model = build_model_for_rank(cfg, loop_config)
-    aux = AuxiliaryTrainer.for_model(model, device)
+    model, aux = build_rank_modules(cfg, loop_config, rank, device)
     precision = resolve_precision(cfg.train.precision, DeviceFacts.detect(use_cuda))
     ds_config = build_deepspeed_config(cfg, world, precision)
     trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parents stay out of Adam
