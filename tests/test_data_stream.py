@@ -91,7 +91,7 @@ def test_state_dict_round_trip(shard_dir):
     stream = ShardStream(str(shard_dir), "train", 8, 32, 0, 1, num_workers=0)
     it = stream.iter_epoch(2)
     next(it), next(it), next(it)
-    assert stream.state_dict() == {"epoch": 2, "step_in_epoch": 3}
+    assert stream.state_dict() == {"epoch": 2, "step_in_epoch": 3, "world_size": 1, "workers": 0, "segments": []}
     other = ShardStream(str(shard_dir), "train", 8, 32, 0, 1, num_workers=0)
     other.load_state_dict(stream.state_dict())
     assert (other.epoch, other.step_in_epoch) == (2, 3)

@@ -144,6 +144,16 @@ def assign_shards(urls: list[str], slot: int, slots: int) -> tuple[list[str], Op
     return list(urls), slot
 
 
+def worker_keys(remainder: list[str], rank: int, world: int, worker: int, nw: int, steps: int, batch: int) -> frozenset:
+    """After a re-split: the keys of the batches ``worker`` of ``rank`` produces in ``steps`` steps.
+
+    The rank's share is ``remainder[rank::world]``; its batch b is ``share[b*batch:(b+1)*batch]``
+    and comes from DataLoader worker ``b % nw``, so every worker holds exactly its batches' keys.
+    """
+    share = remainder[rank::world]
+    return frozenset(k for b in range(worker, steps, nw) for k in share[b * batch:(b + 1) * batch])
+
+
 def batches_of_worker(worker: int, num_workers: int, start: int, stop: int) -> int:
     """How many of the global batch indices ``start..stop-1`` are worker's (``b % num_workers``).
 
@@ -165,16 +175,21 @@ class _SliceDataset(IterableDataset):
     def __init__(self, plan: dict):
         self.plan = plan
 
-    def _pass(self, urls: list[str], stride_slot: Optional[int], slots: int):
-        """One pass over this slot's shards (or its stride of samples when it has none of its own)."""
+    def _pass(self, urls: list[str], stride_slot: Optional[int], slots: int, keys: Optional[frozenset] = None):
+        """One pass over this slot's shards (or its stride of samples when it has none of its own;
+        or, after a re-split, every shard filtered to this slot's ``keys``)."""
         index = 0
         for url in urls:
             for sample in iter_shard_or_skip(url):
                 index += 1
-                if stride_slot is None or (index - 1) % slots == stride_slot:
+                if keys is not None:
+                    if sample["__key__"] in keys or "__error__" in sample:
+                        yield sample
+                elif stride_slot is None or (index - 1) % slots == stride_slot:
                     yield sample
 
-    def _raw_samples(self, urls: list[str], stride_slot: Optional[int], slots: int, rng: random.Random):
+    def _raw_samples(self, urls: list[str], stride_slot: Optional[int], slots: int, rng: random.Random,
+                     keys: Optional[frozenset] = None):
         """Shuffled samples of this slot; when ``plan["repeat"]``, passes repeat forever.
 
         The buffer is drained at the end of each pass so a pass shows every sample once
@@ -183,7 +198,7 @@ class _SliceDataset(IterableDataset):
         p = self.plan
         while True:
             seen = 0
-            for sample in self._shuffled(self._pass(urls, stride_slot, slots), rng):
+            for sample in self._shuffled(self._pass(urls, stride_slot, slots, keys), rng):
                 seen += 1
                 yield sample
             if not p["repeat"]:
@@ -191,7 +206,7 @@ class _SliceDataset(IterableDataset):
             if seen == 0:
                 raise RuntimeError(f"rank {p['rank']}: a full pass over {len(urls)} shard(s) of split "
                                    f"{p['split']!r} gave no samples for this worker: use fewer loader workers")
-            if stride_slot is None:  # a new order on each repeat; strided slots must keep the order
+            if stride_slot is None and keys is None:  # a new order on each repeat; strided slots keep theirs
                 urls = rng.sample(urls, len(urls))
 
     def _shuffled(self, samples, rng: random.Random):
@@ -211,14 +226,22 @@ class _SliceDataset(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
+    def raw_for(self, worker: int, nw: int):
+        """The raw (undecoded) sample sequence of one DataLoader worker of this plan's rank."""
+        p = self.plan
+        slot, slots = p["rank"] * nw + worker, p["world_size"] * nw
+        rng = random.Random(f"{p['seed']}-{p['epoch']}-{slot}")
+        if p.get("remainder") is not None:  # re-split epoch: every shard, filtered to this worker's keys
+            keys = worker_keys(p["remainder"], p["rank"], p["world_size"], worker, nw, p["steps"], p["batch_size"])
+            return self._raw_samples(list(p["urls"]), None, slots, rng, keys)
+        urls, stride_slot = assign_shards(p["urls"], slot, slots)
+        return self._raw_samples(urls, stride_slot, slots, rng)
+
     def __iter__(self):
         p = self.plan
         info = get_worker_info()
         worker, nw = (info.id, info.num_workers) if info else (0, 1)
-        slot, slots = p["rank"] * nw + worker, p["world_size"] * nw
-        rng = random.Random(f"{p['seed']}-{p['epoch']}-{slot}")
-        urls, stride_slot = assign_shards(p["urls"], slot, slots)
-        samples = self._raw_samples(urls, stride_slot, slots, rng)
+        samples = self.raw_for(worker, nw)
         skip = batches_of_worker(worker, nw, 0, p["start_step"]) * p["batch_size"]
         for _ in range(skip):  # resume: drop samples before paying for their decode
             if next(samples, None) is None:
@@ -283,6 +306,8 @@ class ShardStream:
             raise ValueError(f"split {split!r} of {url} has {self.num_samples} samples, fewer than "
                              f"world_size*batch_size = {world_size}*{batch_size}: lower the batch size")
         self.epoch, self.step_in_epoch = 0, 0
+        self.segments: list[dict] = []  # layouts this epoch went through before this one (resplit)
+        self._remainder: Optional[list[str]] = None  # the keys left for this layout, after a re-split
 
     def _split_info(self, split: str) -> dict:
         if split not in self.manifest["splits"]:
@@ -290,8 +315,12 @@ class ShardStream:
         return self.manifest["splits"][split]
 
     def _plan(self, split: str, urls: list[str], epoch: int, start_step: int, steps: Optional[int],
-              train: bool) -> dict:
-        return {"split": split, "urls": urls, "rank": self.rank, "world_size": self.world_size, "seed": self.seed,
+              train: bool, rank: Optional[int] = None, world_size: Optional[int] = None,
+              remainder: Optional[list[str]] = None) -> dict:
+        rank = self.rank if rank is None else rank
+        world_size = self.world_size if world_size is None else world_size
+        return {"split": split, "urls": urls, "rank": rank, "world_size": world_size, "seed": self.seed,
+                "remainder": remainder,
                 "epoch": epoch, "start_step": start_step, "steps": steps, "batch_size": self.batch_size,
                 "shuffle_buffer": self.shuffle_buffer if train else 0, "repeat": train,
                 "resolution": self.resolution, "channels": self.channels,
@@ -308,20 +337,49 @@ class ShardStream:
     def _urls(self, split: str) -> list[str]:
         return [storage.join(self.url, s["name"]) for s in self._split_info(split)["shards"]]
 
-    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
-        """Yield batches ``start_step..steps_per_epoch-1`` of ``epoch`` (same count on every rank).
-
-        The shard order and shuffle are seeded by ``seed`` and ``epoch`` (identical on all ranks,
-        so shard shares stay disjoint), hence an epoch replays identically on resume.
-        """
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"start_step={start_step} outside [0, steps_per_epoch={self.steps_per_epoch}]")
+    def epoch_plan(self, epoch: int, start_step: int, rank: Optional[int] = None, world_size: Optional[int] = None,
+                   remainder: Optional[list[str]] = None) -> dict:
+        """The training plan of ``epoch`` for a rank (this one by default), optionally re-split."""
+        world_size = self.world_size if world_size is None else world_size
         urls = self._urls(self.split)
         urls = random.Random(f"{self.seed}-{epoch}-shards").sample(urls, len(urls))
+        steps = self.steps_per_epoch if remainder is None else len(remainder) // (world_size * self.batch_size)
+        return self._plan(self.split, urls, epoch, start_step, steps, True, rank, world_size, remainder)
+
+    def all_keys(self) -> list[str]:
+        """Every key of the stream's split, in shard order (reads the shards, decodes nothing)."""
+        return [s["__key__"] for url in self._urls(self.split) for s in iter_shard_or_skip(url) if "__error__" not in s]
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Steps of ``epoch`` for this layout: fewer in an epoch re-split after a world-size change."""
+        if epoch == self.epoch and self.segments:
+            return len(self._resplit_remainder(epoch)) // (self.world_size * self.batch_size)
+        return self.steps_per_epoch
+
+    def _resplit_remainder(self, epoch: int) -> list[str]:
+        from pipeline.data.resplit import remainder_keys
+
+        if self._remainder is None:
+            self._remainder = remainder_keys(self, epoch, self.segments)
+        return self._remainder
+
+    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        """Yield batches ``start_step..steps-1`` of ``epoch`` (same count on every rank).
+
+        The shard order and shuffle are seeded by ``seed`` and ``epoch`` (identical on all ranks,
+        so shard shares stay disjoint), hence an epoch replays identically on resume. An epoch
+        resumed on another world size deals out only what the earlier layouts left (``resplit``).
+        """
+        if epoch != self.epoch:
+            self.segments, self._remainder = [], None  # a re-split lasts until its epoch ends
+        steps = self.steps_in_epoch(epoch)
+        if not 0 <= start_step <= steps:
+            raise ValueError(f"start_step={start_step} outside [0, steps of epoch {epoch} = {steps}]")
         self.epoch, self.step_in_epoch = epoch, start_step
-        if start_step == self.steps_per_epoch:
+        if start_step == steps:
             return
-        plan = self._plan(self.split, urls, epoch, start_step, self.steps_per_epoch, train=True)
+        remainder = self._resplit_remainder(epoch) if self.segments else None
+        plan = self.epoch_plan(epoch, start_step, remainder=remainder)
         for batch in self._loader(plan):
             self.step_in_epoch += 1  # counted as consumed once handed out: a checkpoint after it resumes past it
             yield batch
@@ -338,16 +396,25 @@ class ShardStream:
         yield from self._loader(plan)
 
     def state_dict(self) -> dict:
-        """Data position: the epoch and how many of its batches were handed out."""
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+        """Data position: the epoch, how many of its batches this layout handed out, the layout
+        (world size, loader workers) and the layouts the epoch went through before it."""
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "world_size": self.world_size,
+                "workers": self.num_workers, "segments": list(self.segments)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a position; a finished epoch becomes the start of the next one.
+        """Restore a position; a finished epoch becomes the start of the next one. A position saved
+        by another layout (world size or loader workers) mid-epoch re-splits the rest of the epoch.
 
         Resume with ``for e in range(s.epoch, n): s.iter_epoch(e, s.step_in_epoch if e == s.epoch else 0)``
         after reading ``s.epoch``/``s.step_in_epoch`` once.
         """
         epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
-        if step >= self.steps_per_epoch:
-            epoch, step = epoch + 1, 0
+        segments = list(state.get("segments", []))
+        old = {"world_size": int(state.get("world_size", self.world_size)),
+               "workers": int(state.get("workers", self.num_workers))}
+        if old != {"world_size": self.world_size, "workers": self.num_workers} and step > 0:
+            segments, step = segments + [{**old, "steps": step}], 0  # deal out what that layout left
+        self.epoch, self.segments, self._remainder = epoch, segments, None
+        if step >= self.steps_in_epoch(epoch):
+            epoch, step, self.segments, self._remainder = epoch + 1, 0, [], None
         self.epoch, self.step_in_epoch = epoch, step

@@ -56,20 +56,34 @@ def save_checkpoint(w: Any, metrics: dict) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
-        saved = {"train_state": w.state.state_dict(), "data_state": w.stream.state_dict(),
-                 "config": redact_config_dict(to_dict(w.cfg)), "mlflow_run_id": w.log.run_id}
-        w.engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"vaepipe": saved})
-        if w.rank == 0:
-            (Path(tmp) / STATE_FILE).write_text(json.dumps(saved))
-            if w.aux is not None:
-                torch.save(w.aux.state_dict(), Path(tmp) / AUX_FILE)
-            (Path(tmp) / "config.yaml").write_text(to_yaml(w.cfg))
-        listed = gather_objects(_files_and_sizes(Path(tmp)))
-        if w.rank == 0:
-            write_marker(Path(tmp), listed, w.state.step, w.world_size, w.cfg.dist.zero_stage)
+        write_checkpoint(w, Path(tmp))
         maybe_pause(w, "checkpoint")  # fault drills only: a kill between writing and reporting
         report = {**metrics, **w.last_val, "step": w.state.step}
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def write_checkpoint(w: Any, folder: Path) -> None:
+    """This rank's part of a checkpoint in ``folder``; rank 0 adds the state and the commit marker."""
+    saved = {"train_state": w.state.state_dict(), "data_state": w.stream.state_dict(),
+             "config": redact_config_dict(to_dict(w.cfg)), "mlflow_run_id": w.log.run_id}
+    w.engine.save_checkpoint(str(folder), tag=CKPT_TAG, client_state={"vaepipe": saved, **universal_info()})
+    if w.rank == 0:
+        (folder / STATE_FILE).write_text(json.dumps(saved))
+        if w.aux is not None:
+            torch.save(w.aux.state_dict(), folder / AUX_FILE)
+        (folder / "config.yaml").write_text(to_yaml(w.cfg))
+    listed = gather_objects(_files_and_sizes(folder))
+    if w.rank == 0:
+        write_marker(folder, listed, w.state.step, w.world_size, w.cfg.dist.zero_stage)
+
+
+def universal_info() -> dict:
+    """What ``ds_to_universal`` needs in client state to convert this checkpoint to any world size."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 
 
 def write_marker(folder: Path, per_rank: list[dict[str, int]], step: int, world_size: int, zero_stage: int) -> None:
@@ -141,17 +155,62 @@ def restore_newest(w: Any, candidates: list[Path]) -> None:
         raise CheckpointError("no committed checkpoint could be restored: " + "; ".join(reasons))
 
 
+UNIVERSAL_DIR = "universal"  # beside ds/: the same state converted to a world-size-free layout
+
+
+def ensure_universal(w: Any, folder: Path, saved_world: int) -> Optional[str]:
+    """Rank 0 converts ``folder``'s shards with DeepSpeed's ``ds_to_universal`` (once; the result
+    stays in the checkpoint folder); every rank waits for it. None on success, else why not."""
+    out = folder / UNIVERSAL_DIR
+    error = None
+    if w.rank == 0 and not (out / "latest_universal").is_file():
+        try:
+            convert_to_universal(folder / CKPT_TAG, out / CKPT_TAG)
+        except Exception as exc:  # reported below, agreed by every rank
+            error = f"{folder}: converting the {saved_world}-rank checkpoint to a universal one failed ({exc})"
+    if any_rank(error is not None, w.device):
+        return error or f"{folder}: rank 0 could not convert it to a universal checkpoint"
+    if w.rank == 0:
+        say(f"resuming the {saved_world}-rank checkpoint {folder.name} on {w.world_size} ranks (universal checkpoint)")
+    return None
+
+
+def convert_to_universal(ds_dir: Path, out_dir: Path) -> None:
+    from types import SimpleNamespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    ds_to_universal(SimpleNamespace(input_folder=str(ds_dir), output_folder=str(out_dir), num_extract_workers=1,
+                                    num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                    inject_missing_state=False))
+
+
+def _load_engine(w: Any, load_dir: Path, universal: bool) -> None:
+    """``engine.load_checkpoint``; a universal one with DeepSpeed's ``load_universal`` switched on for
+    this call only (the engine reads the flag when it loads, not when it is built)."""
+    config = w.engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = universal
+    try:
+        w.engine.load_checkpoint(str(load_dir), tag=CKPT_TAG)
+    finally:
+        config.load_universal_checkpoint = before
+
+
 def _try_load(w: Any, folder: Path) -> Optional[str]:
     """Load ``folder`` into this rank; None on success, else why not."""
     ok, why = commit_status(folder)
     if not ok:
         return why
     marker = marker_of(folder)
+    load_dir = folder
     if marker["world_size"] != w.world_size:
-        return (f"{folder}: written by {marker['world_size']} ranks, this run has {w.world_size} "
-                "(resuming on another world size needs a universal checkpoint)")
+        why = ensure_universal(w, folder, marker["world_size"])
+        if why:
+            return why
+        load_dir = folder / UNIVERSAL_DIR
     try:
-        w.engine.load_checkpoint(str(folder), tag=CKPT_TAG)
+        _load_engine(w, load_dir, universal=load_dir != folder)
         saved = read_state(folder)
         if w.aux is not None and (folder / AUX_FILE).exists():
             w.aux.load_state_dict(torch.load(folder / AUX_FILE, map_location=w.device, weights_only=True))
@@ -163,4 +222,7 @@ def _try_load(w: Any, folder: Path) -> Optional[str]:
         group["lr"] = w.cfg.optim.lr
     w.state.load_state_dict(saved["train_state"])
     w.stream.load_state_dict(saved["data_state"])
+    # the stream owns the data position: after a re-split (another world size) it starts the
+    # rest of the epoch at step 0 of the new layout
+    w.state.epoch, w.state.step_in_epoch = w.stream.epoch, w.stream.step_in_epoch
     return None
