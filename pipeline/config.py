@@ -222,7 +222,14 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     num_workers: int = 2
-    """Ray Train workers (one DeepSpeed rank each)."""
+    """Ray Train workers (one DeepSpeed rank each); the most an elastic run uses."""
+    min_workers: Optional[int] = None
+    """Elastic training: keep training on as few as this many workers when workers or nodes are
+    lost, and grow back to ``num_workers`` when resources return (Ray Train's elastic
+    ScalingConfig; checkpoints are converted to the new world size). None = fixed size. The
+    micro-batch stays ``data.batch_size`` per worker, so the global batch follows the world size."""
+    resize_interval_s: float = 60.0
+    """Elastic training: how often a healthy run checks whether it can grow back."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker."""
     gpus_per_worker: float = 0.0
@@ -376,6 +383,9 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
     for key in ("log_every", "checkpoint_every", "image_every", "val_every", "keep_checkpoints", "max_consecutive_skips"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
     _check(s.num_workers >= 1, "dist.num_workers", s.num_workers, "must be >= 1")
+    _check(s.min_workers is None or 1 <= s.min_workers <= s.num_workers, "dist.min_workers", s.min_workers,
+           f"must be between 1 and dist.num_workers={s.num_workers} (or unset for a fixed size)")
+    _check(s.resize_interval_s >= 0, "dist.resize_interval_s", s.resize_interval_s, "must be >= 0")
     _check(s.zero_stage in (0, 1, 2, 3), "dist.zero_stage", s.zero_stage, "must be 0, 1, 2 or 3")
     _check(s.start_retries >= -1, "dist.start_retries", s.start_retries, "must be >= -1 (-1 retries forever)")
     _check(not s.offload_params or s.zero_stage == 3, "dist.offload_params", s.offload_params, "needs dist.zero_stage=3")

@@ -87,3 +87,81 @@ def test_shard_verify_and_stream_from_s3(s3_endpoint, synth_dir):
         batch = next(stream.iter_epoch(0))
         assert batch["image"].shape == (8, 3, 16, 16) and len(set(batch["key"])) == 8
     assert os.environ["AWS_ENDPOINT_URL"] == s3_endpoint
+
+
+def _inject(event: str, handler):
+    client = storage.s3_client()
+    client.meta.events.register(event, handler)
+    return lambda: client.meta.events.unregister(event, handler)
+
+
+def test_a_503_on_get_is_retried_by_botocore(s3_endpoint):
+    from botocore.awsrequest import AWSResponse
+
+    url = f"s3://{BUCKET}/retry/obj.bin"
+    storage.write_bytes(url, b"payload" * 100)
+    calls = {"n": 0}
+
+    class _Raw:
+        def stream(self, **kw):
+            yield b""
+
+    def fail_twice(request, **kwargs):
+        if request.method == "GET" and "retry/obj.bin" in request.url and calls["n"] < 2:
+            calls["n"] += 1
+            return AWSResponse(request.url, 503, {}, _Raw())  # Slow Down: botocore retries it
+        return None
+
+    remove = _inject("before-send.s3.GetObject", fail_twice)
+    try:
+        assert storage.read_bytes(url) == b"payload" * 100
+    finally:
+        remove()
+    assert calls["n"] == 2
+
+
+def test_a_connection_cut_mid_object_is_resumed_from_the_byte_reached(s3_endpoint):
+    from urllib3.exceptions import ProtocolError
+
+    data = bytes(range(256)) * 400
+    url = f"s3://{BUCKET}/resume/shard.tar"
+    storage.write_bytes(url, data)
+    cuts = {"n": 0, "ranges": []}
+
+    class CutBody:
+        def __init__(self, body, cut_after):
+            self.body, self.left = body, cut_after
+
+        def read(self, n=-1):
+            if self.left <= 0:
+                raise ProtocolError("Connection broken: connection reset by peer")
+            chunk = self.body.read(min(n, self.left) if n and n > 0 else self.left)
+            self.left -= len(chunk)
+            return chunk
+
+        def close(self):
+            self.body.close()
+
+    def cut(http_response, parsed, model, **kwargs):
+        if model.name == "GetObject" and cuts["n"] < 2:
+            cuts["n"] += 1
+            cuts["ranges"].append(http_response.headers.get("Content-Range"))
+            parsed["Body"] = CutBody(parsed["Body"], 30_000)
+
+    remove = _inject("after-call.s3.GetObject", cut)
+    try:
+        with storage.open_read(url) as f:
+            got = f.read()
+    finally:
+        remove()
+    assert got == data and cuts["n"] == 2
+    assert cuts["ranges"][1].startswith("bytes 30000-")  # the second GET asked for the rest only
+
+
+def test_permanent_errors_fail_fast_naming_the_url(s3_endpoint):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="bucket of s3://no-such-bucket/x.tar does not exist"):
+        storage.read_bytes("s3://no-such-bucket/x.tar")
+    assert time.perf_counter() - t0 < 5  # not retried

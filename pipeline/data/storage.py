@@ -13,6 +13,7 @@ which of a thousand shards is missing.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import tempfile
@@ -63,8 +64,13 @@ def s3_client():
     client = _clients.get(key)
     if client is None:
         import boto3  # imported lazily: local-only users never pay for it
+        from botocore.config import Config
 
-        client = boto3.session.Session().client("s3")
+        # botocore's own retries for every call: throttling, 5xx and connection errors are
+        # retried with backoff; AWS_RETRY_MODE (standard|adaptive) and AWS_MAX_ATTEMPTS set them.
+        retries = {"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+                   "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))}
+        client = boto3.session.Session().client("s3", config=Config(retries=retries, connect_timeout=10, read_timeout=60))
         _clients[key] = client
     return client
 
@@ -83,21 +89,66 @@ def _s3_error(url: str, err: Exception) -> OSError:
 def open_read(url: str) -> BinaryIO:
     """Open ``url`` for streaming binary reads; the caller closes it.
 
-    For S3 this is the GET response body, so large shards stream instead of downloading.
+    For S3 this is the GET response body, so large shards stream instead of downloading, and a
+    connection dropped mid-object is resumed (``ResumableS3Read``).
     """
     if is_s3(url):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        bucket, key = split_s3(url)
-        try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
-        except (ClientError, BotoCoreError) as err:
-            raise _s3_error(url, err) from err
+        return ResumableS3Read(url)
     path = local_path(url)
     try:
         return open(path, "rb")
     except FileNotFoundError as err:
         raise FileNotFoundError(f"no file at {url}") from err
+
+
+class ResumableS3Read(io.RawIOBase):
+    """A streaming GET that survives the connection dropping mid-object: it reopens the object
+    from the byte it had reached (an HTTP Range request) up to ``MAX_REOPENS`` times, then fails
+    naming the URL. Errors before the first byte (no bucket, no key, access denied) fail at once;
+    transient ones were already retried by botocore."""
+
+    MAX_REOPENS = 5
+
+    def __init__(self, url: str):
+        self.url, self.pos, self.reopens = url, 0, 0
+        self.bucket, self.key = split_s3(url)
+        self.body = self._get()
+
+    def _get(self):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        extra = {"Range": f"bytes={self.pos}-"} if self.pos else {}
+        try:
+            return s3_client().get_object(Bucket=self.bucket, Key=self.key, **extra)["Body"]
+        except (ClientError, BotoCoreError) as err:
+            raise _s3_error(self.url, err) from err
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError
+
+        while True:
+            try:
+                data = self.body.read(len(buffer))
+                break
+            except (BotoCoreError, HTTPError, ConnectionError, TimeoutError) as err:
+                self.reopens += 1
+                if self.reopens > self.MAX_REOPENS:
+                    raise OSError(f"reading {self.url} failed {self.reopens} times mid-stream, last at byte "
+                                  f"{self.pos}: {err}") from err
+                self.body.close()
+                self.body = self._get()
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.body.close()
+        super().close()
 
 
 def read_bytes(url: str) -> bytes:

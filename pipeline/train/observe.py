@@ -74,6 +74,7 @@ def log_window(w: Any, win: MetricWindow) -> None:
         "corrupt_samples": reduced[-1],
         "images_per_sec": win.count * cfg.data.batch_size * cfg.train.grad_accum_steps * w.world_size / max(elapsed, 1e-9),
         "epoch": float(st.epoch),
+        "world_size": float(w.world_size),
     }
     metrics.update(extras)
     metrics.update({f"kl_dim/{i:03d}": float(v) for i, v in enumerate(kl_dims.tolist())})

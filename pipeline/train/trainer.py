@@ -118,10 +118,11 @@ def check_fits_cluster(cfg: VaepipeConfig) -> None:
     d, total = cfg.dist, ray.cluster_resources()
     if d.start_retries == -1:
         return
+    fewest, which = (d.num_workers, "dist.num_workers") if d.min_workers is None else (d.min_workers, "dist.min_workers")
     for key, per_worker, name in (("CPU", d.cpus_per_worker, "dist.cpus_per_worker"), ("GPU", d.gpus_per_worker, "dist.gpus_per_worker")):
-        need = d.num_workers * per_worker
+        need = fewest * per_worker
         if need > total.get(key, 0):
-            raise ConfigError(f"dist.num_workers={d.num_workers} x {name}={per_worker} needs {need:g} {key}s but the Ray "
+            raise ConfigError(f"{which}={fewest} x {name}={per_worker} needs {need:g} {key}s but the Ray "
                               f"cluster has {total.get(key, 0):g}: lower dist.num_workers (or set dist.start_retries=-1 "
                               "on an autoscaling cluster)")
 
@@ -230,6 +231,12 @@ def _open_run(cfg: VaepipeConfig, uri: str, ckpt_dir: Optional[Path], mlflow_run
     return run_id
 
 
+def worker_count(cfg: VaepipeConfig):
+    """``num_workers``, or ``(min_workers, num_workers)`` for an elastic run."""
+    d = cfg.dist
+    return d.num_workers if d.min_workers is None else (d.min_workers, d.num_workers)
+
+
 def build_trainer(cfg: VaepipeConfig, loop_config: dict, name: str, callbacks: tuple):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -239,7 +246,8 @@ def build_trainer(cfg: VaepipeConfig, loop_config: dict, name: str, callbacks: t
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=worker_count(cfg), use_gpu=use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=cfg.dist.resize_interval_s),
         run_config=RunConfig(
             name=name,
             storage_path=cfg.train.storage_path,

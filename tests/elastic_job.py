@@ -1,0 +1,73 @@
+"""A training job on a simulated multi-node cluster (``ray.cluster_utils.Cluster``: a head without
+CPUs and two 1-CPU worker nodes on loopback) that loses a node mid-run and later gets one back.
+
+Run as a script by ``test_elastic.py`` (a Ray driver of its own, beside the test session's Ray):
+``python tests/elastic_job.py <shards> <workdir>``; prints one JSON line with what happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _wait_for_commit(run_dir: Path, world: int, timeout: float = 300) -> None:
+    from pipeline.train.checkpoint import commit_status, marker_of
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for d in run_dir.glob("checkpoint_*"):
+            if commit_status(d)[0] and marker_of(d)["world_size"] == world:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"no committed {world}-rank checkpoint in {run_dir}")
+
+
+def _chaos(cluster, workers: list, run_dir: Path, events: list) -> None:
+    _wait_for_commit(run_dir, 2)
+    cluster.remove_node(workers[0], allow_graceful=False)  # a node lost, as a preemption does
+    events.append(("removed_node", time.time()))
+    _wait_for_commit(run_dir, 1)  # the survivors trained on and checkpointed
+    cluster.add_node(num_cpus=1)  # resources come back
+    events.append(("added_node", time.time()))
+
+
+def main(shards: str, work: str) -> None:
+    from ray.cluster_utils import Cluster
+
+    from conftest import base_overrides
+    from pipeline.config import load_config
+    from pipeline.tracking import make_client
+    from pipeline.train.trainer import run_training
+
+    work_dir = Path(work)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    os.environ["VAEPIPE_FAULT_STEP_SLEEP"] = "0.4"  # long enough for the node to go and come back
+    cfg = load_config(None, base_overrides(shards, work_dir, **{
+        "dist.address": cluster.address, "dist.num_workers": 2, "dist.min_workers": 1, "dist.resize_interval_s": 3,
+        "dist.max_failures": 3, "train.max_steps": 60, "train.checkpoint_every": 4, "train.keep_checkpoints": 20,
+        "train.log_every": 2, "train.val_every": 60, "train.image_every": 60, "train.run_name": "elastic",
+        "tracking.log_model": False}))
+    events: list = []
+    chaos = threading.Thread(target=_chaos, args=(cluster, workers, work_dir / "runs" / "elastic", events), daemon=True)
+    chaos.start()
+    result = run_training(cfg)
+    client = make_client(result.tracking_uri)
+    history = sorted(client.get_metric_history(result.run_id, "world_size"), key=lambda m: m.step)
+    print(json.dumps({"step": result.metrics.get("step"), "events": [e for e, _ in events],
+                      "world_sizes": [[m.step, m.value] for m in history],
+                      "resumed_from": client.get_run(result.run_id).data.tags.get("vaepipe.resumed_from_step")}))
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
