@@ -39,7 +39,8 @@ class MaskedConv2d(nn.Conv2d):
         self.register_buffer("mask", mask.expand_as(self.weight).clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight * self.mask, self.bias)
+        # the mask stays fp32 when an engine casts only parameters to bf16
+        return self._conv_forward(x, self.weight * self.mask.to(self.weight.dtype), self.bias)
 
 
 def _gate(t: torch.Tensor) -> torch.Tensor:

@@ -289,7 +289,7 @@ class VQVAE(nn.Module):
 
     def decode_logits(self, z_q: torch.Tensor) -> torch.Tensor:
         """Raw likelihood parameters for a quantised grid [B, code_dim, h, w]."""
-        h = z_q
+        h = z_q.to(next(self.decoder_blocks.parameters()).dtype)  # the codebook may be kept in fp32
         for block in self.decoder_blocks:
             h = block(h)
         return h

@@ -54,7 +54,7 @@ def ray_session():
 SECOND_RAY = """
 import signal, sys, time
 import ray
-ray.init(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1")
+ray.init(num_cpus=1, include_dashboard=False)
 signal.signal(signal.SIGTERM, lambda *_: (ray.shutdown(), sys.exit(0)))
 print("up", flush=True)
 time.sleep(3600)
@@ -64,9 +64,12 @@ time.sleep(3600)
 @pytest.fixture
 def second_local_ray():
     """Another local Ray instance on this machine, as another user's job or test suite would start."""
-    proc = subprocess.Popen([sys.executable, "-c", SECOND_RAY], stdout=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    proc = subprocess.Popen([sys.executable, "-c", SECOND_RAY], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
     try:
-        assert proc.stdout.readline().strip() == "up", "the second Ray instance did not start"
+        line = proc.stdout.readline().strip()
+        assert line == "up", f"the second Ray instance did not start: {proc.stderr.read()[-2000:] if proc.poll() is not None else ''}"
         yield proc
     finally:
         proc.terminate()

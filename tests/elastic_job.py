@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -30,13 +31,19 @@ def _wait_for_commit(run_dir: Path, world: int, timeout: float = 300) -> None:
     raise TimeoutError(f"no committed {world}-rank checkpoint in {run_dir}")
 
 
-def _chaos(cluster, workers: list, run_dir: Path, events: list) -> None:
-    _wait_for_commit(run_dir, 2)
-    cluster.remove_node(workers[0], allow_graceful=False)  # a node lost, as a preemption does
-    events.append(("removed_node", time.time()))
-    _wait_for_commit(run_dir, 1)  # the survivors trained on and checkpointed
-    cluster.add_node(num_cpus=1)  # resources come back
-    events.append(("added_node", time.time()))
+def _chaos(cluster, workers: list, run_dir: Path, events: list, returning: list) -> None:
+    try:
+        _wait_for_commit(run_dir, 2)
+        cluster.remove_node(workers[0], allow_graceful=False)  # a node lost, as a preemption does
+        events.append(("removed_node", time.time()))
+        _wait_for_commit(run_dir, 1)  # the survivors trained on and checkpointed
+        # resources come back: a node joins (Cluster.add_node only works from the main thread)
+        ray_cli = str(Path(sys.executable).with_name("ray"))
+        returning.append(subprocess.Popen([ray_cli, "start", "--address", cluster.address, "--num-cpus", "1", "--block"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        events.append(("added_node", time.time()))
+    except Exception as exc:  # reported in the JSON line; the test fails on it
+        events.append((f"chaos failed: {type(exc).__name__}: {exc}", time.time()))
 
 
 def main(shards: str, work: str) -> None:
@@ -58,14 +65,23 @@ def main(shards: str, work: str) -> None:
         "train.log_every": 2, "train.val_every": 60, "train.image_every": 60, "train.run_name": "elastic",
         "tracking.log_model": False}))
     events: list = []
-    chaos = threading.Thread(target=_chaos, args=(cluster, workers, work_dir / "runs" / "elastic", events), daemon=True)
+    returning: list = []
+    chaos = threading.Thread(target=_chaos, args=(cluster, workers, work_dir / "runs" / "elastic", events, returning),
+                             daemon=True)
     chaos.start()
     result = run_training(cfg)
     client = make_client(result.tracking_uri)
     history = sorted(client.get_metric_history(result.run_id, "world_size"), key=lambda m: m.step)
     print(json.dumps({"step": result.metrics.get("step"), "events": [e for e, _ in events],
                       "world_sizes": [[m.step, m.value] for m in history],
-                      "resumed_from": client.get_run(result.run_id).data.tags.get("vaepipe.resumed_from_step")}))
+                      "resumed_from": client.get_run(result.run_id).data.tags.get("vaepipe.resumed_from_step")}),
+          flush=True)
+    import ray
+
+    ray.shutdown()  # the driver leaves before the cluster is taken down
+    for proc in returning:
+        proc.terminate()
+        proc.wait(timeout=60)
     cluster.shutdown()
 
 

@@ -9,6 +9,13 @@ import torch
 from models import build_model
 from pipeline.config import load_config
 
+def _like_deepspeed_bf16(model):
+    """What a bf16 DeepSpeed engine does: parameters to bf16, buffers (masks, codebooks) left as they are."""
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return model
+
+
 CASES = [
     ["model.name=conv_vae"], ["model.name=conv_vae", "model.prior=made"], ["model.name=conv_vae", "model.prior=mog"],
     ["model.name=conv_vae", "model.skip_connections=true"], ["model.name=factor_vae"], ["model.name=ladder_vae"],
@@ -20,7 +27,7 @@ CASES = [
 def test_bf16_model_samples_reconstructs_and_trains(extra):
     cfg = load_config(None, ["model.flavor=debug", "data.resolution=32", *extra])
     torch.manual_seed(0)
-    model = build_model(cfg.model).to(torch.bfloat16)
+    model = _like_deepspeed_bf16(build_model(cfg.model))
     x = torch.rand(4, 3, 32, 32).to(torch.bfloat16)
     out = model(x)
     assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
@@ -33,3 +40,21 @@ def test_bf16_model_samples_reconstructs_and_trains(extra):
     assert samples.shape == (3, 3, 32, 32) and recon.shape == x.shape
     assert samples.dtype == torch.bfloat16 and torch.isfinite(samples.float()).all()
     assert float(samples.float().min()) >= 0.0 and float(samples.float().max()) <= 1.0
+
+
+def test_bf16_vq_prior_samples_and_reconstructs():
+    from models import build_model as build
+
+    parent_cfg = load_config(None, ["model.name=vqvae", "model.flavor=debug", "data.resolution=32"]).model
+    parent = build(parent_cfg)
+    cfg = load_config(None, ["model.name=vq_prior", "model.flavor=debug", "data.resolution=32"])
+    from dataclasses import replace
+
+    ar = replace(cfg.model.ar, parent_config={"name": "vqvae", **parent.config})
+    model = _like_deepspeed_bf16(build(replace(cfg.model, ar=ar)))
+    model.parent.load_state_dict(parent.state_dict())
+    x = torch.rand(2, 3, 32, 32).to(torch.bfloat16)
+    out = model(x)
+    assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
+    model.eval()
+    assert model.sample(2).shape == (2, 3, 32, 32) and model.reconstruct(x).shape == x.shape
