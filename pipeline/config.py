@@ -245,9 +245,12 @@ class DistConfig:
     max_failures: int = 1
     """Worker-group restarts from the latest checkpoint before the run fails."""
     start_retries: int = 2
-    """Times a worker group whose workers cannot be placed is retried (Ray waits 60 s each,
-    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) before the run fails naming the resources; -1 waits
-    forever (an autoscaling cluster that will add nodes)."""
+    """Times a worker group whose workers cannot be placed is retried (each waits
+    ``start_timeout_s``) before the run fails naming the resources; -1 waits forever (an
+    autoscaling cluster that will add nodes)."""
+    start_timeout_s: float = 60.0
+    """Seconds Ray Train waits for a worker group's workers to be placed before that try fails
+    (sets RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S for the run unless it is set already)."""
 
 
 @dataclass
@@ -388,6 +391,7 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
     _check(s.resize_interval_s >= 0, "dist.resize_interval_s", s.resize_interval_s, "must be >= 0")
     _check(s.zero_stage in (0, 1, 2, 3), "dist.zero_stage", s.zero_stage, "must be 0, 1, 2 or 3")
     _check(s.start_retries >= -1, "dist.start_retries", s.start_retries, "must be >= -1 (-1 retries forever)")
+    _check(s.start_timeout_s > 0, "dist.start_timeout_s", s.start_timeout_s, "must be > 0")
     _check(not s.offload_params or s.zero_stage == 3, "dist.offload_params", s.offload_params, "needs dist.zero_stage=3")
     _check(not s.offload_optimizer or s.zero_stage >= 1, "dist.offload_optimizer", s.offload_optimizer, "needs dist.zero_stage >= 1")
     _check(not (t.precision == "fp16" and s.gpus_per_worker == 0), "train.precision", t.precision,

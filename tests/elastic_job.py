@@ -60,7 +60,7 @@ def main(shards: str, work: str) -> None:
     cluster.wait_for_nodes()
     os.environ["VAEPIPE_FAULT_STEP_SLEEP"] = "0.4"  # long enough for the node to go and come back
     cfg = load_config(None, base_overrides(shards, work_dir, **{
-        "dist.address": cluster.address, "dist.num_workers": 2, "dist.min_workers": 1, "dist.resize_interval_s": 3,
+        "dist.address": cluster.address, "dist.num_workers": 2, "dist.min_workers": 1, "dist.resize_interval_s": 3, "dist.start_timeout_s": 15, "dist.start_retries": 6,
         "dist.max_failures": 3, "train.max_steps": 60, "train.checkpoint_every": 4, "train.keep_checkpoints": 20,
         "train.log_every": 2, "train.val_every": 60, "train.image_every": 60, "train.run_name": "elastic",
         "tracking.log_model": False}))

@@ -231,6 +231,10 @@ def _open_run(cfg: VaepipeConfig, uri: str, ckpt_dir: Optional[Path], mlflow_run
     return run_id
 
 
+_START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+_START_TIMEOUT_SET_BY_USER = _START_TIMEOUT_VAR in os.environ
+
+
 def worker_count(cfg: VaepipeConfig):
     """``num_workers``, or ``(min_workers, num_workers)`` for an elastic run."""
     d = cfg.dist
@@ -243,6 +247,8 @@ def build_trainer(cfg: VaepipeConfig, loop_config: dict, name: str, callbacks: t
 
     use_gpu = cfg.dist.gpus_per_worker > 0
     resources = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": cfg.dist.gpus_per_worker} if use_gpu else {})}
+    if not _START_TIMEOUT_SET_BY_USER:  # Ray Train reads it in the driver and hands it to its controller
+        os.environ[_START_TIMEOUT_VAR] = str(cfg.dist.start_timeout_s)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
