@@ -83,3 +83,26 @@ def test_missing_alias_named(tmp_path, monkeypatch):
     assert "has no alias 'champion' (its aliases: none)" in " ".join(res.output.split())
     res = CliRunner().invoke(app, ["sample", "--model", "models:/vae-y@champion", "--tracking-uri", uri])
     assert res.exit_code == 2 and "no registered model named 'vae-y'" in " ".join(res.output.split())
+
+
+@pytest.mark.integration
+def test_workers_that_cannot_be_placed_fail_with_the_resources_named(ray_session, shards32, tmp_path):
+    """The cluster is big enough on paper but another job holds its CPUs: instead of waiting for
+    ever, the run fails after dist.start_retries tries naming what it asked for and what was free."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from pipeline.config import load_config
+    from pipeline.train.trainer import run_training
+
+    total = int(ray.cluster_resources()["CPU"])
+    held = placement_group([{"CPU": 1}] * (total - 1))  # leaves one CPU: not enough for 2 workers
+    ray.get(held.ready(), timeout=60)
+    try:
+        cfg = load_config(None, base_overrides(shards32, tmp_path, **{
+            "dist.start_timeout_s": 3, "dist.start_retries": 0, "tracking.log_model": False}))
+        with pytest.raises(RuntimeError, match=r"the 2 training workers .* could not be placed after 1 tries; "
+                                               r"the cluster has .* free"):
+            run_training(cfg)
+    finally:
+        remove_placement_group(held)
