@@ -58,3 +58,23 @@ def test_bf16_vq_prior_samples_and_reconstructs():
     assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
     model.eval()
     assert model.sample(2).shape == (2, 3, 32, 32) and model.reconstruct(x).shape == x.shape
+
+
+@pytest.mark.parametrize("name", ["conv_vae", "ladder_vae"])
+def test_batchnorm_blocks_train_in_bf16_once_their_statistics_follow(name):
+    """At 64 px the families add BatchNorm blocks; their fp32 running statistics beside bf16
+    weights stopped the quickstart job on this AMX CPU until the worker cast them too."""
+    from pipeline.train.engine import match_norm_buffers
+
+    cfg = load_config(None, [f"model.name={name}", "model.flavor=debug", "data.resolution=64"])
+    x = torch.rand(2, 3, 64, 64).to(torch.bfloat16)
+    broken = _like_deepspeed_bf16(build_model(cfg.model))
+    with pytest.raises(RuntimeError, match="expected scalar type BFloat16|same dtype|should be the same"):
+        broken(x)
+    model = _like_deepspeed_bf16(build_model(cfg.model))
+    assert match_norm_buffers(model, "bf16") > 0
+    out = model(x)
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    model.eval()
+    assert model.sample(2).shape == (2, 3, 64, 64) and model.reconstruct(x).shape == x.shape

@@ -62,6 +62,20 @@ def input_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
+def match_norm_buffers(model: torch.nn.Module, precision: str) -> int:
+    """Give normalisation layers' running statistics the engine's dtype; returns how many layers.
+
+    A bf16/fp16 DeepSpeed engine casts parameters, not buffers, and BatchNorm's kernels refuse
+    an fp32 running mean beside bf16 weights ("expected scalar type BFloat16"). Other buffers
+    (VQ-VAE's EMA statistics, masks) keep fp32 and the models cast them where they are used.
+    """
+    dtype = input_dtype(precision)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.to(dtype)
+    return len(norms) if dtype != torch.float32 else 0
+
+
 def build_deepspeed_config(cfg: VaepipeConfig, world_size: int, precision: Precision) -> dict:
     """The DeepSpeed config dict for this run (``precision`` already resolved for the device)."""
     o, s = cfg.optim, cfg.dist

@@ -18,7 +18,9 @@ from pipeline.train.activation import apply_activation_checkpointing
 from pipeline.train.auxiliary import AuxiliaryTrainer
 from pipeline.train.checkpoint import restore
 from pipeline.train.collectives import sum_over_ranks
-from pipeline.train.engine import DeviceFacts, build_deepspeed_config, resolve_precision, set_accelerator_env
+from pipeline.train.engine import (
+    DeviceFacts, build_deepspeed_config, match_norm_buffers, resolve_precision, set_accelerator_env,
+)
 
 
 @dataclass
@@ -118,6 +120,7 @@ def build_worker(loop_config: dict) -> Worker:
     device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
     model, aux = build_rank_modules(cfg, loop_config, rank, device)
     precision = resolve_precision(cfg.train.precision, DeviceFacts.detect(use_cuda))
+    match_norm_buffers(model, precision)
     ds_config = build_deepspeed_config(cfg, world, precision)
     trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parents stay out of Adam
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
