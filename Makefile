@@ -25,7 +25,7 @@ quickstart: install
 	$(VAEPIPE) train --config jobs/quickstart.yaml; \
 	$(VAEPIPE) sample --model models:/vae-quickstart@champion --n 64 --out quickstart_samples.png; \
 	echo; echo "quickstart finished in $$(( $$(date +%s) - start )) s"; \
-	echo "  MLflow UI:   $(VAEPIPE:vaepipe=mlflow) ui --backend-store-uri sqlite:///mlruns.db   (images under each run's artifacts/images)"; \
+	echo "  MLflow UI:   $(VAEPIPE:vaepipe=mlflow) ui --backend-store-uri sqlite:///mlruns.db   (image slider, system metrics, data set input on each run page)"; \
 	echo "  registered:  models:/vae-quickstart@champion"; \
 	echo "  samples:     quickstart_samples.png"
 

@@ -165,7 +165,7 @@ def train(
             table.add_row(k, f"{result.metrics[k]:.4g}")
     table.add_row("wall time", f"{result.wall_s:.0f} s")
     console.print(table)
-    console.print(f"images: mlflow artifacts of run {result.run_id} under images/  (mlflow ui --backend-store-uri {uri})")
+    console.print(f"images, system metrics and the data set input: run {result.run_id} in `mlflow ui --backend-store-uri {uri}`")
 
 
 @app.command()
@@ -302,18 +302,47 @@ def tune(
     ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, help="Sweep YAML (jobs/sweeps/*.yaml); extra args are overrides."),
     resume: Optional[str] = typer.Option(None, help="Experiment folder of an interrupted sweep to continue."),
+    promote: bool = typer.Option(False, "--promote", help="Register the best trial as 'challenger' under --name and "
+                                 "move 'champion' to it only if it wins the gate of `vaepipe promote`."),
+    name: Optional[str] = typer.Option(None, help="--promote: registered model name."),
+    metrics: str = typer.Option("neg_iwae_nats,au", help="--promote: gate metrics, as for `vaepipe promote`."),
+    margins: str = typer.Option("0", help="--promote: one margin, or one per metric."),
+    split: str = typer.Option("test", help="--promote: split both models are scored on."),
+    k: int = typer.Option(200, help="--promote: importance samples per image for nll / neg_iwae_nats."),
+    max_samples: Optional[int] = typer.Option(None, help="--promote: score at most this many images."),
 ):
-    """Hyperparameter search: each trial a Ray Train + DeepSpeed run, one MLflow child run per trial."""
+    """Hyperparameter search: each trial a Ray Train + DeepSpeed run, one MLflow child run per trial.
+
+    With --promote, the sweep ends in a metric-gated promotion (exit 1 when the champion stays)."""
     from pipeline.config import ConfigError
+    from pipeline.evaluate.runner import EvalSpec
     from pipeline.tune import load_sweep, run_sweep
 
     if not config and not resume:
         _fail("give --config <sweep.yaml> or --resume <experiment folder>")
+    if promote and not name:
+        _fail("--promote needs --name <registered model name>")
     try:
+        spec = EvalSpec(metrics=_csv(metrics), split=split, k=k, max_samples=max_samples) if promote else None
+        gate_margins = [float(m) for m in _csv(margins)]
         cfg, space = load_sweep(config, ctx.args) if config else (None, None)
-        summary = run_sweep(cfg, space, resume=resume) if config else run_sweep(None, None, resume=resume)
-    except (ConfigError, FileNotFoundError) as exc:
+        if promote and cfg is not None:
+            from pipeline.promote import check_gate_before_sweep
+
+            check_gate_before_sweep(cfg, spec.metrics)
+        summary = run_sweep(cfg, space, resume=resume, register_as=name if promote else None)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
+    _print_sweep(summary)
+    if promote:
+        _promote_sweep(summary, spec, gate_margins)
+
+
+def _csv(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _print_sweep(summary: dict) -> None:
     metric = summary["best"]
     table = Table(title=f"sweep: {len(summary['trials'])} trials, {summary['stopped_early']} stopped early, {summary['failed']} failed")
     for col in ("trial", "status", "last step", "metric"):
@@ -326,6 +355,38 @@ def tune(
     if summary["registered_version"]:
         console.print(f"registered as challenger: version {summary['registered_version']}")
     console.print(f"resume with: vaepipe tune --resume {summary['experiment_path']}")
+
+
+def _promote_sweep(summary: dict, spec, margins: list[float]) -> None:
+    from pipeline.promote import promote_sweep
+
+    try:
+        wins, rows, version, run_id = promote_sweep(summary, spec, margins, summary["tracking_uri"])
+    except ValueError as exc:
+        _fail(str(exc))
+    console.print(f"promotion on {summary['data_path']} ({spec.split} split): decision run {run_id}, linked from "
+                  f"parent run {summary['parent_run_id']}", markup=False, highlight=False)
+    _print_decision(summary["registered_name"], wins, rows, version)
+
+
+def _print_decision(name: str, wins: bool, rows: list, version: Optional[int]) -> None:
+    """The champion-vs-challenger table and the verdict; exit 1 when the champion stays."""
+    from pipeline.promote import NO_CHAMPION
+
+    table = Table(title=f"{name}: champion vs challenger")
+    for col in ("metric", "champion", "challenger", "improvement", "margin", "ok"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.metric, f"{r.champion:.4g}", f"{r.challenger:.4g}", f"{r.improvement:+.4g}", f"{r.margin:g}", "yes" if r.ok else "NO")
+    if rows:
+        console.print(table)
+    else:
+        console.print(f"nothing to compare ({NO_CHAMPION}, or the challenger already is the champion); decision logged")
+    if wins:
+        console.print(f"[green]promoted:[/] models:/{name}@champion -> version {version}")
+    else:
+        console.print(f"[red]refused:[/] champion stays at version {version}")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -344,31 +405,17 @@ def promote(
     """Move alias 'champion' to the 'challenger' version only if it beats the champion."""
     from pipeline.config import VaepipeConfig
     from pipeline.evaluate.runner import EvalSpec
-    from pipeline.promote import NO_CHAMPION
     from pipeline.promote import promote as do_promote
     from pipeline.tracking import resolve_tracking_uri
 
     cfg = VaepipeConfig()
     cfg.tracking.tracking_uri = tracking_uri
     try:
-        spec = EvalSpec(metrics=[m.strip() for m in metrics.split(",") if m.strip()], split=split, k=k, max_samples=max_samples)
+        spec = EvalSpec(metrics=_csv(metrics), split=split, k=k, max_samples=max_samples)
         wins, rows, version = do_promote(name, data, spec, [float(m) for m in margins.split(",")], resolve_tracking_uri(cfg), workers)
     except ValueError as exc:
         _fail(str(exc))
-    table = Table(title=f"{name}: champion vs challenger")
-    for col in ("metric", "champion", "challenger", "improvement", "margin", "ok"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r.metric, f"{r.champion:.4g}", f"{r.challenger:.4g}", f"{r.improvement:+.4g}", f"{r.margin:g}", "yes" if r.ok else "NO")
-    if rows:
-        console.print(table)
-    else:
-        console.print(f"nothing to compare ({NO_CHAMPION}, or the challenger already is the champion); decision logged")
-    if wins:
-        console.print(f"[green]promoted:[/] models:/{name}@champion -> version {version}")
-    else:
-        console.print(f"[red]refused:[/] champion stays at version {version}")
-        raise typer.Exit(1)
+    _print_decision(name, wins, rows, version)
 
 
 @bench_app.command("throughput", context_settings={"allow_extra_args": True})

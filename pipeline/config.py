@@ -271,6 +271,14 @@ class TrackingConfig:
     """Alias set on the registered version (e.g. champion)."""
     image_grid_size: int = 8
     """Images per side of the reconstruction and sample grids (n*n images)."""
+    kl_per_dim_metrics: bool = False
+    """Also log one metric per latent unit (``kl_dim/NNN``); off by default: the per-step KL bar
+    plot image (key ``kl_per_dim``) shows the same, and hundreds of charts bury the rest in the UI."""
+    system_metrics: bool = True
+    """Log MLflow system metrics (CPU, memory, disk, network, GPU) of every rank into the run,
+    named ``system/rank<r>-<node ip>/...``."""
+    system_metrics_interval_s: float = 10.0
+    """Seconds between two system-metrics samples of a rank."""
 
 
 @dataclass
@@ -396,6 +404,8 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
     _check(not s.offload_optimizer or s.zero_stage >= 1, "dist.offload_optimizer", s.offload_optimizer, "needs dist.zero_stage >= 1")
     _check(not (t.precision == "fp16" and s.gpus_per_worker == 0), "train.precision", t.precision,
            "fp16 needs CUDA (dist.gpus_per_worker > 0); DeepSpeed has no fp16 on CPU, use fp32 or bf16")
+    _check(cfg.tracking.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s",
+           cfg.tracking.system_metrics_interval_s, "must be > 0 seconds (turn them off with tracking.system_metrics=false)")
     tn = cfg.tune
     _check(tn.num_samples >= 1, "tune.num_samples", tn.num_samples, "must be >= 1")
     _check(tn.max_concurrent >= 1, "tune.max_concurrent", tn.max_concurrent, "must be >= 1")

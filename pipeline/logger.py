@@ -4,8 +4,8 @@ Training must not stop because MLflow is unreachable (a restart, a network blip)
 goes through one queue: it is tried at once; if it fails, it and everything after it wait in
 order in memory, and the queue is retried at most every ``retry_every_s`` seconds from the
 next logging call on. A call leaves the queue only when the server accepted it, so nothing is
-logged twice, and order is kept. Images are rendered to PNG bytes before queueing, so a
-deferred image is the picture of its own step. ``flush`` at the end of training waits up to
+logged twice, and order is kept. Images are rendered before queueing, so a deferred image is
+the picture of its own step; they go through ``MlflowClient.log_image(key=, step=)``. ``flush`` at the end of training waits up to
 ``flush_timeout_s`` for the server before it gives up with a warning (never an exception).
 """
 
@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -53,24 +51,32 @@ class RankZeroLogger:
             part = batch[i : i + 1000]
             self._submit(f"metrics@{step}", lambda part=part: self.client.log_batch(self.run_id, metrics=part))
 
-    def image(self, array: np.ndarray, artifact_file: str) -> None:
+    def image(self, array: np.ndarray, key: str, step: int) -> None:
+        """An image under ``key`` at ``step`` (MLflow's step slider and image comparison)."""
         if not self.enabled:
             return
         from PIL import Image
 
-        buf = io.BytesIO()
-        Image.fromarray(array).save(buf, format="PNG")
-        self._artifact(buf.getvalue(), artifact_file)
+        self._image(Image.fromarray(array), key, step)
 
-    def figure(self, fig, artifact_file: str) -> None:
+    def figure(self, fig, key: str, step: int) -> None:
         if not self.enabled:
             return
         import matplotlib.pyplot as plt
+        from PIL import Image
 
         buf = io.BytesIO()
         fig.savefig(buf, format="png", bbox_inches="tight")
         plt.close(fig)
-        self._artifact(buf.getvalue(), artifact_file)
+        buf.seek(0)
+        img = Image.open(buf)
+        img.load()
+        self._image(img.convert("RGB"), key, step)
+
+    def dataset(self, dataset_input) -> None:
+        """An ``mlflow.entities.DatasetInput`` (see ``pipeline.lineage``) as the run's input."""
+        self._submit(f"input {dataset_input.dataset.name}",
+                     lambda: self.client.log_inputs(self.run_id, datasets=[dataset_input]))
 
     def tags(self, values: dict[str, Any]) -> None:
         for k, v in values.items():
@@ -90,15 +96,13 @@ class RankZeroLogger:
                           f"(first: {self.pending[0][0]}) were not delivered", RuntimeWarning, stacklevel=2)
 
     # -- the queue ------------------------------------------------------------------------
-    def _artifact(self, data: bytes, artifact_file: str) -> None:
-        def log() -> None:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / Path(artifact_file).name
-                path.write_bytes(data)
-                parent = str(Path(artifact_file).parent)
-                self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
-
-        self._submit(artifact_file, log)
+    def _image(self, img, key: str, step: int) -> None:
+        # The time is taken now: a call delivered after an outage keeps the time of its step.
+        # MLflow writes an image as two files and a tag; a retry after a failure between them
+        # can leave one extra file of the same key and step (the UI shows one per step).
+        ts = int(time.time() * 1000)
+        self._submit(f"image {key}@{step}", lambda: self.client.log_image(
+            self.run_id, img, key=key, step=step, timestamp=ts, synchronous=True))
 
     def _submit(self, what: str, call: Callable[[], None]) -> None:
         if not self.enabled:

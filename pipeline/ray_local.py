@@ -30,6 +30,8 @@ def start_local_ray(num_cpus: int, log_to_driver: bool = True) -> str:
     os.environ["RAY_API_SERVER_ADDRESS"] = url
     # The dashboard process serves the State API that Train V2's placement-group cleaner
     # polls; without it finished runs leak their workers' CPUs. Bound to loopback.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+    # address="local": a new instance even when another one's address is recorded in
+    # /tmp/ray/ray_current_cluster (which ray.init would otherwise join, refusing num_cpus)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              log_to_driver=log_to_driver)
     return url

@@ -69,8 +69,12 @@ def ensure_experiment(client, name: str, artifact_location: str, uri: str) -> st
 
 
 def start_run(cfg: VaepipeConfig, uri: str, tags: Optional[dict] = None) -> str:
-    """Create the run of a training job; log its params and resolved config. Returns run id."""
+    """Create the run of a training job; log its params, resolved config and lineage (the shard
+    set as its dataset input, config hash, code version: ``pipeline.lineage``). Returns run id."""
     from mlflow.entities import Param
+
+    from pipeline.config import to_dict
+    from pipeline.lineage import log_run_lineage
 
     client = make_client(uri)
     exp_id = ensure_experiment(client, cfg.tracking.experiment, cfg.tracking.artifact_location, uri)
@@ -80,6 +84,7 @@ def start_run(cfg: VaepipeConfig, uri: str, tags: Optional[dict] = None) -> str:
     for i in range(0, len(params), 100):  # MLflow caps a batch at 100 params
         client.log_batch(run_id, params=params[i : i + 100])
     client.log_text(run_id, to_yaml(cfg), "config/resolved.yaml")
+    log_run_lineage(client, run_id, cfg.data.path, "train", to_dict(cfg))
     return run_id
 
 
@@ -93,8 +98,13 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 
 def register_model(uri: str, run_id: str, name: str, alias: Optional[str] = None, artifact_path: str = "model") -> int:
-    """Register the model logged by ``run_id`` under ``name``; point ``alias`` at it. Returns the version."""
+    """Register the model logged by ``run_id`` under ``name``; point ``alias`` at it. Returns the version.
+
+    The version carries the run's lineage tags (data digest, config hash, code version) and a
+    short model card as its description."""
     import mlflow
+
+    from pipeline.lineage import VERSION_TAGS, model_card
 
     client = make_client(uri)
     run = client.get_run(run_id)  # raises with the id in the message if it does not exist
@@ -103,6 +113,10 @@ def register_model(uri: str, run_id: str, name: str, alias: Optional[str] = None
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
     client.set_model_version_tag(name, mv.version, "vaepipe.run_id", run_id)
+    for key in VERSION_TAGS:
+        if key in run.data.tags:
+            client.set_model_version_tag(name, mv.version, key, run.data.tags[key])
+    client.update_model_version(name, mv.version, description=model_card(name, mv.version, run))
     return int(mv.version)
 
 

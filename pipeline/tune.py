@@ -256,10 +256,11 @@ def draw_trials(space: dict, num_samples: int, seed: int = 0) -> list[dict]:
 
 
 def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
-              points: Optional[list[dict]] = None) -> dict:
+              points: Optional[list[dict]] = None, register_as: Optional[str] = None) -> dict:
     """Run (or resume) a sweep; returns a summary with the parent run and the best trial.
 
     ``points``: run exactly these trials (from :func:`draw_trials`) instead of searching.
+    ``register_as``: register the best trial under this name as ``challenger`` (``--promote``).
     """
     from ray import tune
 
@@ -277,6 +278,8 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
                       train=replace(cfg.train, storage_path=_absolute(cfg.train.storage_path)),
                       tracking=replace(cfg.tracking, artifact_location=_absolute(cfg.tracking.artifact_location)))
         preflight(cfg)
+    if register_as:
+        cfg = replace(cfg, tune=replace(cfg.tune, register_best=True, register_name=register_as))
     uri = tracking.resolve_tracking_uri(cfg)  # before Ray starts: its processes inherit a password-free env
     init_ray(cfg, spare_cpus=1)
     # trials run in their own working directories: give them the resolved, absolute store
@@ -359,7 +362,8 @@ def summarize(cfg: VaepipeConfig, space: dict, grid, parent: str, uri: str, exp_
         version = tracking.register_model(uri, best["run_id"], cfg.tune.register_name, "challenger")
     tracking.end_run(uri, parent, "FINISHED")
     return {"parent_run_id": parent, "experiment_path": str(exp_dir), "best": best, "trials": rows,
-            "stopped_early": early, "failed": failed, "registered_version": version}
+            "stopped_early": early, "failed": failed, "registered_version": version, "data_path": cfg.data.path, "tracking_uri": uri,
+            "registered_name": cfg.tune.register_name if version else None}
 
 
 def _trial_id_in_path(path: str, known: Sequence[Optional[str]]) -> Optional[str]:

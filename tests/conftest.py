@@ -191,3 +191,17 @@ def corrupt_shards32(shards32, tmp_path_factory) -> str:
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert tarfile.is_tarfile(out / shards[0]["name"])
     return str(out)
+
+
+def logged_images(client, run_id: str) -> dict[tuple[str, int], str]:
+    """``{(key, step): artifact path}`` of a run's images logged with ``log_image(key=, step=)``:
+    MLflow names them ``images/<key, / as ~>+step+<step>+timestamp+<ms>+<uuid>.png``, which is
+    what its UI reads for the step slider."""
+    found = {}
+    for art in client.list_artifacts(run_id, "images"):
+        name = art.path.rsplit("/", 1)[-1]
+        if not name.endswith(".png"):
+            continue  # the +compressed.webp thumbnails
+        key, _, step, *_ = name[: -len(".png")].split("+")
+        found[(key.replace("~", "/"), int(step))] = art.path
+    return found

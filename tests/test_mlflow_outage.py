@@ -85,7 +85,13 @@ def test_training_survives_the_tracking_server_going_away(ray_session, shards32,
         thread.join(timeout=120)
         steps = [m.step for m in make_client(uri).get_metric_history(result.run_id, "loss")]
         assert steps == list(range(2, 61, 2))  # every window once, none lost, none twice
-        assert make_client(uri).get_run(result.run_id).info.status == "FINISHED"
+        client = make_client(uri)
+        pngs = [a.path.rsplit("/", 1)[-1].split("+")[:3] for a in client.list_artifacts(result.run_id, "images")
+                if a.path.endswith(".png")]
+        assert sorted((k, int(st)) for k, _, st in pngs if k == "samples") == [("samples", 0), ("samples", 30), ("samples", 60)]
+        run = client.get_run(result.run_id)
+        assert {k.split("/")[1].split("-")[0] for k in run.data.metrics if k.startswith("system/")} == {"rank0", "rank1"}
+        assert run.info.status == "FINISHED"
         assert result.metrics["step"] == 60
     finally:
         stop_process(server["proc"])

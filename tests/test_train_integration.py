@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import base_overrides
+from conftest import base_overrides, logged_images
 from pipeline.config import ConfigError, load_config
+from pipeline.data.shards import read_manifest
+from pipeline.lineage import dataset_digest
 
 pytestmark = pytest.mark.integration
 
@@ -47,14 +49,21 @@ def _assert_run_recorded(client, run_id, max_steps):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     for key in ("loss", "recon", "kl", "beta", "active_units", "images_per_sec", "skipped_steps", "val_loss",
-                "val_active_units", "kl_dim/000"):
+                "val_active_units"):
         assert key in run.data.metrics, f"metric {key} missing from run {run_id}"
     assert run.data.params["dist.num_workers"] == "2"
     assert run.data.tags["vaepipe.posterior_collapse"] in ("True", "False")
-    arts = {a.path for a in client.list_artifacts(run_id, "images")}
-    assert f"images/reconstructions_step{max_steps:07d}.png" in arts
-    assert f"images/samples_step{max_steps:07d}.png" in arts
-    assert f"images/kl_per_dim_step{max_steps:07d}.png" in arts
+    images = logged_images(client, run_id)  # MLflow images by key and step (the UI's slider)
+    for key in ("reconstructions", "samples", "traversals", "kl_per_dim"):
+        assert (key, max_steps) in images, sorted(images)
+    assert {("reconstructions", 0), ("samples", 0), ("traversals", 0)} <= set(images)  # the untrained model
+    assert not any(k.startswith("kl_dim/") for k in run.data.metrics)  # the kl_per_dim image shows them
+    # every rank's system metrics, named by rank and node
+    nodes = {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")}
+    assert sorted(n.split("-")[0] for n in nodes) == ["rank0", "rank1"], nodes
+    assert all(f"system/{n}/cpu_utilization_percentage" in run.data.metrics for n in nodes)
+    (data,) = run.inputs.dataset_inputs  # the shard set, by the manifest's content hash
+    assert data.dataset.digest == dataset_digest(read_manifest(run.data.params["data.path"]))
     assert any(a.path == "config/resolved.yaml" for a in client.list_artifacts(run_id, "config"))
     loss = _metric_steps(client, run_id, "loss")
     assert loss[-1][0] == max_steps
@@ -93,10 +102,13 @@ def test_train_zero_stage_local_mlflow(ray_session, shards32, tmp_path, stage):
         eval_run = client.get_run(version.tags["vaepipe.eval_run"])  # the version links to its evaluation
         assert eval_run.data.tags["vaepipe.model_version"] == str(version.version)
         assert eval_run.data.metrics["num_samples"] == 16
-        assert eval_run.data.metrics["neg_iwae_nats"] > 0 and "mig" in eval_run.data.metrics
+        assert eval_run.data.metrics["neg_iwae_nats"] > 0 and "mig" in eval_run.data.metrics  # mse: the bound, not an nll
         assert "nll" not in eval_run.data.metrics
-        arts = {a.path for a in client.list_artifacts(eval_run.info.run_id, "eval")}
-        assert {"eval/samples.png", "eval/traversals.png", "eval/interpolation_slerp.png"} <= arts
+        images = logged_images(client, eval_run.info.run_id)
+        assert {("samples", 0), ("traversals", 0), ("interpolation_slerp", 0)} <= set(images)
+        (data,) = eval_run.inputs.dataset_inputs
+        assert {t.key: t.value for t in data.tags}["mlflow.data.context"] == "test"
+        assert data.dataset.digest == version.tags["vaepipe.data_digest"]  # trained and scored on one set
 
 
 def _cli(*args):

@@ -116,6 +116,10 @@ def test_asha_sweep_of_distributed_trials(ray_session, shards32, tmp_path, secon
     assert any(a.path == "sweep/trials.csv" for a in client.list_artifacts(parent.info.run_id, "sweep"))
     best = client.get_model_version_by_alias("vae-sweep", "challenger")
     assert best.tags["vaepipe.run_id"] == summary["best"]["run_id"]
+    from pipeline.serving import load_logged_weights
+
+    # logged before the trial's last report, so ASHA stopping it at max_t cannot cut the upload short
+    assert "state_dict" in load_logged_weights("models:/vae-sweep@challenger")
     assert summary["best"]["optim.lr"] != 1e-5
     cpus = wait_all_cpus_free(ray_session)
     assert cpus["free"] == cpus["total"], f"placement groups left behind: {cpus}"
@@ -337,3 +341,57 @@ def test_vqvae_elbo_includes_the_uniform_code_prior():
         grid = 32 // cfg.model.vq.downsample
         assert float(out["kl"]) == pytest.approx(grid * grid * math.log(k), rel=1e-6)
         assert float(out["elbo"]) == pytest.approx(-(float(out["recon"]) + grid * grid * math.log(k)), rel=1e-6)
+
+
+@pytest.mark.integration
+def test_tune_promote_moves_the_alias_only_for_a_winner(ray_session, shards32, tmp_path):
+    """`vaepipe tune --promote`: sweep, register the best as challenger, gate it against the
+    champion on the test split; the alias moves when it wins, exit 1 when it does not, and
+    both decisions are logged and linked from their sweep's parent run."""
+    from models import build_model
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.tracking import make_client, register_model
+
+    name = "vae-tune-promote"
+    cfg = load_config(None, base_overrides(shards32, tmp_path, **{"model.likelihood": "bernoulli"}))
+    uri = cfg.tracking.tracking_uri
+    torch.manual_seed(0)
+    weak = register_model(uri, _log_model(uri, cfg, build_model(cfg.model).eval(), "weak"), name, "champion")
+    path = _sweep_file(
+        tmp_path, shards32, {"optim.lr": {"grid": [1e-2, 3e-3]}}, model={"likelihood": "bernoulli"},
+        train={"max_steps": 12, "checkpoint_every": 12, "val_every": 12, "image_every": 12},
+        dist={"num_workers": 1}, tune={"num_samples": 1, "scheduler": "fifo", "max_concurrent": 2,
+                                        "storage_path": str(tmp_path / "tune")},
+    )
+    gate = ["--promote", "--name", name, "--metrics", "neg_iwae_nats", "--k", "8", "--max-samples", "16"]
+    client = make_client(uri)
+
+    def sweep(margins: str):
+        result = CliRunner().invoke(app, ["tune", "--config", str(path), *gate, "--margins", margins],
+                                    env={"COLUMNS": "200"})
+        parents = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+                                     filter_string="tags.`vaepipe.sweep` != ''", order_by=["attributes.start_time DESC"])
+        return result, parents[0]
+
+    won, parent = sweep("0")
+    assert won.exit_code == 0, won.output
+    assert "champion vs challenger" in won.output and "promoted:" in won.output
+    challenger = client.get_model_version_by_alias(name, "challenger")
+    assert challenger.tags["vaepipe.run_id"] == parent.data.tags["vaepipe.best_run_id"]
+    assert client.get_model_version_by_alias(name, "champion").version == challenger.version != str(weak)
+    assert parent.data.tags["vaepipe.promotion.decision"] == "promoted"
+    decision = client.get_run(parent.data.tags["vaepipe.promotion.run_id"])
+    assert decision.data.tags["vaepipe.sweep_run_id"] == parent.info.run_id
+    assert {t.key: t.value for t in decision.inputs.dataset_inputs[0].tags}["mlflow.data.context"] == "test"
+    assert decision.data.metrics["challenger/neg_iwae_nats"] < decision.data.metrics["champion/neg_iwae_nats"]
+
+    champion = challenger.version
+    refused, parent2 = sweep("1e9")  # no model improves the bound by a billion nats
+    assert refused.exit_code == 1, refused.output
+    assert "refused:" in refused.output and f"champion stays at version {champion}" in refused.output
+    assert client.get_model_version_by_alias(name, "champion").version == champion
+    assert client.get_model_version_by_alias(name, "challenger").version != champion
+    assert parent2.info.run_id != parent.info.run_id and parent2.data.tags["vaepipe.promotion.decision"] == "refused"
+    assert client.get_run(parent2.data.tags["vaepipe.promotion.run_id"]).data.tags["vaepipe.decision"] == "refused"

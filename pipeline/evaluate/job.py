@@ -26,7 +26,8 @@ def _model_version(client, model_uri: str):
 
 
 def log_visuals(logger, model: torch.nn.Module, blob: dict, data_url: str, split: str, results: dict, seed: int) -> None:
-    """Sample and reconstruction grids, traversals, interpolations and the per-dimension KL plot."""
+    """Sample and reconstruction grids, traversals, interpolations and the per-dimension KL plot,
+    as MLflow images at step 0 under the keys training uses (so runs compare in the UI)."""
     from pipeline.evaluate.runner import eval_stream
     from pipeline.evaluate.visualize import interpolate, kl_bar_plot, latent_traversals, make_grid
 
@@ -34,22 +35,23 @@ def log_visuals(logger, model: torch.nn.Module, blob: dict, data_url: str, split
     x = next(iter(stream.iter_eval(split, max_batches=1)))["image"]
     torch.manual_seed(seed)
     with torch.no_grad():
-        logger.image(make_grid(model.sample(64), nrow=8), "eval/samples.png")
+        logger.image(make_grid(model.sample(64), nrow=8), "samples", 0)
         pairs = torch.stack([x, model.reconstruct(x)], dim=1).flatten(0, 1)
-        logger.image(make_grid(pairs, nrow=8), "eval/reconstructions.png")
+        logger.image(make_grid(pairs, nrow=8), "reconstructions", 0)
     if hasattr(model, "encode") and "kl_per_dim" in results:
         kl = results["kl_per_dim"]
         top = torch.argsort(torch.as_tensor(kl), descending=True)[:10].tolist()  # the most informative units
-        logger.image(make_grid(latent_traversals(model, x[0], dims=top, steps=9)), "eval/traversals.png")
-        logger.image(make_grid(interpolate(model, x[0], x[1], steps=10, mode="linear"), nrow=10), "eval/interpolation_linear.png")
-        logger.image(make_grid(interpolate(model, x[0], x[1], steps=10, mode="slerp"), nrow=10), "eval/interpolation_slerp.png")
-        logger.figure(kl_bar_plot(kl), "eval/kl_per_dim.png")
+        logger.image(make_grid(latent_traversals(model, x[0], dims=top, steps=9)), "traversals", 0)
+        logger.image(make_grid(interpolate(model, x[0], x[1], steps=10, mode="linear"), nrow=10), "interpolation_linear", 0)
+        logger.image(make_grid(interpolate(model, x[0], x[1], steps=10, mode="slerp"), nrow=10), "interpolation_slerp", 0)
+        logger.figure(kl_bar_plot(kl), "kl_per_dim", 0)
 
 
 def run_evaluation(model_uri: str, data_url: str, spec: EvalSpec, workers: int, tracking_uri: str,
                    experiment: str = "vaepipe-eval", artifact_location: str = "mlartifacts") -> tuple[str, dict]:
     """Evaluate, log into a new MLflow run, return (run id, results)."""
     from pipeline.data.shards import read_manifest
+    from pipeline.lineage import dataset_input, lineage_tags
     from pipeline.serving import load_logged_weights
     from pipeline.tracking import RankZeroLogger, ensure_experiment, make_client
 
@@ -76,6 +78,8 @@ def run_evaluation(model_uri: str, data_url: str, spec: EvalSpec, workers: int, 
         client.log_param(run_id, k, str(v))
     client.log_param(run_id, "workers", workers)
     logger = RankZeroLogger(tracking_uri, run_id, enabled=True)
+    logger.dataset(dataset_input(manifest, data_url, spec.split))
+    logger.tags(lineage_tags(manifest))
     logger.metrics(scalar_metrics(results), step=0)
     if "collapse" in results:
         logger.tags({"vaepipe.posterior_collapse": results["collapse"]["collapsed"]})

@@ -15,6 +15,7 @@ from pipeline.train.export import export_model
 from pipeline.train.faults import maybe_exit, maybe_pause, maybe_slow
 from pipeline.train.observe import MetricWindow, log_images, log_window, validate
 from pipeline.train.step import train_step
+from pipeline.train.system_metrics import start_system_metrics
 from pipeline.train.worker import Worker, build_worker
 
 
@@ -26,9 +27,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if w.rank == 0 and w.resumed_from is not None:
         say(f"resumed from step {w.resumed_from}")
         w.log.tags({"vaepipe.resumed_from_step": w.resumed_from})
-    run_steps(w)
-    if w.cfg.tracking.log_model:
-        export_model(w)
+    monitor = start_system_metrics(w)  # every rank, its own node id
+    first_step = w.state.step
+    try:
+        run_steps(w)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+    if w.cfg.tracking.log_model and w.state.step == first_step:
+        export_model(w)  # resumed at the end: no step ran, so after_step did not export
     w.log.flush()
 
 
@@ -37,8 +44,12 @@ def run_steps(w: Worker) -> None:
     cfg, st = w.cfg, w.state
     window = MetricWindow()
     consecutive_skips = 0
+    untrained = st.step == 0  # a fresh run draws the untrained model at step 0, where the UI's image slider starts
     while st.step < cfg.train.max_steps:
         for batch in w.stream.iter_epoch(st.epoch, start_step=st.step_in_epoch):
+            if untrained:
+                log_images(w, batch)
+                untrained = False
             st.step_in_epoch += 1
             st.corrupt_samples += int(batch.get("n_corrupt", 0))
             out = train_step(w, batch)
@@ -73,6 +84,10 @@ def after_step(w: Worker, window: MetricWindow, batch: dict) -> None:
         validate(w)
     if step % t.image_every == 0 or last:
         log_images(w, batch)
+    if last and w.cfg.tracking.log_model:
+        # before the final report: Tune may stop a trial at it (ASHA at max_t), killing the
+        # workers, and a model logged after it would be registered without its files
+        export_model(w)
     if step % t.checkpoint_every == 0 or last:
         save_checkpoint(w, window.last_metrics)
 

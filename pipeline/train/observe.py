@@ -77,7 +77,8 @@ def log_window(w: Any, win: MetricWindow) -> None:
         "world_size": float(w.world_size),
     }
     metrics.update(extras)
-    metrics.update({f"kl_dim/{i:03d}": float(v) for i, v in enumerate(kl_dims.tolist())})
+    if cfg.tracking.kl_per_dim_metrics:
+        metrics.update({f"kl_dim/{i:03d}": float(v) for i, v in enumerate(kl_dims.tolist())})
     w.last_kl_dims = kl_dims
     w.log.metrics(metrics, st.step)
     st.history.append([st.step, loss])
@@ -129,7 +130,8 @@ def validate(w: Any) -> None:
 
 
 def log_images(w: Any, batch: dict) -> None:
-    """Reconstruction and sample grids, plus the per-dimension KL bar plot (rank 0 only).
+    """Reconstruction and sample grids, latent traversals and the per-dimension KL bar plot,
+    logged as MLflow images (key + step, for the UI's step slider; rank 0 writes).
 
     Every rank calls this (the gather below is collective); all ranks compute and only rank 0
     writes.
@@ -145,16 +147,19 @@ def log_images(w: Any, batch: dict) -> None:
         with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
             torch.manual_seed(w.cfg.train.seed)
             samples = module.sample(n * n, device=w.device)
+        traversals = _traversals(module, x[:1], w.last_kl_dims)
     module.train(was_training)
     if w.rank != 0:
         return
     pairs = torch.stack([x.float().cpu(), recon.float().cpu()], dim=1).flatten(0, 1)  # input, recon, ...
     step = w.state.step
-    w.log.image(make_grid(pairs.numpy(), nrow=n), f"images/reconstructions_step{step:07d}.png")
-    w.log.image(make_grid(samples.float().cpu().numpy(), nrow=n), f"images/samples_step{step:07d}.png")
+    w.log.image(make_grid(pairs.numpy(), nrow=n), "reconstructions", step)
+    w.log.image(make_grid(samples.float().cpu().numpy(), nrow=n), "samples", step)
+    if traversals is not None:
+        w.log.image(make_grid(traversals.float().cpu()), "traversals", step)
     if w.last_kl_dims is not None and w.last_kl_dims.numel():
         fig = kl_bar_plot(w.last_kl_dims, title=f"per-dimension KL at step {step}")
-        w.log.figure(fig, f"images/kl_per_dim_step{step:07d}.png")
+        w.log.figure(fig, "kl_per_dim", step)
 
 
 def gathered_for_direct_calls(w: Any):
@@ -176,3 +181,19 @@ def gathered_for_direct_calls(w: Any):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(w.engine.module.parameters()), modifier_rank=None)
+
+
+def _traversals(module: Any, x0: torch.Tensor, kl_dims: Optional[torch.Tensor], rows: int = 8):
+    """Traversals of the ``rows`` most informative units (the first ones before any KL is
+    known), for families with a flat Gaussian latent (``encode`` -> (mu, logvar)); None for
+    the others (VQ grids, code priors)."""
+    from pipeline.evaluate.visualize import latent_traversals
+
+    code = module.encode(x0)
+    if not isinstance(code, tuple):
+        return None
+    if kl_dims is not None and kl_dims.numel():
+        dims = torch.argsort(kl_dims.float(), descending=True)[:rows].tolist()
+    else:
+        dims = list(range(min(rows, code[0].shape[1])))
+    return latent_traversals(module, x0, dims=dims, steps=9)
