@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
 YAMLS = sorted(p for d in (INFRA, ROOT / "jobs") for p in d.rglob("*.yaml"))
 VAEPIPE_DOCKERFILES = sorted((INFRA / "docker").glob("Dockerfile.*"))
-ENTRYPOINT = re.compile(r"vaepipe (?:train|tune|submit) --config (\S+)")
+ENTRYPOINT = re.compile(r"vaepipe (?:train|tune|submit) --config ([^\s`'\"]+)")
 SECRET_ENV = ("RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY", "MLFLOW_BACKEND_STORE_URI",
               "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")
 
