@@ -131,15 +131,19 @@ def test_submit_wait_trains_into_mlflow(ray_head, shards32, mlflow_server, tmp_p
     args = ["submit", "--config", "jobs/quickstart.yaml", "--address", ray_head.url, "--wait",
             *base_overrides(shards32, tmp_path, tracking_uri=mlflow_server, **{"tracking.experiment": experiment,
                                                                                "tracking.register_name": "null"})]
-    t0, first_step, lines = time.monotonic(), None, []
+    t0, seen, lines = time.monotonic(), {}, []
+    marks = {"accepted": "submitted vaepipe-", "first job log line": None, "first training step": "[vaepipe] step"}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=client_env(ray_head.token),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         lines.append(line)
-        if first_step is None and "[vaepipe] step" in line:
-            first_step = time.monotonic() - t0
+        for name, marker in marks.items():
+            started = marker is None and len(lines) > 1 and lines[-2].startswith("MLflow experiment:")
+            if name not in seen and (started or (marker and marker in line)):
+                seen[name] = time.monotonic() - t0
     rc, out = proc.wait(timeout=60), "".join(lines)
-    print(f"\nsubmit -> first training step: {first_step:.1f} s; submit -> done: {time.monotonic() - t0:.1f} s")
+    print("\nsubmit -> " + ", ".join(f"{k}: {v:.1f} s" for k, v in seen.items()) + f", done: {time.monotonic() - t0:.1f} s")
+    first_step = seen.get("first training step")
     assert rc == 0, out[-4000:]
     assert first_step is not None and "SUCCEEDED" in out
     job_id = submitted_id(out)
