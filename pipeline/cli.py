@@ -17,16 +17,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed 
 data_app = typer.Typer(no_args_is_help=True, help="Make, shard and inspect data sets.")
 config_app = typer.Typer(no_args_is_help=True, help="Show the resolved config.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks, each against a baseline measured in the same run.")
+jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster: list, status, logs, stop.")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
+app.add_typer(jobs_app, name="jobs")
 console = Console()
 
 
 def _fail(msg: str) -> None:
     from pipeline.redact import redact_text
 
-    console.print(f"[bold red]error:[/] {redact_text(msg)}")
+    console.print(f"[bold red]error:[/] {redact_text(msg)}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -473,6 +475,128 @@ def bench_asha(
     console.print(f"ASHA speed-up (wall): {res['speedup']:.2f}x; trial-steps saved: {res['trial_steps_ratio']:.2f}x")
     if out:
         out.write_text(json.dumps(res, indent=2))
+
+
+ADDRESS_HELP = "Ray dashboard URL, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS, else RAY_API_SERVER_ADDRESS)."
+
+
+def _say(text: str) -> None:
+    """One plain line, never wrapped (ids and URLs stay copyable)."""
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+def _jobs_client(address: Optional[str]):
+    from pipeline.jobs import JobsError, connect
+
+    try:
+        return connect(address)
+    except JobsError as exc:
+        _fail(str(exc))
+
+
+@app.command(context_settings={"allow_extra_args": True})
+def submit(
+    ctx: typer.Context,
+    config: Path = typer.Option(..., help="Job YAML (jobs/*.yaml) or sweep YAML (jobs/sweeps/*.yaml); extra args are overrides."),
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+    wait: bool = typer.Option(False, "--wait", help="Follow the job's logs until it ends; exit 0 only if it succeeded."),
+    working_dir: Optional[Path] = typer.Option(None, help="Checkout to upload (default: this vaepipe checkout)."),
+):
+    """Run `vaepipe train` (job file) or `vaepipe tune` (sweep file) on a Ray cluster through Ray Jobs."""
+    from pipeline.config import ConfigError
+    from pipeline.job_spec import build_job_spec, project_root
+    from pipeline.jobs import JobsError, dashboard_url
+    from pipeline.jobs import submit as submit_job
+
+    try:
+        spec, root = build_job_spec(config, ctx.args), project_root(working_dir)
+    except ConfigError as exc:
+        _fail(str(exc))
+    for note in spec.notes:
+        _say(f"note: {note}")
+    client = _jobs_client(address)
+    try:
+        job_id = submit_job(client, spec, config, root)
+    except JobsError as exc:
+        _fail(str(exc))
+    from pipeline.redact import redact_text
+
+    _say(f"submitted {job_id}: {spec.entrypoint}")
+    _say(f"dashboard: {dashboard_url(client, job_id)}")
+    _say(f"MLflow experiment: {spec.experiment} at {redact_text(spec.tracking_uri or 'the job working dir (sqlite)')}")
+    if not wait:
+        _say(f"follow with: vaepipe jobs logs {job_id} --follow --address {client.get_address()}")
+        return
+    _follow(client, job_id)
+
+
+def _follow(client, job_id: str) -> None:
+    from pipeline.jobs import JobsError, follow_logs
+
+    try:
+        status = follow_logs(client, job_id)
+    except KeyboardInterrupt:
+        _say(f"\nstopped following; the job keeps running (vaepipe jobs stop {job_id})")
+        raise typer.Exit(130)
+    except JobsError as exc:
+        _fail(str(exc))
+    _say(f"job {job_id}: {status}")
+    raise typer.Exit(0 if status == "SUCCEEDED" else 1)
+
+
+@jobs_app.command("list")
+def jobs_list(address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)):
+    """Every job of the cluster, oldest first: id, status, MLflow experiment, entrypoint."""
+    from pipeline.jobs import job_rows
+
+    for row in job_rows(_jobs_client(address)):
+        _say(f"{row['id']}  {row['status']:<9}  {row['experiment']}  {row['entrypoint']}")
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str = typer.Argument(..., help="Submission id."),
+                address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)):
+    """A job's status, message and entrypoint."""
+    from pipeline.jobs import job_info
+
+    try:
+        info = job_info(_jobs_client(address), job_id)
+    except RuntimeError as exc:
+        _fail(f"job {job_id}: {exc}")
+    _say(f"{job_id}: {info.status.value}")
+    _say(f"entrypoint: {info.entrypoint}")
+    if info.message:
+        _say(f"message: {info.message}")
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str = typer.Argument(..., help="Submission id."),
+              address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+              follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends; exit 0 only if it succeeded.")):
+    """A job's driver log."""
+    from pipeline.jobs import job_logs
+
+    client = _jobs_client(address)
+    if follow:
+        _follow(client, job_id)
+    try:
+        sys.stdout.write(job_logs(client, job_id))
+    except RuntimeError as exc:
+        _fail(f"job {job_id}: {exc}")
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str = typer.Argument(..., help="Submission id."),
+              address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+              timeout: float = typer.Option(60.0, help="Seconds to wait for the job to end.")):
+    """Stop a running job and wait until it has ended."""
+    from pipeline.jobs import stop
+
+    try:
+        status = stop(_jobs_client(address), job_id, timeout)
+    except RuntimeError as exc:
+        _fail(f"job {job_id}: {exc}")
+    _say(f"job {job_id}: {status}")
 
 
 @app.command("models")
