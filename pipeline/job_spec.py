@@ -133,7 +133,7 @@ def tracking_uri_for_cluster(uri: Optional[str]) -> tuple[Optional[str], list[st
                      if uri.startswith(("sqlite:", "file:")) or "://" not in uri else [])
     notes = []
     if user:
-        notes.append(f"the credentials in the tracking URI were not sent (Ray job env vars are visible in the dashboard): "
+        notes.append("the credentials in the tracking URI were not sent (Ray job env vars are visible in the dashboard): "
                      "the cluster must set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD itself (infra/README.md)")
     return clean, notes
 
