@@ -54,7 +54,7 @@ def ray_session():
 SECOND_RAY = """
 import signal, sys, time
 import ray
-ray.init(num_cpus=1, include_dashboard=False)
+ray.init(address="local", num_cpus=1, include_dashboard=False)  # a new instance, never the session's
 signal.signal(signal.SIGTERM, lambda *_: (ray.shutdown(), sys.exit(0)))
 print("up", flush=True)
 time.sleep(3600)

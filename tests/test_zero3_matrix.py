@@ -63,11 +63,11 @@ class RecordingLogger:
     def tags(self, values):
         self.calls["tags"].append(dict(values))
 
-    def image(self, array, artifact_file):
-        self.calls["image"].append((artifact_file, array.shape))
+    def image(self, array, key, step):
+        self.calls["image"].append((key, step, array.shape))
 
-    def figure(self, fig, artifact_file):
-        self.calls["figure"].append(artifact_file)
+    def figure(self, fig, key, step):
+        self.calls["figure"].append((key, step))
 
     def flush(self):
         pass
@@ -190,11 +190,17 @@ def _matrix_rank(rank: int, world: int) -> dict:
     warnings.filterwarnings("ignore", category=FutureWarning)
     parent = _debug_vqvae_parent()
     results = {}
+    from pipeline.train.collectives import any_rank
+
     for name, overrides in CASES.items():
         try:
             results[name] = _run_case(rank, world, overrides, parent)
-        except Exception:  # reported per case; the ranks fail together, so no one hangs
+        except Exception:  # reported per case
             results[name] = {"error": traceback.format_exc()}
+        # a rank that failed (e.g. in rank-0-only logging) must not start the next case while the
+        # other one is still in this one: agree after every case, stop together on any error
+        if any_rank("error" in results[name], torch.device("cpu")):
+            break
     return results
 
 
@@ -219,7 +225,9 @@ def test_family_trains_observes_and_exports_under_zero3(matrix, case):
     # images (after step 1 straight from training, after step 2 after validation): rank 0 logs
     # two grids of GRID x GRID tiles of 32 px (1 px padding) each time, rank 1 none
     side = GRID * 33 + 1
-    assert [shape for _, shape in r0["images"]] == [(side, side, 3)] * 4
+    grids = [(key, step, shape) for key, step, shape in r0["images"] if key in ("reconstructions", "samples")]
+    assert grids == [(key, step, (side, side, 3)) for step in (1, 2) for key in ("reconstructions", "samples")]
+    assert all(step in (1, 2) for _, step, _ in r0["images"])  # traversals too, where the family has them
     assert r1["images"] == []
     expected = {"reconstruct": (GRID * GRID // 2, 3, 32, 32), "sample": (GRID * GRID, 3, 32, 32)}
     for r in (r0, r1):  # every rank computes (the gather is collective), only rank 0 writes
