@@ -232,7 +232,9 @@ def _open_run(cfg: VaepipeConfig, uri: str, ckpt_dir: Optional[Path], mlflow_run
 
 
 _START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-_START_TIMEOUT_SET_BY_USER = _START_TIMEOUT_VAR in os.environ
+_START_TIMEOUT_MARK = "VAEPIPE_SET_START_TIMEOUT"  # set beside it: the value is vaepipe's, not the user's
+# a value set by vaepipe (here or in the process that started this one) is not the user's
+_START_TIMEOUT_SET_BY_USER = _START_TIMEOUT_VAR in os.environ and _START_TIMEOUT_MARK not in os.environ
 
 
 def worker_count(cfg: VaepipeConfig):
@@ -249,6 +251,7 @@ def build_trainer(cfg: VaepipeConfig, loop_config: dict, name: str, callbacks: t
     resources = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": cfg.dist.gpus_per_worker} if use_gpu else {})}
     if not _START_TIMEOUT_SET_BY_USER:  # Ray Train reads it in the driver and hands it to its controller
         os.environ[_START_TIMEOUT_VAR] = str(cfg.dist.start_timeout_s)
+        os.environ[_START_TIMEOUT_MARK] = "1"
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
