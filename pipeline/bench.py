@@ -7,6 +7,9 @@ the pipeline's figure is the mean of its ``images_per_sec`` windows after the fi
 
 ``asha`` runs one sweep's trials twice on the same Ray instance: with ASHA, then with
 every trial run to the end (FIFO, no early stopping), and compares the wall times.
+
+``read`` streams the same shard set from several places (a local folder, its copy on S3)
+through one rank's ``ShardStream``, without a model, and compares images/s.
 """
 
 from __future__ import annotations
@@ -77,6 +80,22 @@ def throughput(cfg: VaepipeConfig, steps: int) -> dict:
         "ratio": distributed / baseline, "pipeline_run_id": run_id,
         "torch_threads_baseline": torch.get_num_threads(),
     }
+
+
+def read_images_per_sec(url: str, batch_size: int, resolution: int, repeats: int,
+                        loader_workers: int = 0) -> list[float]:
+    """images/s of each of ``repeats`` whole epochs of the train split through one rank's
+    ``ShardStream`` (open or GET, untar, decode, resize, shuffle, batch); no model."""
+    from pipeline.data.stream import ShardStream
+
+    stream = ShardStream(url, "train", batch_size, resolution, 0, 1, num_workers=loader_workers)
+    rates = []
+    for epoch in range(repeats):
+        n, t0 = 0, time.perf_counter()
+        for batch in stream.iter_epoch(epoch):
+            n += int(batch["image"].shape[0])
+        rates.append(n / (time.perf_counter() - t0))
+    return rates
 
 
 def asha_speedup(cfg: VaepipeConfig, space: dict, seed: int = 0) -> dict:

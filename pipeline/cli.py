@@ -445,6 +445,28 @@ def bench_throughput(
         out.write_text(json.dumps(res, indent=2))
 
 
+@bench_app.command("read")
+def bench_read(
+    urls: List[str] = typer.Argument(..., help="The same shard set in each place: folder, file:// or s3:// URL."),
+    batch_size: int = typer.Option(32, help="Images per batch."),
+    resolution: int = typer.Option(64, help="Resolution the images are resized to."),
+    repeats: int = typer.Option(3, help="Whole epochs of the train split timed per place."),
+    loader_workers: int = typer.Option(0, help="DataLoader processes (0: read in this process)."),
+):
+    """images/s of one rank reading a shard set (no model), one place beside another."""
+    import statistics
+
+    from pipeline.bench import read_images_per_sec
+
+    table = Table(title=f"shard reads: train split, batch {batch_size}, {resolution}px, {loader_workers} loader workers")
+    for col in ("data", "images/s (mean)", "min", "max", "epochs"):
+        table.add_column(col)
+    for url in urls:
+        rates = read_images_per_sec(url, batch_size, resolution, repeats, loader_workers)
+        table.add_row(url, f"{statistics.mean(rates):.0f}", f"{min(rates):.0f}", f"{max(rates):.0f}", str(len(rates)))
+    console.print(table)
+
+
 @bench_app.command("asha", context_settings={"allow_extra_args": True})
 def bench_asha(
     ctx: typer.Context,

@@ -58,3 +58,14 @@ def test_asha_bench_runs_the_same_trials_under_both_schedulers(ray_session, shar
         children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
         drawn.append(sorted(float(c.data.tags["vaepipe.hp.optim.lr"]) for c in children))
     assert drawn[0] == drawn[1] == [1e-5, 1e-2]
+
+
+def test_read_rate_is_the_epochs_images_over_its_time(shards32, monkeypatch):
+    from pipeline.bench import read_images_per_sec
+    from pipeline.data.stream import ShardStream
+
+    images = sum(int(b["image"].shape[0]) for b in ShardStream(shards32, "train", 16, 16, 0, 1, num_workers=0).iter_epoch(0))
+    clock = iter([10.0, 14.0])
+    monkeypatch.setattr("pipeline.bench.time.perf_counter", lambda: next(clock))
+    assert read_images_per_sec(shards32, 16, 16, repeats=1) == [images / 4.0]
+    assert images >= 200  # the whole train split of the test shards, not one batch

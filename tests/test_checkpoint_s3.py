@@ -84,3 +84,14 @@ def test_another_world_size_converts_once_and_uploads_the_universal_checkpoint(s
     restore_newest(w, [f"{s3_run}/checkpoint_2"])
     assert paths == ["universal"] and w.state.step == 10
     assert "universal/latest_universal" in file_sizes(f"{s3_run}/checkpoint_2")  # other ranks fetch it from there
+
+
+def test_a_storage_bucket_that_does_not_exist_is_refused_before_any_worker_starts(s3_endpoint, shards32, tmp_path):
+    from conftest import base_overrides
+    from pipeline.config import load_config
+    from pipeline.train.trainer import preflight
+
+    cfg = load_config(None, base_overrides(shards32, tmp_path, **{"train.storage_path": "s3://no-such-bucket/runs"}))
+    with pytest.raises(ConfigError, match="train.storage_path='s3://no-such-bucket/runs'.*no-such-bucket does not exist"):
+        preflight(cfg)
+    preflight(load_config(None, base_overrides(shards32, tmp_path, **{"train.storage_path": f"s3://{BUCKET}/runs"})))

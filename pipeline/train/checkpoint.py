@@ -11,6 +11,9 @@ A checkpoint is *committed* only when the marker is there and every file it list
 with exactly the listed size: a rank killed while writing or uploading leaves a folder that
 is never chosen. A restore tries the newest committed checkpoint first and falls back to the
 previous one when loading fails on any rank.
+
+The run folder is local or on S3 (``train.storage_path=s3://...``): checks and searches go
+through ``run_storage``, and an S3 checkpoint is downloaded by every rank before it is loaded.
 """
 
 from __future__ import annotations
@@ -98,10 +101,12 @@ def commit_status(folder: Location) -> tuple[bool, str]:
     one GET of the marker and one listing: objects appear whole, so a listed size is the size."""
     try:
         marker = marker_of(folder)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False, f"{folder}: no {MARKER_FILE} (never committed: written before vaepipe committed, or cut off)"
     except ValueError:
         return False, f"{folder}: {MARKER_FILE} is not valid JSON (cut off while written)"
+    except OSError as exc:  # storage unreachable: not committed as far as anyone can tell
+        return False, f"{folder}: {MARKER_FILE} could not be read ({exc})"
     present = file_sizes(folder)
     for rel, size in marker["files"].items():
         if rel not in present:
