@@ -4,7 +4,7 @@
 import pytest
 
 from conftest import base_overrides
-from pipeline.bench import plain_pytorch_images_per_sec
+from pipeline.bench.throughput import plain_pytorch_images_per_sec
 from pipeline.config import load_config
 
 
@@ -13,7 +13,7 @@ def test_plain_baseline_rate_is_timed_steps_times_batch_over_their_time(shards32
     the last one, so the rate is steps * batch / (t_end - t_start) exactly."""
     cfg = load_config(None, base_overrides(shards32, tmp_path))
     clock = iter([100.0, 106.0])
-    monkeypatch.setattr("pipeline.bench.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("pipeline.bench.throughput.time.perf_counter", lambda: next(clock))
     ips = plain_pytorch_images_per_sec(cfg, steps=3, warmup=1)
     assert ips == 3 * cfg.data.batch_size / 6.0
     assert next(clock, None) is None  # read exactly twice
@@ -36,7 +36,7 @@ def test_trials_are_drawn_as_tune_draws_them_and_reproducibly():
 def test_asha_bench_runs_the_same_trials_under_both_schedulers(ray_session, shards32, tmp_path):
     """A real bench: two sweeps on the session's Ray, the same drawn trials in both (read back
     from MLflow), and every figure of the report computed from what was measured."""
-    from pipeline.bench import asha_speedup
+    from pipeline.bench.asha import asha_speedup
     from pipeline.tracking import make_client
 
     cfg = load_config(None, base_overrides(shards32, tmp_path, **{

@@ -1,12 +1,7 @@
-"""Benchmarks behind ``vaepipe bench``: measured against a baseline in the same invocation.
-
-``throughput`` trains the configured model twice on the same shards and batch size:
+"""``vaepipe bench throughput``: trains the configured model twice on the same shards and batch size:
 a plain single-process PyTorch loop (the baseline), then the full pipeline (Ray Train
 workers + DeepSpeed). Both exclude start-up: the baseline times steps after a warm-up,
 the pipeline's figure is the mean of its ``images_per_sec`` windows after the first.
-
-``asha`` runs one sweep's trials twice on the same Ray instance: with ASHA, then with
-every trial run to the end (FIFO, no early stopping), and compares the wall times.
 """
 
 from __future__ import annotations
@@ -77,35 +72,3 @@ def throughput(cfg: VaepipeConfig, steps: int) -> dict:
         "ratio": distributed / baseline, "pipeline_run_id": run_id,
         "torch_threads_baseline": torch.get_num_threads(),
     }
-
-
-def asha_speedup(cfg: VaepipeConfig, space: dict, seed: int = 0) -> dict:
-    """Wall time of a sweep under ASHA against the same trials all run to ``train.max_steps``.
-
-    The trials are drawn once (:func:`pipeline.tune.draw_trials`), so both sweeps train the
-    same configurations with the same concurrency. ASHA runs first: whatever the first sweep
-    pays for cold caches counts against ASHA, not for it.
-    """
-    from pipeline.tune import draw_trials, run_sweep
-
-    trials = draw_trials(space, cfg.tune.num_samples, seed)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = {"trials": len(trials), "max_steps": cfg.train.max_steps, "workers_per_trial": cfg.dist.num_workers}
-    for scheduler in ("asha", "fifo"):
-        run_cfg = replace(cfg, tune=replace(cfg.tune, scheduler=scheduler, search="random", register_best=False,
-                                            name=f"bench-{scheduler}-{stamp}"))
-        t0 = time.perf_counter()
-        summary = run_sweep(run_cfg, space, points=trials)
-        wall = time.perf_counter() - t0
-        rows = summary["trials"]
-        out[scheduler] = {
-            "wall_s": wall,
-            "trial_steps": sum(int(r["last_step"]) for r in rows),
-            "stopped": sorted(int(r["last_step"]) for r in rows if r["status"] == "stopped"),
-            "failed": summary["failed"],
-            "best": summary["best"][cfg.tune.metric],
-            "parent_run_id": summary["parent_run_id"],
-        }
-    out["speedup"] = out["fifo"]["wall_s"] / out["asha"]["wall_s"]
-    out["trial_steps_ratio"] = out["fifo"]["trial_steps"] / max(out["asha"]["trial_steps"], 1)
-    return out
