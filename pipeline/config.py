@@ -199,6 +199,10 @@ class TrainConfig:
     """auto = bf16 where the hardware does it fast, fp16 on older GPUs, fp32 otherwise."""
     activation_checkpointing: bool = False
     """Recompute encoder/decoder blocks in backward instead of storing activations."""
+    phase_timers: Literal["auto", "on", "off"] = "auto"
+    """Log where each step's time goes (time_ms/data_wait, forward, backward, optimizer,
+    communication, observe). auto = on for CPU workers (free there), off on CUDA, where
+    exact figures need a device sync per phase; on = also on CUDA, with the syncs."""
     seed: int = 0
     """Seed of model init, shuffling and sampling."""
     max_consecutive_skips: int = 50
