@@ -13,29 +13,51 @@ from pipeline.cli_common import console, fail as _fail, load as _load
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks, each against a baseline measured in the same run.")
 
 
-@bench_app.command("throughput", context_settings={"allow_extra_args": True})
-def bench_throughput(
-    ctx: typer.Context,
-    config: Optional[Path] = typer.Option(Path("jobs/quickstart.yaml"), help="Job YAML; extra args are overrides."),
-    steps: int = typer.Option(60, help="Timed steps for each side."),
-    out: Optional[Path] = typer.Option(None, help="Also write the figures as JSON here."),
-):
-    """images/s of the pipeline (Ray workers + DeepSpeed) beside a plain single-process PyTorch loop."""
-    import json
+OUT_HELP = "Folder for <name>.json and <name>.png."
+MLFLOW_HELP = "Log the figures and files as a run of the vaepipe-bench experiment."
 
-    from pipeline.bench.throughput import throughput
+
+def _publish(report, out: Path, cfg, mlflow: bool) -> None:
+    from pipeline.bench.report import publish
+    from pipeline.tracking import resolve_tracking_uri
+
+    publish(report, out, resolve_tracking_uri(cfg) if mlflow else None, console)
+
+
+@bench_app.command("overhead", context_settings={"allow_extra_args": True})
+def bench_overhead(
+    ctx: typer.Context,
+    config: Path = typer.Option(Path("jobs/bench/overhead32.yaml"), help="Job YAML; extra args are overrides."),
+    steps: int = typer.Option(120, help="Optimizer steps per run (each side)."),
+    repeats: int = typer.Option(3, help="Alternating repetitions of baseline and pipeline."),
+    system_metrics: str = typer.Option("off", help="MLflow system metrics in the pipeline runs: off, on or both."),
+    out: Path = typer.Option(Path("bench-results"), help=OUT_HELP),
+    mlflow: bool = typer.Option(True, help=MLFLOW_HELP),
+):
+    """A real `vaepipe train` run beside a bare single-process loop on in-memory data: ratio and
+    where each step's time goes (data wait, forward, backward, optimizer, communication, observe)."""
+    from pipeline.bench.overhead import overhead
+
+    if system_metrics not in ("off", "on", "both"):
+        _fail(f"--system-metrics {system_metrics!r}: must be off, on or both")
+    cfg = _load(config, ctx.args)
+    _publish(overhead(cfg, steps, repeats, system_metrics), out, cfg, mlflow)
+
+
+@bench_app.command("data", context_settings={"allow_extra_args": True})
+def bench_data(
+    ctx: typer.Context,
+    config: Path = typer.Option(Path("jobs/bench/overhead32.yaml"), help="Job YAML; extra args are overrides."),
+    repeats: int = typer.Option(3, help="Alternating repetitions of every reader."),
+    out: Path = typer.Option(Path("bench-results"), help=OUT_HELP),
+    mlflow: bool = typer.Option(True, help=MLFLOW_HELP),
+):
+    """The streaming reader's images/s (1 process and one per worker) beside a plain tarfile+PIL
+    loop, WebDataset's own pipeline, and what the training step consumes."""
+    from pipeline.bench.data import data_bench
 
     cfg = _load(config, ctx.args)
-    res = throughput(cfg, steps)
-    table = Table(title=f"throughput at {res['resolution']}px, batch {res['batch_size_per_worker']} per worker, {steps} steps")
-    table.add_column("setup")
-    table.add_column("images/s", justify="right")
-    table.add_row(f"plain PyTorch, 1 process ({res['torch_threads_baseline']} threads)", f"{res['plain_pytorch_images_per_sec']:.1f}")
-    table.add_row(f"vaepipe: {res['pipeline_workers']} Ray workers, ZeRO-{res['zero_stage']}", f"{res['pipeline_images_per_sec']:.1f}")
-    table.add_row("ratio", f"{res['ratio']:.2f}x")
-    console.print(table)
-    if out:
-        out.write_text(json.dumps(res, indent=2))
+    _publish(data_bench(cfg, repeats), out, cfg, mlflow)
 
 
 @bench_app.command("asha", context_settings={"allow_extra_args": True})

@@ -130,6 +130,7 @@ def build_worker(loop_config: dict) -> Worker:
         cfg.data.path, "train", cfg.data.batch_size, cfg.data.resolution, rank, world,
         seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
         num_workers=cfg.data.loader_workers, channels=cfg.data.channels, binarize=cfg.data.binarize,
+        cache_mb=cfg.data.cache_mb,
     )
     log = RankZeroLogger(loop_config["env"].tracking_uri, loop_config["run_id"], enabled=rank == 0)
     from models import objective_name
