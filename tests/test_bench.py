@@ -166,3 +166,38 @@ def test_data_bench_smoke_measures_every_reader_and_the_training_step(shards32, 
     s = rep.summary
     assert s["reader_vs_training"] == s["vaepipe_total_images_per_sec"] / s["training_images_per_sec"]
     assert s["vaepipe_total_images_per_sec"] == 2 * s["vaepipe_per_process_images_per_sec"]
+
+
+@pytest.mark.integration
+def test_scaling_bench_smoke_measures_layouts_and_predicts_from_what_it_measured(ray_session, shards32, tmp_path):
+    from pipeline.bench.scaling import GPU_COUNTS, Links, comm_seconds, efficiency, scaling
+
+    cfg = load_config(None, base_overrides(shards32, tmp_path))
+    big = load_config(None, base_overrides(shards32, tmp_path, **{"data.resolution": 64}))
+    measured, predicted = scaling(cfg, steps=6, stages=(2,), links=Links(), gpu="H100", mfu=0.4,
+                                  predict_cfg=big, predict_batch=32)
+    whats = [r["what"].split(":")[0] for r in measured.rows]
+    assert whats == ["weak", "weak", "layout", "layout"]  # 1w, 2w; 1w x 2 threads, 2w x 1 thread
+    one, two = measured.rows[0]["img/s"], measured.rows[1]["img/s"]
+    assert measured.summary["weak_efficiency_2w_zero2"] == two / (2 * one)
+    assert measured.rows[3]["img/s"] == two  # the 2x1 layout is the weak-scaling run, not run twice
+    best = max(measured.rows[2:], key=lambda r: r["img/s"])
+    assert f"{measured.summary['recommended_workers']} worker(s) x {measured.summary['recommended_threads_per_worker']}" in best["what"]
+    cpu = predicted.rows[0]  # ZeRO-0 on this CPU's measured compute time
+    from pipeline.bench.flops import param_count
+
+    t_c = cpu["compute ms"] / 1000
+    for n in GPU_COUNTS:
+        assert cpu[f"eff @{n}"] == efficiency(t_c, comm_seconds(param_count(cfg), n, 0, Links()), overlap=False)
+
+
+def test_comm_model_volumes_and_efficiency():
+    from pipeline.bench.scaling import Links, comm_seconds, efficiency
+
+    links = Links(gpus_per_node=8, intra_gbps=800.0, inter_gbps=100.0, latency_us=0.0)
+    params = 10**6
+    # 2 ranks on one node: ZeRO-0 moves 2 * (1/2) * P * 2 bytes = 2 MB over 800 Gb/s
+    assert comm_seconds(params, 2, 0, links) == pytest.approx(2e6 * 8 / 800e9)
+    assert comm_seconds(params, 64, 3, links) == pytest.approx(1.5 * comm_seconds(params, 64, 2, links))
+    assert comm_seconds(params, 1, 3, links) == 0.0
+    assert efficiency(3.0, 1.0, overlap=False) == 0.75 and efficiency(3.0, 1.0, overlap=True) == 1.0

@@ -60,6 +60,43 @@ def bench_data(
     _publish(data_bench(cfg, repeats), out, cfg, mlflow)
 
 
+@bench_app.command("scaling", context_settings={"allow_extra_args": True})
+def bench_scaling(
+    ctx: typer.Context,
+    config: Path = typer.Option(Path("jobs/bench/overhead32.yaml"), help="Job YAML; extra args are overrides."),
+    steps: int = typer.Option(60, help="Optimizer steps per run."),
+    stages: str = typer.Option("0,1,2,3", help="ZeRO stages to measure, comma-separated."),
+    gpu: str = typer.Option("H100", help="GPU of the prediction (dense bf16 peak from its data sheet)."),
+    mfu: float = typer.Option(0.4, help="Assumed fraction of the GPU's peak the model reaches."),
+    predict_resolution: int = typer.Option(256, help="Resolution of the model the GPU prediction is for."),
+    predict_batch: int = typer.Option(32, help="Images per GPU per optimizer step in the prediction (micro-batch x accumulation)."),
+    inter_gbps: float = typer.Option(400.0, help="Link between nodes, Gb/s per GPU."),
+    intra_gbps: float = typer.Option(2400.0, help="Link within a node (NVLink), Gb/s per GPU."),
+    latency_us: float = typer.Option(10.0, help="Latency per hop of a collective, microseconds."),
+    out: Path = typer.Option(Path("bench-results"), help=OUT_HELP),
+    mlflow: bool = typer.Option(True, help=MLFLOW_HELP),
+):
+    """Weak scaling over 1..N workers for each ZeRO stage and the fastest workers x threads layout of
+    this machine, then predicted efficiency at 8, 64 and 256 GPUs for stated links."""
+    from pipeline.bench.flops import DENSE_BF16_PEAK
+    from pipeline.bench.scaling import Links, scaling
+
+    if gpu not in DENSE_BF16_PEAK:
+        _fail(f"--gpu {gpu!r}: known GPUs are {', '.join(DENSE_BF16_PEAK)}")
+    try:
+        zero = tuple(int(z) for z in stages.split(","))
+    except ValueError:
+        zero = ()
+    if not zero or any(z not in (0, 1, 2, 3) for z in zero):
+        _fail(f"--stages {stages!r}: give ZeRO stages 0-3, comma-separated")
+    cfg = _load(config, ctx.args)
+    # the GPU prediction is for the high-resolution model: the same family at predict_resolution, 128-d latent
+    big = _load(config, [*ctx.args, f"data.resolution={predict_resolution}", "model.latent_dim=128"])
+    links = Links(intra_gbps=intra_gbps, inter_gbps=inter_gbps, latency_us=latency_us)
+    for report in scaling(cfg, steps, zero, links, gpu, mfu, big, predict_batch):
+        _publish(report, out, cfg, mlflow)
+
+
 @bench_app.command("asha", context_settings={"allow_extra_args": True})
 def bench_asha(
     ctx: typer.Context,
