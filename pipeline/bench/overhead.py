@@ -88,6 +88,8 @@ def build_report(cfg: VaepipeConfig, steps: int, base: list, pipes: dict) -> Ben
         summary[f"pipeline{tag}_images_per_sec"] = p["median"]
         summary[f"ratio{tag}"] = p["median"] / b["median"]
         summary[f"pipeline{tag}_wall_s"] = statistics.median(r["wall_s"] for r in runs)
+    plain_key = "pipeline_images_per_sec" if False in pipes else "pipeline_sysmetrics_images_per_sec"
+    summary.update(achieved_flops(cfg, summary[plain_key]))
     if len(pipes) == 2:
         summary["system_metrics_cost_pct"] = 100.0 * (1 - summary["pipeline_sysmetrics_images_per_sec"]
                                                       / summary["pipeline_images_per_sec"])
@@ -100,6 +102,19 @@ def build_report(cfg: VaepipeConfig, steps: int, base: list, pipes: dict) -> Ben
              "bf16 on both sides: bf16 weights and activations, Adam on an fp32 master copy (DeepSpeed; the baseline does the same by hand)"]
     return BenchReport("overhead", f"overhead at {cfg.data.resolution}px, global batch {global_batch(cfg)}, "
                        f"{cfg.train.precision}", rows, summary, params, chart=_chart, notes=notes)
+
+
+def achieved_flops(cfg: VaepipeConfig, images_per_sec: float) -> dict:
+    """The model's FLOPs per image and what the pipeline achieved; against the card's peak on CUDA."""
+    from pipeline.bench.flops import device_peak, flops_per_image
+
+    per_image = flops_per_image(cfg)
+    out = {"model_gflop_per_image": per_image / 1e9, "pipeline_achieved_tflops": per_image * images_per_sec / 1e12}
+    peak = device_peak()
+    if peak is not None:  # per GPU: the pipeline's rate is over all its workers
+        out["pipeline_pct_of_dense_bf16_peak"] = 100.0 * out["pipeline_achieved_tflops"] * 1e12 / (
+            peak[1] * max(cfg.dist.num_workers, 1))
+    return out
 
 
 def _row(label: str, s: dict, ms: dict, ratio: float = 1.0) -> dict:
