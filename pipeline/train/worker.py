@@ -139,5 +139,6 @@ def build_worker(loop_config: dict) -> Worker:
                     fault=loop_config.get("fault", {}), aux=aux, objective=objective_name(cfg.model),
                     clock=clock_for(cfg.train.phase_timers, use_cuda))
     activate(worker.clock)
+    log.tags({"vaepipe.torch_threads": torch.get_num_threads()})  # what Ray's OMP_NUM_THREADS gave each rank
     restore(worker, loop_config.get("run_dir"), loop_config.get("resume_from"))
     return worker
