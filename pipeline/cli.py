@@ -7,38 +7,22 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from pipeline.bench.cli import bench_app
+from pipeline.cli_common import console, fail as _fail, load as _load
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed VAE training: shards -> Ray Train + DeepSpeed -> MLflow.")
 data_app = typer.Typer(no_args_is_help=True, help="Make, shard and inspect data sets.")
 config_app = typer.Typer(no_args_is_help=True, help="Show the resolved config.")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks, each against a baseline measured in the same run.")
 jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster: list, status, logs, stop.")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 app.add_typer(jobs_app, name="jobs")
-console = Console()
-
-
-def _fail(msg: str) -> None:
-    from pipeline.redact import redact_text
-
-    console.print(f"[bold red]error:[/] {redact_text(msg)}", soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def _load(config: Optional[Path], overrides: List[str]):
-    from pipeline.config import ConfigError, load_config
-
-    try:
-        return load_config(config, overrides)
-    except ConfigError as exc:
-        _fail(str(exc))
 
 
 @data_app.command("synth")
@@ -418,85 +402,6 @@ def promote(
     except ValueError as exc:
         _fail(str(exc))
     _print_decision(name, wins, rows, version)
-
-
-@bench_app.command("throughput", context_settings={"allow_extra_args": True})
-def bench_throughput(
-    ctx: typer.Context,
-    config: Optional[Path] = typer.Option(Path("jobs/quickstart.yaml"), help="Job YAML; extra args are overrides."),
-    steps: int = typer.Option(60, help="Timed steps for each side."),
-    out: Optional[Path] = typer.Option(None, help="Also write the figures as JSON here."),
-):
-    """images/s of the pipeline (Ray workers + DeepSpeed) beside a plain single-process PyTorch loop."""
-    import json
-
-    from pipeline.bench import throughput
-
-    cfg = _load(config, ctx.args)
-    res = throughput(cfg, steps)
-    table = Table(title=f"throughput at {res['resolution']}px, batch {res['batch_size_per_worker']} per worker, {steps} steps")
-    table.add_column("setup")
-    table.add_column("images/s", justify="right")
-    table.add_row(f"plain PyTorch, 1 process ({res['torch_threads_baseline']} threads)", f"{res['plain_pytorch_images_per_sec']:.1f}")
-    table.add_row(f"vaepipe: {res['pipeline_workers']} Ray workers, ZeRO-{res['zero_stage']}", f"{res['pipeline_images_per_sec']:.1f}")
-    table.add_row("ratio", f"{res['ratio']:.2f}x")
-    console.print(table)
-    if out:
-        out.write_text(json.dumps(res, indent=2))
-
-
-@bench_app.command("read")
-def bench_read(
-    urls: List[str] = typer.Argument(..., help="The same shard set in each place: folder, file:// or s3:// URL."),
-    batch_size: int = typer.Option(32, help="Images per batch."),
-    resolution: int = typer.Option(64, help="Resolution the images are resized to."),
-    repeats: int = typer.Option(3, help="Whole epochs of the train split timed per place."),
-    loader_workers: int = typer.Option(0, help="DataLoader processes (0: read in this process)."),
-):
-    """images/s of one rank reading a shard set (no model), one place beside another."""
-    import statistics
-
-    from pipeline.bench import read_images_per_sec
-
-    table = Table(title=f"shard reads: train split, batch {batch_size}, {resolution}px, {loader_workers} loader workers")
-    for col in ("data", "images/s (mean)", "min", "max", "epochs"):
-        table.add_column(col)
-    for url in urls:
-        rates = read_images_per_sec(url, batch_size, resolution, repeats, loader_workers)
-        table.add_row(url, f"{statistics.mean(rates):.0f}", f"{min(rates):.0f}", f"{max(rates):.0f}", str(len(rates)))
-    console.print(table)
-
-
-@bench_app.command("asha", context_settings={"allow_extra_args": True})
-def bench_asha(
-    ctx: typer.Context,
-    config: Path = typer.Option(Path("jobs/sweeps/asha_bench.yaml"), help="Sweep YAML; extra args are overrides."),
-    seed: int = typer.Option(0, help="Seed of the trial draw shared by both sweeps."),
-    out: Optional[Path] = typer.Option(None, help="Also write the figures as JSON here."),
-):
-    """Wall time of a sweep under ASHA beside the same trials all run to the end (FIFO)."""
-    import json
-
-    from pipeline.bench import asha_speedup
-    from pipeline.config import ConfigError
-    from pipeline.tune import load_sweep
-
-    try:
-        cfg, space = load_sweep(config, ctx.args)
-    except ConfigError as exc:
-        _fail(str(exc))
-    res = asha_speedup(cfg, space, seed)
-    table = Table(title=f"{res['trials']} trials x {res['workers_per_trial']} workers, up to {res['max_steps']} steps")
-    for col in ("scheduler", "wall s", "trial-steps", "stopped early at", "failed", f"best {cfg.tune.metric}"):
-        table.add_column(col)
-    for name, label in (("asha", "ASHA"), ("fifo", "every trial to the end")):
-        r = res[name]
-        table.add_row(label, f"{r['wall_s']:.0f}", str(r["trial_steps"]), ", ".join(map(str, r["stopped"])) or "-",
-                      str(r["failed"]), f"{r['best']:.4g}")
-    console.print(table)
-    console.print(f"ASHA speed-up (wall): {res['speedup']:.2f}x; trial-steps saved: {res['trial_steps_ratio']:.2f}x")
-    if out:
-        out.write_text(json.dumps(res, indent=2))
 
 
 ADDRESS_HELP = "Ray dashboard URL, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS, else RAY_API_SERVER_ADDRESS)."
