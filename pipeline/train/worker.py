@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pipeline.config import VaepipeConfig, from_dict
-from pipeline.tracking import RankZeroLogger
+from pipeline.logger import RankZeroLogger
 from pipeline.train.activation import apply_activation_checkpointing
 from pipeline.train.auxiliary import AuxiliaryTrainer
 from pipeline.train.checkpoint import restore
