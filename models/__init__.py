@@ -11,6 +11,7 @@ from models.priors import PRIORS, build_prior
 from models.conv_vae import ConvVAE  # importing a family module registers it
 from models.factor_vae import FactorVAE, permute_dims
 from models.ladder_vae import LadderVAE
+from models.progressive_vae import ProgressiveVAE
 from models.vqvae import VQVAE
 from models.vq_prior import VQPrior
 
@@ -19,6 +20,7 @@ __all__ = [
     "FactorVAE",
     "LIKELIHOODS",
     "PRIORS",
+    "ProgressiveVAE",
     "LadderVAE",
     "VQPrior",
     "VQVAE",

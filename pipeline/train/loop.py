@@ -15,7 +15,9 @@ from pipeline.tracking import say
 from pipeline.train.checkpoint import save_checkpoint
 from pipeline.train.export import export_model
 from pipeline.train.faults import maybe_exit, maybe_pause, maybe_slow
+from pipeline.train.progressive_loop import fade_batch, grow_if_due, log_stage_metrics, start_growth
 from pipeline.train.observe import MetricWindow, log_images, log_window, validate
+from pipeline.train.stages import total_images
 from pipeline.train.step import train_step
 from pipeline.train.system_metrics import start_system_metrics
 from pipeline.train.worker import Worker, build_worker
@@ -51,12 +53,17 @@ class LoopState:
 
 
 def finished(w: Worker) -> bool:
+    """A progressive run ends after its last stage's images; any other after ``train.max_steps``."""
+    if w.growth is not None:
+        return w.state.samples_seen >= total_images(w.growth.stages)
     return w.state.step >= w.cfg.train.max_steps
 
 
 def run_steps(w: Worker) -> None:
     """Epochs of the stream until the run is finished."""
     loop = LoopState(untrained=w.state.step == 0)
+    if w.growth is not None:
+        start_growth(w)
     while not finished(w):
         if run_epoch(w, loop):
             w.state.epoch, w.state.step_in_epoch = w.state.epoch + 1, 0
@@ -64,7 +71,7 @@ def run_steps(w: Worker) -> None:
 
 def run_epoch(w: Worker, loop: LoopState) -> bool:
     """Steps through one epoch from the saved position. True when the epoch ran out, False when it
-    stopped early: the run finished."""
+    stopped early: the run finished, or the model grew (the new phase starts its own epoch)."""
     st = w.state
     for batch in w.stream.iter_epoch(st.epoch, start_step=st.step_in_epoch):
         if loop.untrained:
@@ -72,11 +79,13 @@ def run_epoch(w: Worker, loop: LoopState) -> bool:
             loop.untrained = False
         st.step_in_epoch += 1
         st.corrupt_samples += int(batch.get("n_corrupt", 0))
+        if w.growth is not None:
+            batch = fade_batch(w, batch)
         out = train_step(w, batch)
         if not counted(w, loop, out):
             continue  # skipped, or accumulating: the optimizer step comes with a later micro-batch
-        on_optimizer_step(w, loop, out, batch)
-        if finished(w):
+        grew = on_optimizer_step(w, loop, out, batch)
+        if finished(w) or grew:
             return False
     return True
 
@@ -92,8 +101,9 @@ def counted(w: Worker, loop: LoopState, out: dict) -> bool:
     return bool(out["boundary"])
 
 
-def on_optimizer_step(w: Worker, loop: LoopState, out: dict, batch: dict) -> None:
-    """Count the step, run the fault drills, then log/validate/save."""
+def on_optimizer_step(w: Worker, loop: LoopState, out: dict, batch: dict) -> bool:
+    """Count the step, run the fault drills, grow when a phase ends, then log/validate/save.
+    Returns whether the model grew (the engine and the stream's shape changed)."""
     st, cfg = w.state, w.cfg
     st.samples_seen += cfg.data.batch_size * cfg.train.grad_accum_steps * w.world_size
     st.step += 1
@@ -101,7 +111,9 @@ def on_optimizer_step(w: Worker, loop: LoopState, out: dict, batch: dict) -> Non
     maybe_exit(st.step, w.fault)
     maybe_pause(w, "step")
     maybe_slow(w.fault)
-    after_step(w, loop.window, batch)
+    grew = w.growth is not None and grow_if_due(w, batch)
+    after_step(w, loop.window, None if grew else batch)  # the batch is the old stage's after growing
+    return grew
 
 
 def after_step(w: Worker, window: MetricWindow, batch: Optional[dict]) -> None:
@@ -110,6 +122,8 @@ def after_step(w: Worker, window: MetricWindow, batch: Optional[dict]) -> None:
     last = finished(w)
     if step % t.log_every == 0 or last:
         log_window(w, window)
+        if w.growth is not None:
+            log_stage_metrics(w)
     if w.cfg.data.val_batches and (step % t.val_every == 0 or last):
         validate(w)
     if batch is not None and (step % t.image_every == 0 or last):

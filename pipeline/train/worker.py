@@ -32,7 +32,10 @@ class TrainState:
     step_in_epoch: int = 0
     skipped_steps: int = 0
     corrupt_samples: int = 0
-    samples_seen: int = 0
+    samples_seen: int = 0  # images trained on, summed over ranks (a progressive run's clock)
+    stage: int = 0  # progressive growing: stage index, its resolution and alpha after the last step
+    resolution: int = 0
+    alpha: float = 1.0
     history: list = field(default_factory=list)  # (step, loss) at each log, for the resumed curve
 
     def state_dict(self) -> dict:
@@ -60,6 +63,7 @@ class Worker:
     last_kl_dims: Optional[torch.Tensor] = None  # per-dimension KL of the latest log window
     aux: Optional[AuxiliaryTrainer] = None  # a family's second optimizer (Factor-VAE discriminator)
     objective: str = "neg_elbo"  # what -elbo is for this family (models.objective_name)
+    growth: Optional[Any] = None  # a progressive run's stages and engine rebuilds (growth.Growth)
 
 
 def build_model_for_rank(cfg: VaepipeConfig, loop_config: dict) -> torch.nn.Module:
@@ -118,12 +122,21 @@ def build_worker(loop_config: dict) -> Worker:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
-    model, aux = build_rank_modules(cfg, loop_config, rank, device)
     precision = resolve_precision(cfg.train.precision, DeviceFacts.detect(use_cuda))
-    match_norm_buffers(model, precision)
-    ds_config = build_deepspeed_config(cfg, world, precision)
-    trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parents stay out of Adam
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    growth = None
+    if cfg.progressive.enabled:
+        from pipeline.train.growth import Growth
+
+        growth = Growth(cfg, world, precision)
+        cfg, engine = growth.build(growth.phase_at(0))  # a resume rebuilds for its own phase
+        aux = None
+        seed_rank(cfg.train.seed, rank)
+    else:
+        model, aux = build_rank_modules(cfg, loop_config, rank, device)
+        match_norm_buffers(model, precision)
+        ds_config = build_deepspeed_config(cfg, world, precision)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parents stay out of Adam
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     stream = ShardStream(
         cfg.data.path, "train", cfg.data.batch_size, cfg.data.resolution, rank, world,
         seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
@@ -133,6 +146,7 @@ def build_worker(loop_config: dict) -> Worker:
     from models import objective_name
 
     worker = Worker(cfg, engine, stream, TrainState(), log, device, rank, world, precision,
-                    fault=loop_config.get("fault", {}), aux=aux, objective=objective_name(cfg.model))
+                    fault=loop_config.get("fault", {}), aux=aux, objective=objective_name(cfg.model),
+                    growth=growth)
     restore(worker, loop_config.get("run_dir"), loop_config.get("resume_from"))
     return worker
