@@ -52,6 +52,8 @@ def full_parameter_state(engine: Any, carry_moments: bool) -> dict[str, dict[str
     """name -> {"param": fp32 value[, moments]}, full (unpartitioned) on every rank, on the CPU."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    if carry_moments:
+        init_adam_state(engine)  # an engine that has not stepped yet has zero moments, not none
     out = {}
     for name, p in engine.module.named_parameters():
         value = safe_get_full_fp32_param(p) if p.requires_grad else None
@@ -92,13 +94,16 @@ def write_moments(engine: Any, saved: dict) -> int:
     """Carried Adam moments into the new engine's optimizer (its partitions under ZeRO); how many."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
+    init_adam_state(engine)
     count = 0
     for name, p in engine.module.named_parameters():
         entry = saved.get(name, {})
         if not p.requires_grad or not all(k in entry for k in MOMENTS):
             continue
         for key in MOMENTS:
-            if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            if hasattr(p, "ds_id"):
+                _set_zero3_state(p, entry[key], key)
+            elif hasattr(p, "_hp_mapping"):
                 safe_set_full_optimizer_state(p, entry[key].to(p.device), key)
             else:  # plain torch Adam (ZeRO-0 fp32): the state it would have after its own steps
                 state = engine.optimizer.state[p]
@@ -106,6 +111,41 @@ def write_moments(engine: Any, saved: dict) -> int:
                 state[key] = entry[key].to(p.device).clone()
         count += 1
     return count
+
+
+def _set_zero3_state(p: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:
+    """This rank's slice of a full optimizer state tensor into its ZeRO-3 partition.
+
+    DeepSpeed 0.19.8's ``set_full_hp_param`` slices past the end of a parameter whose size is not
+    a multiple of the world size (the last partition is padded), so the slice is taken here.
+    """
+    opt = p._z3_optimizer
+    part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+    start = part.numel() * opt._get_param_partition_rank(p)
+    chunk = value.flatten()[start:start + part.numel()].to(part.device)
+    part.data.zero_()
+    part.data[:chunk.numel()].copy_(chunk)
+
+
+def init_adam_state(engine: Any) -> None:
+    """Create Adam's (zero) state now rather than at the first step, so moments can be written in.
+
+    ZeRO 1-2 and DeepSpeed's bf16 optimizer keep one flat fp32 partition per group and link each
+    parameter's fragment of its state only after the first step; ZeRO-3 creates its state when
+    built. Step counters start at 0, as a fresh optimizer's.
+    """
+    opt = engine.optimizer
+    flats = next((getattr(opt, a) for a in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition",
+                                            "fp32_partitioned_groups_flat") if getattr(opt, a, None)), None)
+    if not flats or not hasattr(opt, "optimizer"):
+        return  # plain torch Adam (ZeRO-0 fp32): write_moments fills its per-parameter state
+    for flat in flats:
+        state = opt.optimizer.state[flat]
+        state.setdefault("step", torch.tensor(0.0))
+        for key in MOMENTS:
+            state.setdefault(key, torch.zeros_like(flat))
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._lazy_init_hp_params_optimizer_state()
 
 
 def build_engine(cfg: Any, model: torch.nn.Module, world_size: int, precision: str) -> Any:
