@@ -145,6 +145,8 @@ def init_adam_state(engine: Any) -> None:
         for key in MOMENTS:
             state.setdefault(key, torch.zeros_like(flat))
     if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        # (re)link every fragment: a checkpoint load re-creates the mappings without their state
+        opt._hp_optimizer_states_linked = False
         opt._lazy_init_hp_params_optimizer_state()
 
 

@@ -17,7 +17,12 @@ def start_growth(w: Any) -> None:
     """At the start (or resume) of a run: alpha of the current images seen, tag of the current stage."""
     phase = w.growth.set_alpha(w, w.state.samples_seen)
     record_phase(w, phase)
-    tag_stage(w, phase)
+    if w.resumed_from is not None:  # where a resumed run picks up, e.g. mid-fade
+        st = w.state
+        w.log.tags({"vaepipe.resumed_phase": f"stage {st.stage} resolution {st.resolution} alpha {st.alpha:.4f} "
+                                             f"images {st.samples_seen}"})
+    else:
+        tag_stage(w, phase)  # a resumed run's stage was tagged when it began
 
 
 def record_phase(w: Any, phase: Any) -> None:
