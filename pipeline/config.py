@@ -296,7 +296,7 @@ class TuneConfig:
     search: Literal["random", "optuna"] = "random"
     """Random/grid search, or Optuna's TPE."""
     grace_period: int = 10
-    """ASHA: steps every trial runs before it can be stopped."""
+    """ASHA: steps every trial runs before it can be stopped (images seen in a progressive sweep)."""
     reduction_factor: int = 2
     """ASHA: keep 1/reduction_factor of the trials at each rung."""
     perturbation_interval: int = 20
@@ -326,6 +326,9 @@ class ProgressiveConfig:
     stage_images: int = 1_200_000
     """Images (summed over workers) each stage trains on, its fade-in included (ProGAN: 600k + 600k).
     The run ends after the last stage, so ``train.max_steps`` is derived from this."""
+    final_stage_images: int = 0
+    """Images of the last stage (0 = ``stage_images``): a long last stage gives a sweep's trials with
+    different ``stage_images`` a span where all are at the final resolution, for ASHA's rungs."""
     fade_fraction: float = 0.5
     """Fraction of each stage after the first spent fading the new block in (alpha 0 -> 1)."""
     batch_size: list[int] = field(default_factory=lambda: list(PROGAN_BATCH))
@@ -461,6 +464,7 @@ def validate_progressive(cfg: VaepipeConfig) -> None:
     _check(4 <= start <= end and start & (start - 1) == 0, "progressive.start_resolution", start,
            f"must be a power of two in [4, data.resolution={end}]")
     _check(p.stage_images >= 1, "progressive.stage_images", p.stage_images, "must be >= 1")
+    _check(p.final_stage_images >= 0, "progressive.final_stage_images", p.final_stage_images, "must be >= 0")
     _check(0 <= p.fade_fraction < 1, "progressive.fade_fraction", p.fade_fraction, "must be in [0, 1)")
     _check(p.effective_batch >= 0, "progressive.effective_batch", p.effective_batch, "must be >= 0")
     _check(p.freeze_images >= 0, "progressive.freeze_images", p.freeze_images, "must be >= 0")

@@ -118,3 +118,17 @@ def test_stage_schedule_in_images_with_per_stage_batch_accumulation_and_alpha():
 def test_bad_progressive_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         _cfg(override)
+
+
+def test_progressive_sweep_runs_asha_on_images_seen_and_compares_only_at_one_resolution():
+    from pathlib import Path
+
+    from pipeline.tune import asha_clock, check_comparable, load_sweep
+
+    sweep = Path(__file__).resolve().parents[1] / "jobs" / "sweeps" / "progressive.yaml"
+    cfg, space = load_sweep(sweep)
+    assert asha_clock(cfg, space) == ("images_seen", 3 * 2000 + 4500)  # the longest trial's images
+    with pytest.raises(ConfigError, match=r"rung of 5000 images seen .* resolutions \[16, 32\]"):
+        load_sweep(sweep, ["tune.grace_period=5000"])
+    with pytest.raises(ConfigError, match="progressive.stage_images"):
+        check_comparable({**space, "progressive.stage_images": {"uniform": [1000, 2000]}}, cfg)

@@ -4,7 +4,7 @@ Pure arithmetic on the typed config (no torch, no DeepSpeed), so the schedule is
 the same on every rank. Lengths are in *images* summed over workers, never steps: the batch
 changes from stage to stage, so a step is different work in each.
 
-A stage trains ``progressive.stage_images`` images. Every stage but the first opens with a
+A stage trains ``progressive.stage_images`` images (the last ``final_stage_images`` when set). Every stage but the first opens with a
 fade-in of ``fade_fraction`` of its length during which alpha rises linearly 0 -> 1, and its
 first ``freeze_images`` images train only the new blocks. A *phase* is what the engine is
 built for: (stage, frozen); the engine is rebuilt exactly when the phase changes.
@@ -57,9 +57,10 @@ def build_stages(cfg: VaepipeConfig) -> list[Stage]:
         slot = int(math.log2(res // 4))
         micro = p.batch_size[slot]
         accum = max(1, round(p.effective_batch / micro)) if p.effective_batch else 1
-        fade = int(p.fade_fraction * p.stage_images) if i > 0 else 0
-        stages.append(Stage(i, res, start, p.stage_images, fade, micro, accum, p.lr[slot]))
-        start += p.stage_images
+        length = p.final_stage_images if i == n - 1 and p.final_stage_images else p.stage_images
+        fade = int(p.fade_fraction * length) if i > 0 else 0
+        stages.append(Stage(i, res, start, length, fade, micro, accum, p.lr[slot]))
+        start += length
     return stages
 
 
