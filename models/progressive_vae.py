@@ -4,7 +4,8 @@ The ProGAN / ALAE recipe applied to a VAE. Every resolution r above the 4×4 bot
 an encoder block (r -> r/2), a decoder block (r/2 -> r), a from-image 1×1 conv (image ->
 features at r) and a to-image 1×1 conv (features at r -> likelihood parameters). A model
 built at ``stage_resolution`` R holds the blocks up to R and the image layers of R and R/2
-(the latter for the fade-in), so growing changes the parameter set: the pipeline rebuilds
+(the latter for the fade-in; a model built without ``start_resolution`` is not grown and
+has neither), so growing changes the parameter set: the pipeline rebuilds
 its engine and copies the shared parameters over (names are keyed by resolution and never
 change between stages).
 
@@ -43,7 +44,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "in_channels": 3,
     "resolution": 256,
     "stage_resolution": None,
-    "start_resolution": 4,
+    "start_resolution": None,
     "latent_dim": 128,
     "base_channels": 16,
     "hidden_dim": 512,
@@ -99,7 +100,7 @@ class ProgressiveVAE(nn.Module):
         in_channels: int = 3,
         resolution: int = 256,
         stage_resolution: int | None = None,
-        start_resolution: int = 4,
+        start_resolution: int | None = None,
         latent_dim: int = 128,
         base_channels: int = 16,
         hidden_dim: int = 512,
@@ -110,10 +111,10 @@ class ProgressiveVAE(nn.Module):
     ) -> None:
         super().__init__()
         stage = int(resolution if stage_resolution is None else stage_resolution)
-        stage_resolutions(int(start_resolution), int(resolution))  # validates both ends
-        if stage not in stage_resolutions(int(start_resolution), int(resolution)):
-            raise ValueError(f"stage resolution {stage} is not one of the stages "
-                             f"{stage_resolutions(int(start_resolution), int(resolution))}")
+        start_resolution = stage if start_resolution is None else int(start_resolution)  # None: not grown
+        stages = stage_resolutions(start_resolution, int(resolution))  # validates both ends
+        if stage not in stages:
+            raise ValueError(f"stage resolution {stage} is not one of the stages {stages}")
         check_positive_ints("progressive_vae", in_channels=in_channels, latent_dim=latent_dim,
                             base_channels=base_channels, hidden_dim=hidden_dim)
         if likelihood not in LIKELIHOODS:

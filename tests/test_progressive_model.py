@@ -17,7 +17,7 @@ from pipeline.train.stages import build_stages, count_steps, phase_at, stage_con
 def _model(stage: int, final: int = 32, alpha: float = 1.0, **kw):
     torch.manual_seed(0)
     m = build_model({"name": "progressive_vae", "flavor": "debug", "resolution": final, "in_channels": 3,
-                     "stage_resolution": stage, **kw})
+                     "stage_resolution": stage, "start_resolution": 4, **kw})
     m.set_alpha(alpha)
     return m
 
@@ -73,7 +73,8 @@ def test_debug_width_model_grows_from_4_to_256():
     prev = None
     for res in (4, 8, 16, 32, 64, 128, 256):
         torch.manual_seed(res)
-        m = build_model({"name": "progressive_vae", "flavor": "debug", "resolution": 256, "stage_resolution": res})
+        m = build_model({"name": "progressive_vae", "flavor": "debug", "resolution": 256, "stage_resolution": res,
+                         "start_resolution": 4})
         if prev is not None:
             m.load_state_dict(prev.state_dict(), strict=False)
         m.set_alpha(0.5)
