@@ -12,6 +12,7 @@ from models.conv_vae import ConvVAE  # importing a family module registers it
 from models.factor_vae import FactorVAE, permute_dims
 from models.ladder_vae import LadderVAE
 from models.progressive_vae import ProgressiveVAE
+from models.progressive_ladder_vae import ProgressiveLadderVAE
 from models.vqvae import VQVAE
 from models.vq_prior import VQPrior
 
@@ -20,6 +21,7 @@ __all__ = [
     "FactorVAE",
     "LIKELIHOODS",
     "PRIORS",
+    "ProgressiveLadderVAE",
     "ProgressiveVAE",
     "LadderVAE",
     "VQPrior",

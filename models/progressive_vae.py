@@ -91,8 +91,78 @@ def stage_resolutions(start: int, end: int) -> list[int]:
     return [start * 2**i for i in range(int(math.log2(end // start)) + 1)]
 
 
+class GrowableConvs:
+    """The growing conv part shared by the progressive families: per-resolution blocks, image layers,
+    the fade-in blend. Needs ``resolution`` (stage), ``start_resolution``, ``final_resolution``,
+    ``in_channels``, ``alpha`` and ``config["base_channels"]`` set by the family."""
+
+    def width(self, r: int) -> int:
+        """Feature channels at resolution r."""
+        return self.config["base_channels"] * min(_WIDTH_CAP, self.final_resolution // r)
+
+    def _grown(self) -> list[int]:
+        """Resolutions above the bottleneck that have blocks at this stage (ascending)."""
+        return [r for r in stage_resolutions(_BOTTLENECK, self.resolution) if r > _BOTTLENECK]
+
+    def _build_convs(self, out_ch: int) -> None:
+        grown = self._grown()
+        self.encoder_blocks = nn.ModuleDict(
+            {str(r): make_down_block(self.width(r), self.width(r // 2), batch_norm=False) for r in grown})
+        self.decoder_blocks = nn.ModuleDict(
+            {str(r): make_up_block(self.width(r // 2), self.width(r), batch_norm=False) for r in grown})
+        image_res = [r for r in (self.resolution // 2, self.resolution) if r >= self.start_resolution]
+        self.from_image = nn.ModuleDict({str(r): nn.Sequential(
+            nn.Conv2d(self.in_channels, self.width(r), 1), nn.LeakyReLU(0.2)) for r in image_res})
+        self.to_image = nn.ModuleDict({str(r): nn.Conv2d(self.width(r), out_ch, 1) for r in image_res})
+
+    def set_alpha(self, alpha: float) -> None:
+        """Fade-in weight of the newest block (1 = the new block alone)."""
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+        self.alpha = float(alpha)
+
+    @property
+    def fading(self) -> bool:
+        return self.resolution > self.start_resolution
+
+    def conv_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder conv path: images at the stage resolution -> the 4×4 feature map (faded in)."""
+        r = self.resolution
+        h = self.from_image[str(r)](x)
+        if self.fading:
+            h = self.encoder_blocks[str(r)](h)
+            old = self.from_image[str(r // 2)](downsample(x))
+            h, r = self.alpha * h + (1.0 - self.alpha) * old, r // 2
+        for res in range(int(math.log2(r)), 2, -1):
+            h = self.encoder_blocks[str(2**res)](h)
+        return h
+
+    def conv_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Decoder conv path: the 4×4 feature map -> likelihood parameters at the stage resolution."""
+        top = self.resolution // 2 if self.fading else self.resolution
+        for r in self._grown():
+            if r > top:
+                break
+            h = self.decoder_blocks[str(r)](h)
+        if not self.fading:
+            return self.to_image[str(self.resolution)](h)
+        new = self.to_image[str(self.resolution)](self.decoder_blocks[str(self.resolution)](h))
+        old = upsample(self.to_image[str(top)](h))
+        return self.alpha * new + (1.0 - self.alpha) * old
+
+
+def check_stage(resolution: int, stage_resolution: Any, start_resolution: Any) -> tuple[int, int]:
+    """(stage, start) resolutions, validated; a missing start means an ungrown model (start = stage)."""
+    stage = int(resolution if stage_resolution is None else stage_resolution)
+    start = stage if start_resolution is None else int(start_resolution)
+    stages = stage_resolutions(start, int(resolution))  # validates both ends
+    if stage not in stages:
+        raise ValueError(f"stage resolution {stage} is not one of the stages {stages}")
+    return stage, start
+
+
 @register_model("progressive_vae")
-class ProgressiveVAE(nn.Module):
+class ProgressiveVAE(GrowableConvs, nn.Module):
     """Progressive conv VAE at one stage of its growth; see the module docstring."""
 
     def __init__(
@@ -110,11 +180,7 @@ class ProgressiveVAE(nn.Module):
         beta: float = 1.0,
     ) -> None:
         super().__init__()
-        stage = int(resolution if stage_resolution is None else stage_resolution)
-        start_resolution = stage if start_resolution is None else int(start_resolution)  # None: not grown
-        stages = stage_resolutions(start_resolution, int(resolution))  # validates both ends
-        if stage not in stages:
-            raise ValueError(f"stage resolution {stage} is not one of the stages {stages}")
+        stage, start_resolution = check_stage(resolution, stage_resolution, start_resolution)
         check_positive_ints("progressive_vae", in_channels=in_channels, latent_dim=latent_dim,
                             base_channels=base_channels, hidden_dim=hidden_dim)
         if likelihood not in LIKELIHOODS:
@@ -144,49 +210,17 @@ class ProgressiveVAE(nn.Module):
     def from_config(cls, cfg: Any) -> "ProgressiveVAE":
         return cls(**cls.resolve_config(cfg))
 
-    def width(self, r: int) -> int:
-        """Feature channels at resolution r."""
-        return self.config["base_channels"] * min(_WIDTH_CAP, self.final_resolution // r)
-
-    def _grown(self) -> list[int]:
-        """Resolutions above the bottleneck that have blocks at this stage (ascending)."""
-        return [r for r in stage_resolutions(_BOTTLENECK, self.resolution) if r > _BOTTLENECK]
-
     def _build(self, out_ch: int, hidden: int) -> None:
         w4, flat = self.width(_BOTTLENECK), self.width(_BOTTLENECK) * _BOTTLENECK**2
-        grown = self._grown()
-        self.encoder_blocks = nn.ModuleDict(
-            {str(r): make_down_block(self.width(r), self.width(r // 2), batch_norm=False) for r in grown})
-        self.decoder_blocks = nn.ModuleDict(
-            {str(r): make_up_block(self.width(r // 2), self.width(r), batch_norm=False) for r in grown})
-        image_res = [r for r in (self.resolution // 2, self.resolution) if r >= self.start_resolution]
-        self.from_image = nn.ModuleDict({str(r): nn.Sequential(
-            nn.Conv2d(self.in_channels, self.width(r), 1), nn.LeakyReLU(0.2)) for r in image_res})
-        self.to_image = nn.ModuleDict({str(r): nn.Conv2d(self.width(r), out_ch, 1) for r in image_res})
+        self._build_convs(out_ch)
         self.encoder_head = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(inplace=True),
                                           nn.Linear(hidden, 2 * self.latent_dim))
         self.decoder_head = nn.Sequential(nn.Linear(self.latent_dim, hidden), nn.ReLU(inplace=True),
                                           nn.Linear(hidden, flat), nn.Unflatten(1, (w4, _BOTTLENECK, _BOTTLENECK)))
 
-    def set_alpha(self, alpha: float) -> None:
-        """Fade-in weight of the newest block (1 = the new block alone)."""
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-        self.alpha = float(alpha)
-
-    @property
-    def fading(self) -> bool:
-        return self.resolution > self.start_resolution
-
     def checkpoint_blocks(self) -> list[list[nn.Module]]:
         """Encoder and decoder blocks, for activation checkpointing from outside."""
         return [list(self.encoder_blocks.values()), list(self.decoder_blocks.values())]
-
-    def new_parameter_names(self) -> list[str]:
-        """Parameters this stage added over the previous one (the newest blocks and image layers)."""
-        r = str(self.resolution)
-        fresh = (f"encoder_blocks.{r}.", f"decoder_blocks.{r}.", f"from_image.{r}.", f"to_image.{r}.")
-        return [n for n, _ in self.named_parameters() if n.startswith(fresh)]
 
     def _check_input(self, x: torch.Tensor) -> None:
         expected = (self.in_channels, self.resolution, self.resolution)
@@ -197,31 +231,14 @@ class ProgressiveVAE(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior (mu, logvar), each [B, latent_dim], for images x at the stage resolution."""
         self._check_input(x)
-        r = self.resolution
-        h = self.from_image[str(r)](x)
-        if self.fading:
-            h = self.encoder_blocks[str(r)](h)
-            old = self.from_image[str(r // 2)](downsample(x))
-            h, r = self.alpha * h + (1.0 - self.alpha) * old, r // 2
-        for res in range(int(math.log2(r)), 2, -1):
-            h = self.encoder_blocks[str(2**res)](h)
-        mu, logvar = self.encoder_head(h.flatten(start_dim=1)).chunk(2, dim=1)
+        mu, logvar = self.encoder_head(self.conv_features(x).flatten(start_dim=1)).chunk(2, dim=1)
         return mu, logvar
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         """Likelihood parameters [B, C·params_per_channel, R, R] at the stage resolution."""
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"progressive_vae expects z of shape [B, {self.latent_dim}], got {list(z.shape)}")
-        h, top = self.decoder_head(z), self.resolution // 2 if self.fading else self.resolution
-        for r in self._grown():
-            if r > top:
-                break
-            h = self.decoder_blocks[str(r)](h)
-        if not self.fading:
-            return self.to_image[str(self.resolution)](h)
-        new = self.to_image[str(self.resolution)](self.decoder_blocks[str(self.resolution)](h))
-        old = upsample(self.to_image[str(top)](h))
-        return self.alpha * new + (1.0 - self.alpha) * old
+        return self.conv_logits(self.decoder_head(z))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.likelihood.mean(self.decode_logits(z))

@@ -313,6 +313,7 @@ class TuneConfig:
 
 # ProGAN's CelebA-HQ table (Karras et al. 2018, progressive_growing_of_gans config.py): micro-batch per
 # resolution 4, 8, 16, ..., 256; its learning rates for 128 and 256, 1e-3 below.
+PROGRESSIVE_FAMILIES = ("progressive_vae", "progressive_ladder_vae")
 PROGAN_BATCH = [128, 128, 128, 64, 32, 16, 8]
 PROGAN_LR = [1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1.5e-3, 2e-3]
 
@@ -320,7 +321,8 @@ PROGAN_LR = [1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1.5e-3, 2e-3]
 @dataclass
 class ProgressiveConfig:
     enabled: bool = False
-    """Grow the model from ``start_resolution`` to ``data.resolution`` in stages (model.name=progressive_vae)."""
+    """Grow the model from ``start_resolution`` to ``data.resolution`` in stages (model.name=progressive_vae
+    or progressive_ladder_vae)."""
     start_resolution: int = 4
     """Resolution of the first stage (a power of two, >= 4)."""
     stage_images: int = 1_200_000
@@ -458,8 +460,8 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
 def validate_progressive(cfg: VaepipeConfig) -> None:
     """Check the ``progressive`` section and derive ``train.max_steps`` from its stages."""
     p, end = cfg.progressive, cfg.data.resolution
-    _check(cfg.model.name == "progressive_vae", "model.name", cfg.model.name,
-           "progressive.enabled=true needs model.name=progressive_vae")
+    _check(cfg.model.name in PROGRESSIVE_FAMILIES, "model.name", cfg.model.name,
+           f"progressive.enabled=true needs a growing family: {' or '.join(PROGRESSIVE_FAMILIES)}")
     start = p.start_resolution
     _check(4 <= start <= end and start & (start - 1) == 0, "progressive.start_resolution", start,
            f"must be a power of two in [4, data.resolution={end}]")

@@ -133,3 +133,23 @@ def test_progressive_sweep_runs_asha_on_images_seen_and_compares_only_at_one_res
         load_sweep(sweep, ["tune.grace_period=5000"])
     with pytest.raises(ConfigError, match="progressive.stage_images"):
         check_comparable({**space, "progressive.stage_images": {"uniform": [1000, 2000]}}, cfg)
+
+
+def test_progressive_ladder_fades_in_and_grows_from_4_to_32():
+    kw = {"name": "progressive_ladder_vae", "flavor": "debug", "resolution": 32, "start_resolution": 4}
+    prev = None
+    for res in (4, 8, 16, 32):
+        torch.manual_seed(res)
+        m = build_model({**kw, "stage_resolution": res})
+        if prev is not None:
+            m.load_state_dict(prev.state_dict(), strict=False)
+            m.set_alpha(0.0)
+            prev.set_alpha(1.0)  # the previous stage as it ended
+            z = torch.randn(2, m.latent_dim)
+            with torch.no_grad():  # alpha 0: the previous stage's output, upsampled
+                assert torch.allclose(m.decode(z), F.interpolate(prev.decode(z), scale_factor=2), atol=1e-6)
+        m.set_alpha(0.5)
+        out = m(torch.rand(2, 3, res, res))
+        out["loss"].backward()
+        assert torch.isfinite(out["loss"]) and out["x_hat"].shape == (2, 3, res, res)
+        prev = m

@@ -106,6 +106,17 @@ def build_rank_modules(cfg: VaepipeConfig, loop_config: dict, rank: int,
     return model, aux
 
 
+def build_progressive_engine(cfg: VaepipeConfig, rank: int, world: int, precision: str):
+    """(first stage's config, its engine, no auxiliary, the run's Growth); a resume rebuilds for
+    the phase its checkpoint was saved in (``checkpoint._try_load``)."""
+    from pipeline.train.growth import Growth
+
+    growth = Growth(cfg, world, precision)
+    stage_cfg, engine = growth.build(growth.phase_at(0))
+    seed_rank(cfg.train.seed, rank)
+    return stage_cfg, engine, None, growth
+
+
 def build_worker(loop_config: dict) -> Worker:
     """Set up one rank: typed config, model, DeepSpeed engine, data stream, resume state."""
     import ray.train
@@ -123,20 +134,15 @@ def build_worker(loop_config: dict) -> Worker:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
     precision = resolve_precision(cfg.train.precision, DeviceFacts.detect(use_cuda))
-    growth = None
     if cfg.progressive.enabled:
-        from pipeline.train.growth import Growth
-
-        growth = Growth(cfg, world, precision)
-        cfg, engine = growth.build(growth.phase_at(0))  # a resume rebuilds for its own phase
-        aux = None
-        seed_rank(cfg.train.seed, rank)
+        cfg, engine, aux, growth = build_progressive_engine(cfg, rank, world, precision)
     else:
         model, aux = build_rank_modules(cfg, loop_config, rank, device)
         match_norm_buffers(model, precision)
         ds_config = build_deepspeed_config(cfg, world, precision)
         trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parents stay out of Adam
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+        growth = None
     stream = ShardStream(
         cfg.data.path, "train", cfg.data.batch_size, cfg.data.resolution, rank, world,
         seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
