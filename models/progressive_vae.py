@@ -125,6 +125,12 @@ class GrowableConvs:
     def fading(self) -> bool:
         return self.resolution > self.start_resolution
 
+    def new_parameter_names(self) -> list[str]:
+        """Parameters this stage added over the previous one (the newest blocks and image layers)."""
+        r = str(self.resolution)
+        fresh = (f"encoder_blocks.{r}.", f"decoder_blocks.{r}.", f"from_image.{r}.", f"to_image.{r}.")
+        return [n for n, _ in self.named_parameters() if n.startswith(fresh)]
+
     def conv_features(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder conv path: images at the stage resolution -> the 4×4 feature map (faded in)."""
         r = self.resolution

@@ -14,19 +14,20 @@ from dist_helpers import run_ranks
 pytestmark = pytest.mark.integration
 
 
-def _switch_rank(rank: int, world: int, zero_stage: int, carry: bool) -> dict:
+def _switch_rank(rank: int, world: int, zero_stage: int, carry: bool, precision: str) -> dict:
     from pipeline.config import load_config
     from pipeline.train.growth import Growth, full_parameter_state
 
     cfg = load_config(None, ["model.name=progressive_vae", "model.flavor=debug", "data.resolution=16",
                              "model.likelihood=mse", "progressive.enabled=true", "progressive.stage_images=64",
                              "progressive.batch_size=[4,4,4]", f"progressive.carry_moments={carry}",
-                             f"dist.zero_stage={zero_stage}", f"dist.num_workers={world}", "train.precision=fp32"])
-    growth = Growth(cfg, world, "fp32")
+                             f"dist.zero_stage={zero_stage}", f"dist.num_workers={world}", f"train.precision={precision}"])
+    growth = Growth(cfg, world, precision)
     _, engine = growth.build(growth.phase_at(0))
     torch.manual_seed(rank)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     for _ in range(2):
-        loss = engine(torch.rand(4, 3, 4, 4))["loss"]
+        loss = engine(torch.rand(4, 3, 4, 4, dtype=dtype))["loss"]
         engine.backward(loss)
         engine.step()
     before = full_parameter_state(engine, carry_moments=True)
@@ -34,15 +35,18 @@ def _switch_rank(rank: int, world: int, zero_stage: int, carry: bool) -> dict:
     w = SimpleNamespace(engine=engine, stream=SimpleNamespace(set_shape=lambda r, b: shapes.append((r, b))))
     growth.switch(w, growth.phase_at(64))
     after = full_parameter_state(w.engine, carry_moments=True)
-    loss = w.engine(torch.rand(4, 3, 8, 8))["loss"]  # the grown engine trains at 8 px
+    loss = w.engine(torch.rand(4, 3, 8, 8, dtype=dtype))["loss"]  # the grown engine trains at 8 px
     w.engine.backward(loss)
     w.engine.step()
     return {"before": before, "after": after, "shapes": shapes, "finite": bool(torch.isfinite(loss))}
 
 
-@pytest.mark.parametrize("zero_stage, carry", [(0, True), (2, True), (2, False), (3, True)])
-def test_stage_switch_keeps_old_parameters_and_carried_moments(zero_stage, carry):
-    for r in run_ranks(_switch_rank, args=(zero_stage, carry)):
+@pytest.mark.parametrize("zero_stage, carry, precision",
+                         [(0, True, "fp32"), (2, False, "fp32"), (3, True, "fp32"), (2, True, "bf16"),
+                          (3, False, "bf16")])
+def test_stage_switch_keeps_old_parameters_and_carried_moments(zero_stage, carry, precision):
+    """Under bf16 too: the fp32 masters are carried exactly, not rebuilt from bf16 copies."""
+    for r in run_ranks(_switch_rank, args=(zero_stage, carry, precision)):
         before, after = r["before"], r["after"]
         assert r["shapes"] == [(8, 4)] and r["finite"]
         new = set(after) - set(before)

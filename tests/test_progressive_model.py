@@ -27,6 +27,7 @@ def _grown_from(prev, stage: int, alpha: float):
     new = _model(stage, alpha=alpha)
     missing = set(new.state_dict()) - set(prev.state_dict())
     assert missing and all(k.split(".")[1] == str(stage) for k in missing)  # only the new resolution's layers
+    assert missing == set(new.new_parameter_names())  # what a frozen phase leaves trainable
     new.load_state_dict(prev.state_dict(), strict=False)
     return new
 

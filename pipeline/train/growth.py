@@ -8,7 +8,8 @@ which a DeepSpeed engine cannot change once built. On a phase change every rank,
    from whatever ZeRO stage 0-3 partitioned them into (collective under ZeRO-3);
 2. builds the next stage's model (new blocks from a seed shared by every rank), writes the
    saved values into the parameters that already existed, freezes the old ones for a frozen
-   phase, and builds a new engine from the stage's config (micro-batch, accumulation, lr);
+   phase, builds a new engine from the stage's config (micro-batch, accumulation, lr) and
+   writes the fp32 values into its masters too (under bf16 they were built from bf16 copies);
 3. writes the carried moments into the new optimizer's partitions;
 4. points the stream at the stage's resolution and micro-batch.
 
@@ -90,6 +91,28 @@ def write_parameters(model: torch.nn.Module, saved: dict, fp32_frozen: dict) -> 
     return count
 
 
+def write_masters(engine: Any, saved: dict) -> int:
+    """The saved fp32 values into the new engine's fp32 masters; how many parameters.
+
+    Under bf16 DeepSpeed builds its masters from the bf16-cast module, which would round every
+    carried parameter at each stage switch; fp32 engines without ZeRO have no separate master.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    count = 0
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad or name not in saved:
+            continue
+        if hasattr(p, "ds_id"):
+            _set_zero3_state(p, saved[name]["param"], None)
+        elif hasattr(p, "_hp_mapping"):
+            safe_set_full_fp32_param(p, saved[name]["param"].to(p.device))
+        else:
+            continue
+        count += 1
+    return count
+
+
 def write_moments(engine: Any, saved: dict) -> int:
     """Carried Adam moments into the new engine's optimizer (its partitions under ZeRO); how many."""
     from deepspeed.utils import safe_set_full_optimizer_state
@@ -113,8 +136,9 @@ def write_moments(engine: Any, saved: dict) -> int:
     return count
 
 
-def _set_zero3_state(p: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:
-    """This rank's slice of a full optimizer state tensor into its ZeRO-3 partition.
+def _set_zero3_state(p: torch.nn.Parameter, value: torch.Tensor, key: Optional[str]) -> None:
+    """This rank's slice of a full optimizer state tensor (``key``) or fp32 master (None) into its
+    ZeRO-3 partition.
 
     DeepSpeed 0.19.8's ``set_full_hp_param`` slices past the end of a parameter whose size is not
     a multiple of the world size (the last partition is padded), so the slice is taken here.
@@ -187,6 +211,7 @@ class Growth:
                     self.fp32_frozen[name] = p.detach().clone()
         cfg = stage_config(self.base_cfg, phase.stage)
         engine = build_engine(cfg, model, self.world_size, self.precision)
+        write_masters(engine, saved)
         if self.base_cfg.progressive.carry_moments:
             write_moments(engine, saved)
         self.phase = phase
