@@ -59,7 +59,7 @@ def save_checkpoint(w: Any, metrics: dict) -> None:
         write_checkpoint(w, Path(tmp))
         maybe_pause(w, "checkpoint")  # fault drills only: a kill between writing and reporting
         report = {**metrics, **w.last_val, "step": w.state.step, "images_seen": w.state.samples_seen}
-        if w.growth is not None:  # ASHA/Tune compare val metrics only at equal resolution
+        if getattr(w, "growth", None) is not None:  # Tune compares val metrics only at equal resolution
             report["resolution"] = w.state.resolution
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -213,8 +213,9 @@ def _try_load(w: Any, folder: Path) -> Optional[str]:
         load_dir = folder / UNIVERSAL_DIR
     try:
         saved = read_state(folder)
-        if w.growth is not None:  # a progressive run: the engine must be the saved phase's
-            w.growth.prepare_restore(w, saved["train_state"])
+        growth = getattr(w, "growth", None)  # a progressive run: the engine must be the saved phase's
+        if growth is not None:
+            growth.prepare_restore(w, saved["train_state"])
         _load_engine(w, load_dir, universal=load_dir != folder)
         if w.aux is not None and (folder / AUX_FILE).exists():
             w.aux.load_state_dict(torch.load(folder / AUX_FILE, map_location=w.device, weights_only=True))
@@ -225,7 +226,7 @@ def _try_load(w: Any, folder: Path) -> Optional[str]:
     for group in w.engine.optimizer.param_groups:
         group["lr"] = w.cfg.optim.lr
     w.state.load_state_dict(saved["train_state"])
-    if w.growth is not None:
+    if getattr(w, "growth", None) is not None:
         w.growth.after_restore(w)
     w.stream.load_state_dict(saved["data_state"])
     # the stream owns the data position: after a re-split (another world size) it starts the
