@@ -379,6 +379,19 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
         raise
 
 
+def ran_to_the_end(cfg: VaepipeConfig, space: dict, result) -> bool:
+    """Whether a trial finished its run: ``train.max_steps`` steps, or for a progressive trial every
+    stage of its own schedule (its searched stage lengths decide how many images that is)."""
+    metrics = result.metrics or {}
+    if not cfg.progressive.enabled:
+        return metrics.get("step", 0) >= cfg.train.max_steps
+    from pipeline.train.stages import build_stages, total_images
+
+    params = {k.removeprefix("config/"): v for k, v in (result.config or {}).items()}
+    trial = apply_overrides(cfg, {k: v for k, v in params.items() if k in space}, "trial config")
+    return metrics.get("images_seen", 0) >= total_images(build_stages(trial))
+
+
 def summarize(cfg: VaepipeConfig, space: dict, grid, parent: str, uri: str, exp_dir: Path) -> dict:
     """Tag trials (best, early-stopped, failed), log the table and plot on the parent, register."""
     from pipeline import tracking
@@ -392,7 +405,7 @@ def summarize(cfg: VaepipeConfig, space: dict, grid, parent: str, uri: str, exp_
         trial_id = (result.metrics or {}).get("trial_id") or _trial_id_in_path(result.path, children)
         run = children.get(trial_id)
         step = (result.metrics or {}).get("step", 0)
-        status = "failed" if result.error else ("stopped" if step < cfg.train.max_steps else "finished")
+        status = "failed" if result.error else ("finished" if ran_to_the_end(cfg, space, result) else "stopped")
         early += status == "stopped"
         failed += status == "failed"
         if run is not None:
