@@ -11,6 +11,8 @@ from models.priors import PRIORS, build_prior
 from models.conv_vae import ConvVAE  # importing a family module registers it
 from models.factor_vae import FactorVAE, permute_dims
 from models.ladder_vae import LadderVAE
+from models.progressive_vae import ProgressiveVAE
+from models.progressive_ladder_vae import ProgressiveLadderVAE
 from models.vqvae import VQVAE
 from models.vq_prior import VQPrior
 
@@ -19,6 +21,8 @@ __all__ = [
     "FactorVAE",
     "LIKELIHOODS",
     "PRIORS",
+    "ProgressiveLadderVAE",
+    "ProgressiveVAE",
     "LadderVAE",
     "VQPrior",
     "VQVAE",

@@ -305,7 +305,7 @@ class TuneConfig:
     search: Literal["random", "optuna"] = "random"
     """Random/grid search, or Optuna's TPE."""
     grace_period: int = 10
-    """ASHA: steps every trial runs before it can be stopped."""
+    """ASHA: steps every trial runs before it can be stopped (images seen in a progressive sweep)."""
     reduction_factor: int = 2
     """ASHA: keep 1/reduction_factor of the trials at each rung."""
     perturbation_interval: int = 20
@@ -320,6 +320,43 @@ class TuneConfig:
     """Tune experiment name; default vaepipe-sweep-<timestamp>."""
 
 
+# ProGAN's CelebA-HQ table (Karras et al. 2018, progressive_growing_of_gans config.py): micro-batch per
+# resolution 4, 8, 16, ..., 256; its learning rates for 128 and 256, 1e-3 below.
+PROGRESSIVE_FAMILIES = ("progressive_vae", "progressive_ladder_vae")
+PROGAN_BATCH = [128, 128, 128, 64, 32, 16, 8]
+PROGAN_LR = [1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1.5e-3, 2e-3]
+
+
+@dataclass
+class ProgressiveConfig:
+    enabled: bool = False
+    """Grow the model from ``start_resolution`` to ``data.resolution`` in stages (model.name=progressive_vae
+    or progressive_ladder_vae)."""
+    start_resolution: int = 4
+    """Resolution of the first stage (a power of two, >= 4)."""
+    stage_images: int = 1_200_000
+    """Images (summed over workers) each stage trains on, its fade-in included (ProGAN: 600k + 600k).
+    The run ends after the last stage, so ``train.max_steps`` is derived from this."""
+    final_stage_images: int = 0
+    """Images of the last stage (0 = ``stage_images``): a long last stage gives a sweep's trials with
+    different ``stage_images`` a span where all are at the final resolution, for ASHA's rungs."""
+    fade_fraction: float = 0.5
+    """Fraction of each stage after the first spent fading the new block in (alpha 0 -> 1)."""
+    batch_size: list[int] = field(default_factory=lambda: list(PROGAN_BATCH))
+    """Micro-batch per worker for resolutions 4, 8, 16, ... (entry i is for 4 * 2**i); ProGAN's table."""
+    lr: list[float] = field(default_factory=lambda: list(PROGAN_LR))
+    """Learning rate for resolutions 4, 8, 16, ... (entry i is for 4 * 2**i); ProGAN's values."""
+    effective_batch: int = 0
+    """Images per worker per optimizer step; stages whose micro-batch is smaller accumulate gradients
+    (effective_batch / micro-batch steps) to keep it. 0 = no accumulation (each stage's micro-batch)."""
+    freeze_images: int = 0
+    """Images at the start of each grown stage during which the earlier blocks are frozen (0 = never)."""
+    carry_moments: bool = False
+    """Carry Adam's moments of the parameters that already existed into the next stage. Off by default,
+    as ProGAN and ALAE do: after growing, the loss is over 4x the pixels with another batch and lr, so
+    old second moments are scaled for a gradient that no longer exists and would mis-size the first steps."""
+
+
 @dataclass
 class VaepipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -330,6 +367,7 @@ class VaepipeConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
 
 def _merge(base: Any, other: Any, origin: str) -> Any:
@@ -426,7 +464,34 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
     # The model sees what the data layer produces: derive rather than ask users to repeat it.
     m.resolution, m.in_channels = res, d.channels
     materialize_flavor(m)
+    if cfg.progressive.enabled:
+        validate_progressive(cfg)
     return cfg
+
+
+def validate_progressive(cfg: VaepipeConfig) -> None:
+    """Check the ``progressive`` section and derive ``train.max_steps`` from its stages."""
+    p, end = cfg.progressive, cfg.data.resolution
+    _check(cfg.model.name in PROGRESSIVE_FAMILIES, "model.name", cfg.model.name,
+           f"progressive.enabled=true needs a growing family: {' or '.join(PROGRESSIVE_FAMILIES)}")
+    start = p.start_resolution
+    _check(4 <= start <= end and start & (start - 1) == 0, "progressive.start_resolution", start,
+           f"must be a power of two in [4, data.resolution={end}]")
+    _check(p.stage_images >= 1, "progressive.stage_images", p.stage_images, "must be >= 1")
+    _check(p.final_stage_images >= 0, "progressive.final_stage_images", p.final_stage_images, "must be >= 0")
+    _check(0 <= p.fade_fraction < 1, "progressive.fade_fraction", p.fade_fraction, "must be in [0, 1)")
+    _check(p.effective_batch >= 0, "progressive.effective_batch", p.effective_batch, "must be >= 0")
+    _check(p.freeze_images >= 0, "progressive.freeze_images", p.freeze_images, "must be >= 0")
+    needed = int(math.log2(end // 4)) + 1
+    for key in ("batch_size", "lr"):
+        values = getattr(p, key)
+        _check(len(values) >= needed, f"progressive.{key}", values,
+               f"needs one entry per resolution 4..{end} ({needed} entries, entry i for 4*2**i)")
+        _check(all(v > 0 for v in values), f"progressive.{key}", values, "every entry must be > 0")
+    from pipeline.train.stages import build_stages, count_steps
+
+    t = cfg.train
+    t.max_steps = count_steps(build_stages(cfg), cfg.dist.num_workers)
 
 
 _FLAVORED = {"": ("latent_dim", "base_channels", "hidden_dim"), "factor": ("disc_hidden", "disc_layers"),

@@ -99,6 +99,8 @@ def check_comparable(space: dict, cfg: VaepipeConfig) -> None:
     if metric.startswith("val_") and metric not in ("val_loss", f"val_{base}"):
         raise ConfigError(f"tune.metric={metric!r} is never reported by model.name={cfg.model.name!r}: its "
                           f"validation quantity is val_{base} ({_OBJECTIVES.get(base, base)}); set tune.metric=val_{base}")
+    if cfg.progressive.enabled:
+        check_equal_resolution(space, cfg)
     if "model.likelihood" in space and metric != "val_loss":
         raise ConfigError(f"search space key 'model.likelihood' makes trials incomparable under tune.metric={metric!r}: "
                           "log-likelihoods of different observation models are not on one scale; fix the likelihood "
@@ -113,6 +115,63 @@ def check_comparable(space: dict, cfg: VaepipeConfig) -> None:
                 raise ConfigError(f"search space '{key}' value {v!r} makes a trial report val_{other} "
                                   f"({_OBJECTIVES.get(other, other)}) while the others report val_{base}: "
                                   "they cannot be ranked together; sweep them separately")
+
+
+# keys that move a progressive run's stage boundaries, hence the resolution a trial is at
+_STAGE_KEYS = ("progressive.stage_images", "progressive.final_stage_images", "progressive.start_resolution")
+
+
+def _stage_variants(space: dict, cfg: VaepipeConfig) -> list[VaepipeConfig]:
+    """One config per combination of the searched values of the stage-boundary keys (``cfg`` if none)."""
+    import itertools
+
+    searched = {}
+    for key in _STAGE_KEYS:
+        if key not in space:
+            continue
+        kind, values = next(iter(space[key].items()))
+        if kind not in ("choice", "grid"):
+            raise ConfigError(f"search space '{key}': {kind} cannot be checked for equal resolution at ASHA's rungs; "
+                              "search it with choice or grid")
+        searched[key] = values
+    return [apply_overrides(cfg, dict(zip(searched, combo)), "search space stage keys")
+            for combo in itertools.product(*searched.values())]
+
+
+def asha_clock(cfg: VaepipeConfig, space: dict) -> tuple[str, int]:
+    """ASHA's (time attribute, max_t): optimizer steps, or images seen for a progressive run (a step
+    is different work in each stage), up to the longest trial the space can draw."""
+    if not cfg.progressive.enabled:
+        return "step", cfg.train.max_steps
+    from pipeline.train.stages import build_stages, total_images
+
+    return "images_seen", max(total_images(build_stages(c)) for c in _stage_variants(space, cfg))
+
+
+def check_equal_resolution(space: dict, cfg: VaepipeConfig) -> None:
+    """A progressive sweep compares trials at ASHA's rungs only where every trial is at one resolution:
+    a validation ELBO at 16 px and one at 32 px are not on one scale. Checked at each rung and one
+    report interval past it (ASHA reads the first report at or after the rung)."""
+    from pipeline.train.stages import build_stages, images_per_step, phase_at
+
+    if cfg.tune.scheduler != "asha":
+        return
+    _, max_t = asha_clock(cfg, space)
+    rungs, t = [], cfg.tune.grace_period
+    while t < max_t:
+        rungs.append(t)
+        t *= cfg.tune.reduction_factor
+    for rung in rungs:
+        seen = set()
+        for c in _stage_variants(space, cfg):
+            stages = build_stages(c)
+            late = rung + c.train.checkpoint_every * max(images_per_step(s, c.dist.num_workers) for s in stages)
+            seen |= {phase_at(stages, rung).stage.resolution, phase_at(stages, late).stage.resolution}
+        if len(seen) > 1:
+            raise ConfigError(f"tune.grace_period={cfg.tune.grace_period}: at ASHA's rung of {rung} images seen the "
+                              f"trials would be at resolutions {sorted(seen)}, and their validation ELBOs are not "
+                              "comparable; move the rungs (grace_period, reduction_factor) into a stage every "
+                              "trial shares, e.g. a long enough progressive.final_stage_images")
 
 
 _OBJECTIVES = {"neg_elbo": "negative ELBO in nats, a bound on -log p(x)",
@@ -205,7 +264,8 @@ def _scheduler(cfg: VaepipeConfig, space: dict):
 
     t = cfg.tune
     if t.scheduler == "asha":
-        return ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps, grace_period=t.grace_period,
+        time_attr, max_t = asha_clock(cfg, space)
+        return ASHAScheduler(time_attr=time_attr, max_t=max_t, grace_period=t.grace_period,
                              reduction_factor=t.reduction_factor)
     if t.scheduler == "pbt":
         # synchronous: every trial reaches the interval before anyone exploits, so trials that
@@ -318,6 +378,19 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
         raise
 
 
+def ran_to_the_end(cfg: VaepipeConfig, space: dict, result) -> bool:
+    """Whether a trial finished its run: ``train.max_steps`` steps, or for a progressive trial every
+    stage of its own schedule (its searched stage lengths decide how many images that is)."""
+    metrics = result.metrics or {}
+    if not cfg.progressive.enabled:
+        return metrics.get("step", 0) >= cfg.train.max_steps
+    from pipeline.train.stages import build_stages, total_images
+
+    params = {k.removeprefix("config/"): v for k, v in (result.config or {}).items()}
+    trial = apply_overrides(cfg, {k: v for k, v in params.items() if k in space}, "trial config")
+    return metrics.get("images_seen", 0) >= total_images(build_stages(trial))
+
+
 def summarize(cfg: VaepipeConfig, space: dict, grid, parent: str, uri: str, exp_dir: Path) -> dict:
     """Tag trials (best, early-stopped, failed), log the table and plot on the parent, register."""
     from pipeline import tracking
@@ -331,7 +404,7 @@ def summarize(cfg: VaepipeConfig, space: dict, grid, parent: str, uri: str, exp_
         trial_id = (result.metrics or {}).get("trial_id") or _trial_id_in_path(result.path, children)
         run = children.get(trial_id)
         step = (result.metrics or {}).get("step", 0)
-        status = "failed" if result.error else ("stopped" if step < cfg.train.max_steps else "finished")
+        status = "failed" if result.error else ("finished" if ran_to_the_end(cfg, space, result) else "stopped")
         early += status == "stopped"
         failed += status == "failed"
         if run is not None:

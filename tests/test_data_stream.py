@@ -179,3 +179,12 @@ def test_decoded_cache_stops_growing_at_its_bound_and_needs_in_process_decoding(
     assert len(stream.cache.items) == 10
     with pytest.raises(ValueError, match="cache_mb=8 needs num_workers=0"):
         ShardStream(str(shard_dir), "train", 8, 32, 0, 1, num_workers=2, cache_mb=8)
+
+
+def test_decoded_cache_starts_over_when_a_progressive_stage_changes_the_resolution(shard_dir):
+    stream = ShardStream(str(shard_dir), "train", 8, 16, 0, 1, num_workers=0, cache_mb=16)
+    list(stream.iter_epoch(0))
+    stream.set_shape(32, 8)
+    assert stream.cache.bytes == 0
+    batches = list(stream.iter_epoch(1))
+    assert batches[0]["image"].shape == (8, 3, 32, 32)

@@ -332,18 +332,26 @@ class ShardStream:
             raise ValueError(f"cache_mb={cache_mb} needs num_workers=0 (is {num_workers})")
         self.cache = DecodedCache(cache_mb * 2**20) if cache_mb else None  # training batches only
         self.manifest = read_manifest(url)
-        stored = self.manifest["resolution"]
-        if resolution > stored:
-            raise ValueError(f"resolution {resolution} is larger than the stored resolution {stored} of {url}: "
-                             "re-shard at a higher resolution or train at <= the stored one")
         self.num_samples = self._split_info(split)["num_samples"]
-        self.steps_per_epoch = self.num_samples // (world_size * batch_size)
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"split {split!r} of {url} has {self.num_samples} samples, fewer than "
-                             f"world_size*batch_size = {world_size}*{batch_size}: lower the batch size")
+        self.set_shape(resolution, batch_size)
         self.epoch, self.step_in_epoch = 0, 0
         self.segments: list[dict] = []  # layouts this epoch went through before this one (resplit)
         self._remainder: Optional[list[str]] = None  # the keys left for this layout, after a re-split
+
+    def set_shape(self, resolution: int, batch_size: int) -> None:
+        """Batches of ``batch_size`` images at ``resolution`` from the next ``iter_epoch`` on (a
+        progressive run's stage switch; the shards stay the stored high-resolution ones)."""
+        stored = self.manifest["resolution"]
+        if resolution > stored:
+            raise ValueError(f"resolution {resolution} is larger than the stored resolution {stored} of {self.url}: "
+                             "re-shard at a higher resolution or train at <= the stored one")
+        steps = self.num_samples // (self.world_size * batch_size)
+        if steps < 1:
+            raise ValueError(f"split {self.split!r} of {self.url} has {self.num_samples} samples, fewer than "
+                             f"world_size*batch_size = {self.world_size}*{batch_size}: lower the batch size")
+        if self.cache is not None and resolution != self.resolution:
+            self.cache = DecodedCache(self.cache.max_bytes)  # it holds the old resolution's pixels
+        self.resolution, self.batch_size, self.steps_per_epoch = resolution, batch_size, steps
 
     def _split_info(self, split: str) -> dict:
         if split not in self.manifest["splits"]:

@@ -60,7 +60,9 @@ def save_checkpoint(w: Any, metrics: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(w, Path(tmp))
         maybe_pause(w, "checkpoint")  # fault drills only: a kill between writing and reporting
-        report = {**metrics, **w.last_val, "step": w.state.step}
+        report = {**metrics, **w.last_val, "step": w.state.step, "images_seen": w.state.samples_seen}
+        if getattr(w, "growth", None) is not None:  # Tune compares val metrics only at equal resolution
+            report["resolution"] = w.state.resolution
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -256,8 +258,11 @@ def _load_from(w: Any, folder: Location, local: Path, saved_world: int) -> Optio
             return why
         load_dir = local / UNIVERSAL_DIR
     try:
-        _load_engine(w, load_dir, universal=load_dir != local)
         saved = read_state(local)
+        growth = getattr(w, "growth", None)  # a progressive run: the engine must be the saved phase's
+        if growth is not None:
+            growth.prepare_restore(w, saved["train_state"])
+        _load_engine(w, load_dir, universal=load_dir != local)
         if w.aux is not None and (local / AUX_FILE).exists():
             w.aux.load_state_dict(torch.load(local / AUX_FILE, map_location=w.device, weights_only=True))
     except Exception as exc:  # a committed file that still does not load: fall back to an older one
@@ -267,6 +272,8 @@ def _load_from(w: Any, folder: Location, local: Path, saved_world: int) -> Optio
     for group in w.engine.optimizer.param_groups:
         group["lr"] = w.cfg.optim.lr
     w.state.load_state_dict(saved["train_state"])
+    if getattr(w, "growth", None) is not None:
+        w.growth.after_restore(w)
     w.stream.load_state_dict(saved["data_state"])
     # the stream owns the data position: after a re-split (another world size) it starts the
     # rest of the epoch at step 0 of the new layout

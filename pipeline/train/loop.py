@@ -8,12 +8,16 @@ restores, ``export`` logs the model. This module only sequences them.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
+from typing import Optional
 
 from pipeline.tracking import say
 from pipeline.train.checkpoint import save_checkpoint
 from pipeline.train.export import export_model
 from pipeline.train.faults import maybe_exit, maybe_pause, maybe_slow
+from pipeline.train.progressive_loop import fade_batch, grow_if_due, log_stage_metrics, start_growth
 from pipeline.train.observe import MetricWindow, log_images, log_window, validate
+from pipeline.train.stages import total_images
 from pipeline.train.step import train_step
 from pipeline.train.system_metrics import start_system_metrics
 from pipeline.train.timers import phase, timed_iter
@@ -40,52 +44,92 @@ def train_loop_per_worker(loop_config: dict) -> None:
     w.log.flush()
 
 
+@dataclass
+class LoopState:
+    """What the loop remembers between batches besides TrainState (not checkpointed)."""
+
+    window: MetricWindow = field(default_factory=MetricWindow)
+    consecutive_skips: int = 0
+    untrained: bool = False  # a fresh run draws the untrained model at step 0, where the UI's image slider starts
+
+
+def finished(w: Worker) -> bool:
+    """A progressive run ends after its last stage's images; any other after ``train.max_steps``."""
+    if w.growth is not None:
+        return w.state.samples_seen >= total_images(w.growth.stages)
+    return w.state.step >= w.cfg.train.max_steps
+
+
 def run_steps(w: Worker) -> None:
-    """Epochs of the stream until ``train.max_steps`` optimizer steps are done."""
-    cfg, st = w.cfg, w.state
-    window = MetricWindow()
-    consecutive_skips = 0
-    untrained = st.step == 0  # a fresh run draws the untrained model at step 0, where the UI's image slider starts
-    while st.step < cfg.train.max_steps:
-        for batch in timed_iter(w.stream.iter_epoch(st.epoch, start_step=st.step_in_epoch), w.clock):
-            if untrained:
-                with phase(w.clock, "observe"):
-                    log_images(w, batch)
-                untrained = False
-            st.step_in_epoch += 1
-            st.corrupt_samples += int(batch.get("n_corrupt", 0))
-            out = train_step(w, batch)
-            if out["skipped"]:
-                st.skipped_steps += 1
-                consecutive_skips += 1
-                check_divergence(w, consecutive_skips)
-                continue
-            consecutive_skips = 0
-            if not out["boundary"]:
-                continue  # accumulating: the optimizer step comes with a later micro-batch
-            st.samples_seen += cfg.data.batch_size * w.world_size
-            st.step += 1
-            window.add(out)
-            maybe_exit(st.step, w.fault)
-            maybe_pause(w, "step")
-            maybe_slow(w.fault)
+    """Epochs of the stream until the run is finished."""
+    loop = LoopState(untrained=w.state.step == 0)
+    if w.growth is not None:
+        start_growth(w)
+    while not finished(w):
+        if run_epoch(w, loop):
+            w.state.epoch, w.state.step_in_epoch = w.state.epoch + 1, 0
+
+
+def run_epoch(w: Worker, loop: LoopState) -> bool:
+    """Steps through one epoch from the saved position. True when the epoch ran out, False when it
+    stopped early: the run finished, or the model grew (the new phase starts its own epoch)."""
+    st = w.state
+    for batch in timed_iter(w.stream.iter_epoch(st.epoch, start_step=st.step_in_epoch), w.clock):
+        if loop.untrained:
             with phase(w.clock, "observe"):
-                after_step(w, window, batch)
-            if st.step >= cfg.train.max_steps:
-                break
-        else:
-            st.epoch, st.step_in_epoch = st.epoch + 1, 0
+                log_images(w, batch)
+            loop.untrained = False
+        st.step_in_epoch += 1
+        st.corrupt_samples += int(batch.get("n_corrupt", 0))
+        if w.growth is not None:
+            batch = fade_batch(w, batch)
+        out = train_step(w, batch)
+        if not counted(w, loop, out):
+            continue  # skipped, or accumulating: the optimizer step comes with a later micro-batch
+        grew = on_optimizer_step(w, loop, out, batch)
+        if finished(w) or grew:
+            return False
+    return True
 
 
-def after_step(w: Worker, window: MetricWindow, batch: dict) -> None:
+def counted(w: Worker, loop: LoopState, out: dict) -> bool:
+    """True when ``out`` closed an optimizer step; counts skipped steps and fails on divergence."""
+    if out["skipped"]:
+        w.state.skipped_steps += 1
+        loop.consecutive_skips += 1
+        check_divergence(w, loop.consecutive_skips)
+        return False
+    loop.consecutive_skips = 0
+    return bool(out["boundary"])
+
+
+def on_optimizer_step(w: Worker, loop: LoopState, out: dict, batch: dict) -> bool:
+    """Count the step, run the fault drills, grow when a phase ends, then log/validate/save.
+    Returns whether the model grew (the engine and the stream's shape changed)."""
+    st, cfg = w.state, w.cfg
+    st.samples_seen += cfg.data.batch_size * cfg.train.grad_accum_steps * w.world_size
+    st.step += 1
+    loop.window.add(out)
+    maybe_exit(st.step, w.fault)
+    maybe_pause(w, "step")
+    maybe_slow(w.fault)
+    grew = w.growth is not None and grow_if_due(w, batch)
+    with phase(w.clock, "observe"):
+        after_step(w, loop.window, None if grew else batch)  # the batch is the old stage's after growing
+    return grew
+
+
+def after_step(w: Worker, window: MetricWindow, batch: Optional[dict]) -> None:
     """Log, validate, draw images and checkpoint when their intervals (or the last step) come."""
     t, step = w.cfg.train, w.state.step
-    last = step == t.max_steps
+    last = finished(w)
     if step % t.log_every == 0 or last:
         log_window(w, window)
+        if w.growth is not None:
+            log_stage_metrics(w)
     if w.cfg.data.val_batches and (step % t.val_every == 0 or last):
         validate(w)
-    if step % t.image_every == 0 or last:
+    if batch is not None and (step % t.image_every == 0 or last):
         log_images(w, batch)
     if last and w.cfg.tracking.log_model:
         # before the final report: Tune may stop a trial at it (ASHA at max_t), killing the

@@ -33,7 +33,10 @@ class TrainState:
     step_in_epoch: int = 0
     skipped_steps: int = 0
     corrupt_samples: int = 0
-    samples_seen: int = 0
+    samples_seen: int = 0  # images trained on, summed over ranks (a progressive run's clock)
+    stage: int = 0  # progressive growing: stage index, its resolution and alpha after the last step
+    resolution: int = 0
+    alpha: float = 1.0
     history: list = field(default_factory=list)  # (step, loss) at each log, for the resumed curve
 
     def state_dict(self) -> dict:
@@ -62,6 +65,7 @@ class Worker:
     aux: Optional[AuxiliaryTrainer] = None  # a family's second optimizer (Factor-VAE discriminator)
     objective: str = "neg_elbo"  # what -elbo is for this family (models.objective_name)
     clock: Optional[PhaseClock] = None  # per-phase step time (train.phase_timers)
+    growth: Optional[Any] = None  # a progressive run's stages and engine rebuilds (growth.Growth)
 
 
 def build_model_for_rank(cfg: VaepipeConfig, loop_config: dict) -> torch.nn.Module:
@@ -104,6 +108,17 @@ def build_rank_modules(cfg: VaepipeConfig, loop_config: dict, rank: int,
     return model, aux
 
 
+def build_progressive_engine(cfg: VaepipeConfig, rank: int, world: int, precision: str):
+    """(first stage's config, its engine, no auxiliary, the run's Growth); a resume rebuilds for
+    the phase its checkpoint was saved in (``checkpoint._try_load``)."""
+    from pipeline.train.growth import Growth
+
+    growth = Growth(cfg, world, precision)
+    stage_cfg, engine = growth.build(growth.phase_at(0))
+    seed_rank(cfg.train.seed, rank)
+    return stage_cfg, engine, None, growth
+
+
 def build_worker(loop_config: dict) -> Worker:
     """Set up one rank: typed config, model, DeepSpeed engine, data stream, resume state."""
     import ray.train
@@ -120,12 +135,16 @@ def build_worker(loop_config: dict) -> Worker:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
-    model, aux = build_rank_modules(cfg, loop_config, rank, device)
     precision = resolve_precision(cfg.train.precision, DeviceFacts.detect(use_cuda))
-    match_norm_buffers(model, precision)
-    ds_config = build_deepspeed_config(cfg, world, precision)
-    trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parents stay out of Adam
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    if cfg.progressive.enabled:
+        cfg, engine, aux, growth = build_progressive_engine(cfg, rank, world, precision)
+    else:
+        model, aux = build_rank_modules(cfg, loop_config, rank, device)
+        match_norm_buffers(model, precision)
+        ds_config = build_deepspeed_config(cfg, world, precision)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parents stay out of Adam
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+        growth = None
     stream = ShardStream(
         cfg.data.path, "train", cfg.data.batch_size, cfg.data.resolution, rank, world,
         seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
@@ -137,7 +156,7 @@ def build_worker(loop_config: dict) -> Worker:
 
     worker = Worker(cfg, engine, stream, TrainState(), log, device, rank, world, precision,
                     fault=loop_config.get("fault", {}), aux=aux, objective=objective_name(cfg.model),
-                    clock=clock_for(cfg.train.phase_timers, use_cuda))
+                    clock=clock_for(cfg.train.phase_timers, use_cuda), growth=growth)
     activate(worker.clock)
     log.tags({"vaepipe.torch_threads": torch.get_num_threads()})  # what Ray's OMP_NUM_THREADS gave each rank
     restore(worker, loop_config.get("run_dir"), loop_config.get("resume_from"))
