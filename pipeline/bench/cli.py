@@ -68,3 +68,34 @@ def bench_asha(
     console.print(f"ASHA speed-up (wall): {res['speedup']:.2f}x; trial-steps saved: {res['trial_steps_ratio']:.2f}x")
     if out:
         out.write_text(json.dumps(res, indent=2))
+
+
+@bench_app.command("memory", context_settings={"allow_extra_args": True})
+def bench_memory(
+    ctx: typer.Context,
+    config: Path = typer.Option(Path("jobs/quickstart.yaml"), help="Job YAML; extra args are overrides."),
+    steps: int = typer.Option(3, help="Timed steps per configuration (median reported)."),
+    warmup: int = typer.Option(1, help="Untimed steps before them."),
+    workers: int = typer.Option(2, help="Processes per configuration (fresh ones each time)."),
+    stages: str = typer.Option("0,1,2,3", help="ZeRO stages, comma-separated."),
+    offload: bool = typer.Option(True, help="Also ZeRO 1-2 with optimizer offload and ZeRO-3 with optimizer+parameter offload."),
+    out: Path = typer.Option(Path("bench-results"), help="Folder for memory.json and memory.png."),
+    mlflow: bool = typer.Option(True, help="Log the figures and files as a run of the vaepipe-bench experiment."),
+):
+    """Peak memory per worker and step time for ZeRO 0-3, offload and activation checkpointing,
+    with the parameter/gradient/optimizer bytes each rank holds beside DeepSpeed's estimate."""
+    from pipeline.bench.memory import default_cases, memory_report
+    from pipeline.bench.report import publish
+    from pipeline.tracking import resolve_tracking_uri
+
+    cfg = _load(config, ctx.args)
+    try:
+        chosen = sorted({int(s) for s in stages.split(",") if s.strip()})
+    except ValueError:
+        _fail(f"--stages {stages!r}: must be comma-separated ZeRO stages, e.g. 0,1,2,3")
+    if not chosen or any(s not in (0, 1, 2, 3) for s in chosen):
+        _fail(f"--stages {stages!r}: ZeRO stages are 0, 1, 2 and 3")
+    if cfg.model.name == "vq_prior":
+        _fail("bench memory measures a family on its own; vq_prior needs a trained parent (use vqvae)")
+    report = memory_report(cfg, default_cases(chosen, offload), steps, warmup, workers)
+    publish(report, out, resolve_tracking_uri(cfg) if mlflow else None, console)
