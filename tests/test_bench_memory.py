@@ -50,3 +50,17 @@ def test_memory_report_fields_and_zero3_halves_the_parameters(tmp_path):
     where = publish(report, tmp_path, None, Console(width=200))
     saved = json.loads((tmp_path / "memory.json").read_text())
     assert saved["rows"][1]["configuration"] == "ZeRO-3" and where["png"].endswith("memory.png")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stages", "0,5"], "ZeRO stages are 0, 1, 2 and 3"),
+    (["--stages", "two"], "comma-separated"),
+    (["model.name=vq_prior"], "vq_prior needs a trained parent"),
+])
+def test_bench_memory_refuses_bad_arguments_before_starting_a_worker(args, message):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "memory", "--config", "jobs/quickstart.yaml", *args])
+    assert result.exit_code == 2 and message in result.output, result.output

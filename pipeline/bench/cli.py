@@ -97,5 +97,5 @@ def bench_memory(
         _fail(f"--stages {stages!r}: ZeRO stages are 0, 1, 2 and 3")
     if cfg.model.name == "vq_prior":
         _fail("bench memory measures a family on its own; vq_prior needs a trained parent (use vqvae)")
-    report = memory_report(cfg, default_cases(chosen, offload), steps, warmup, workers)
+    report = memory_report(cfg, default_cases(chosen, offload), steps, warmup, workers, progress=console.print)
     publish(report, out, resolve_tracking_uri(cfg) if mlflow else None, console)

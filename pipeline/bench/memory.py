@@ -17,6 +17,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
+from typing import Callable, Optional
 
 import torch
 
@@ -152,7 +153,7 @@ def case_row(case: MemoryCase, ranks: list[dict], estimate: dict) -> dict:
 
 
 def memory_report(cfg: VaepipeConfig, cases: list[MemoryCase], steps: int = 5, warmup: int = 2,
-                  workers: int = 2) -> BenchReport:
+                  workers: int = 2, progress: Optional[Callable[[str], None]] = None) -> BenchReport:
     from models import build_model
     from pipeline.bench.model_state import deepspeed_estimate, parameter_counts
 
@@ -162,6 +163,8 @@ def memory_report(cfg: VaepipeConfig, cases: list[MemoryCase], steps: int = 5, w
         ranks = measure_case(cfg, case, steps, warmup, workers)
         est = deepspeed_estimate(total, largest, workers, case.zero_stage, case.offload_optimizer, case.offload_params)
         rows.append(case_row(case, ranks, est))
+        if progress:
+            progress(f"{case.label}: peak {rows[-1]['peak_MiB']:.0f} MiB, step {rows[-1]['step_s']:.3g} s")
         per_rank.append({"case": asdict(case), "ranks": ranks})
     first = per_rank[0]["ranks"][0]
     return BenchReport(
