@@ -6,7 +6,7 @@ VAEPIPE := $(VENV)/bin/vaepipe
 QS_DATA ?= data/synth
 QS_SHARDS ?= data/shards/synth64
 
-.PHONY: install quickstart test clean
+.PHONY: install quickstart test clean bench-data
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ quickstart: install
 	echo "  MLflow UI:   $(VAEPIPE:vaepipe=mlflow) ui --backend-store-uri sqlite:///mlruns.db   (image slider, system metrics, data set input on each run page)"; \
 	echo "  registered:  models:/vae-quickstart@champion"; \
 	echo "  samples:     quickstart_samples.png"
+
+# Shards the benchmarks' job files read (jobs/bench/*.yaml): 4096 synthetic faces at 32 and 64 px.
+bench-data: install
+	$(VAEPIPE) data synth --out data/synth-bench --n 4096 --seed 1
+	$(VAEPIPE) data shard --source data/synth-bench --out data/shards/synth32 --resolution 32 --shard-size 512
+	$(VAEPIPE) data shard --source data/synth-bench --out data/shards/synth64 --resolution 64 --shard-size 512
 
 test: install
 	$(PY) -m pytest -q

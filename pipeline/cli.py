@@ -127,7 +127,7 @@ def data_inspect(url: str = typer.Argument(..., help="Shard set folder or URL.")
 def train(
     ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, help="Job YAML (e.g. jobs/quickstart.yaml)."),
-    resume: Optional[str] = typer.Option(None, help="Checkpoint folder, Ray run folder or MLflow run id to continue."),
+    resume: Optional[str] = typer.Option(None, help="Checkpoint folder, Ray run folder (local or s3://) or MLflow run id to continue."),
 ):
     """Train on Ray Train + DeepSpeed; extra args are dotted overrides (model.latent_dim=64)."""
     cfg = _load(config, ctx.args)

@@ -40,6 +40,11 @@ class DataConfig:
     """Samples held in the streaming shuffle buffer."""
     loader_workers: int = 1
     """DataLoader processes decoding images inside each Ray worker (0 = decode in the train loop)."""
+    cache_mb: int = 0
+    """Keep each rank's decoded, resized images in memory (up to this many MB) so epochs after
+    the first skip JPEG decoding, as a trainer holding the data set in memory does; the shard
+    order, shuffle and resume position are unchanged. 0 = off. Needs loader_workers=0 (a
+    DataLoader's worker processes end with each epoch and would take the cache with them)."""
     val_batches: int = 4
     """Validation batches per rank at each evaluation (0 disables validation)."""
     binarize: Literal["none", "static", "dynamic"] = "none"
@@ -199,6 +204,10 @@ class TrainConfig:
     """auto = bf16 where the hardware does it fast, fp16 on older GPUs, fp32 otherwise."""
     activation_checkpointing: bool = False
     """Recompute encoder/decoder blocks in backward instead of storing activations."""
+    phase_timers: Literal["auto", "on", "off"] = "auto"
+    """Log where each step's time goes (time_ms/data_wait, forward, backward, optimizer,
+    communication, observe). auto = on for CPU workers (free there), off on CUDA, where
+    exact figures need a device sync per phase; on = also on CUDA, with the syncs."""
     seed: int = 0
     """Seed of model init, shuffling and sampling."""
     max_consecutive_skips: int = 50
@@ -375,6 +384,9 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
     _check(d.channels in (1, 3), "data.channels", d.channels, "must be 1 or 3")
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
     _check(d.loader_workers >= 0, "data.loader_workers", d.loader_workers, "must be >= 0")
+    _check(d.cache_mb >= 0, "data.cache_mb", d.cache_mb, "must be >= 0 (0 = no cache)")
+    _check(d.cache_mb == 0 or d.loader_workers == 0, "data.cache_mb", d.cache_mb,
+           f"needs data.loader_workers=0 (is {d.loader_workers}): loader processes end with each epoch, and their cache with them")
     _check(m.latent_dim is None or m.latent_dim >= 1, "model.latent_dim", m.latent_dim, "must be >= 1")
     _check(m.beta >= 0, "model.beta", m.beta, "must be >= 0")
     _check(m.obs_std > 0, "model.obs_std", m.obs_std, "must be > 0")

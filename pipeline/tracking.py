@@ -13,7 +13,6 @@ from typing import Optional
 
 from pipeline.config import ConfigError, VaepipeConfig, flatten, to_yaml
 from pipeline.credentials import move_userinfo_to_env
-from pipeline.logger import RankZeroLogger  # noqa: F401  (rank 0's logger, re-exported)
 from pipeline.redact import is_redacted, redact_text
 
 DEFAULT_DB = "mlruns.db"

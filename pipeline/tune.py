@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
-from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, VaepipeConfig, apply_overrides, from_dict, known_keys, load_config, to_dict
 from pipeline.credentials import WorkerEnv

@@ -107,11 +107,41 @@ def shards32(synth_source, tmp_path_factory) -> str:
     return str(out)
 
 
-def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    """``mlflow server`` on 127.0.0.1:``port`` with its SQLite store and artifacts under ``root``."""
+BUCKET = "vaepipe-test"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 (free port) with dummy credentials in the environment and
+    the bucket ``BUCKET``; processes started while it runs inherit the environment."""
+    from moto.server import ThreadedMotoServer
+
+    from pipeline.data import storage
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+            mp.delenv(key, raising=False)
+        storage.s3_client().create_bucket(Bucket=BUCKET)
+        try:
+            yield endpoint
+        finally:
+            server.stop()
+
+
+def start_mlflow_server(root: Path, port: int, artifacts_destination: str | None = None) -> subprocess.Popen:
+    """``mlflow server`` on 127.0.0.1:``port`` with its SQLite store under ``root`` and its artifacts
+    there too, or proxied to ``artifacts_destination`` (e.g. ``s3://bucket/prefix``)."""
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
+           "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--serve-artifacts",
+           "--artifacts-destination", artifacts_destination or str(root / "artifacts"), "--workers", "1"]
     log = open(root / "server.log", "a")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     log.close()

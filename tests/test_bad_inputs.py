@@ -11,6 +11,8 @@
 | more workers than the cluster's CPUs        | trainer.check_fits_cluster           | test_more_workers_than_cluster_cpus |
 | an alias that does not exist                | serving.check_model_uri (CLI exit 2) | test_missing_alias_named |
 | --resume target that is not committed       | trainer.find_checkpoint              | test_checkpoint_commit.py::test_resume_refuses_* |
+| --resume s3:// URL with nothing there       | trainer.find_checkpoint              | test_checkpoint_s3.py::test_resume_from_an_s3_run_folder_* |
+| train.storage_path in a bucket that is not there | trainer.preflight               | test_checkpoint_s3.py::test_a_storage_bucket_* |
 | non-finite training (K in a row)            | loop.check_divergence                | test_tune.py::test_asha_sweep_* (failed trial) |
 """
 

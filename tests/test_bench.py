@@ -4,19 +4,100 @@
 import pytest
 
 from conftest import base_overrides
-from pipeline.bench.throughput import plain_pytorch_images_per_sec
 from pipeline.config import load_config
 
 
-def test_plain_baseline_rate_is_timed_steps_times_batch_over_their_time(shards32, tmp_path, monkeypatch):
+def test_baseline_rate_is_timed_steps_times_global_batch_over_their_time(shards32, tmp_path, monkeypatch):
     """Warm-up steps are not timed: the clock is read when the first timed step starts and after
-    the last one, so the rate is steps * batch / (t_end - t_start) exactly."""
-    cfg = load_config(None, base_overrides(shards32, tmp_path))
+    the last one, so the rate is steps * global batch / (t_end - t_start) exactly."""
+    import pipeline.bench.baseline as baseline
+
+    cfg = load_config(None, base_overrides(shards32, tmp_path, **{"train.precision": "fp32"}))
+    data = baseline.load_in_memory(cfg, 64)
+    assert data.shape == (64, 3, 32, 32) and 0 <= float(data.min()) and float(data.max()) <= 1
     clock = iter([100.0, 106.0])
-    monkeypatch.setattr("pipeline.bench.throughput.time.perf_counter", lambda: next(clock))
-    ips = plain_pytorch_images_per_sec(cfg, steps=3, warmup=1)
-    assert ips == 3 * cfg.data.batch_size / 6.0
+    real = baseline.time.perf_counter
+    monkeypatch.setattr(baseline, "time", type("T", (), {"perf_counter": staticmethod(lambda: next(clock))}))
+    res = baseline.run_baseline(cfg, data, steps=3, warmup=1)
+    monkeypatch.setattr(baseline, "time", type("T", (), {"perf_counter": staticmethod(real)}))
+    assert res.global_batch == 8 * 2 and res.threads == 2
+    assert res.images_per_sec == 3 * 16 / 6.0
     assert next(clock, None) is None  # read exactly twice
+    assert res.ms_per_step["forward"] > 0 and res.ms_per_step["communication"] == 0
+
+
+def test_bf16_baseline_trains_bf16_weights_from_an_fp32_master_copy(shards32, tmp_path):
+    import torch
+
+    from models import build_model
+    from pipeline.bench.baseline import MasterWeights
+
+    cfg = load_config(None, base_overrides(shards32, tmp_path, **{"train.precision": "bf16"}))
+    model = build_model(cfg.model)
+    opt = MasterWeights(model, cfg)
+    before = [m.clone() for m in opt.master]
+    loss = model(torch.rand(4, 3, 32, 32).to(torch.bfloat16), beta=1.0, free_bits=0.0)["loss"]
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(m.dtype == torch.float32 for m in opt.master)
+    assert any(not torch.equal(a, b) for a, b in zip(before, opt.master))
+    for m, p in zip(opt.master, model.parameters()):
+        assert torch.equal(p, m.to(torch.bfloat16))  # written back
+
+
+def test_overhead_report_ratios_are_the_measured_medians(shards32, tmp_path):
+    from pipeline.bench.baseline import BaselineResult
+    from pipeline.bench.overhead import build_report
+
+    cfg = load_config(None, base_overrides(shards32, tmp_path))
+    base = [BaselineResult(r, {"forward": 10.0}, 2, 16) for r in (100.0, 120.0, 110.0)]
+    run = lambda r, sm: {"images_per_sec": r, "ms": {"forward": 5.0, "communication": 2.0}, "wall_s": 30.0, "run_id": "x"}
+    pipes = {False: [run(r, False) for r in (90.0, 99.0, 95.0)], True: [run(r, True) for r in (80.0, 85.0, 88.0)]}
+    rep = build_report(cfg, 10, base, pipes)
+    assert rep.summary["baseline_images_per_sec"] == 110.0
+    assert rep.summary["ratio"] == 95.0 / 110.0 and rep.summary["ratio_sysmetrics"] == 85.0 / 110.0
+    assert rep.summary["system_metrics_cost_pct"] == 100.0 * (1 - 85.0 / 95.0)
+    assert [r["ratio"] for r in rep.rows] == [1.0, 95.0 / 110.0, 85.0 / 110.0]
+    assert rep.rows[0]["±%"] == 100.0 * 10 / 110.0  # half the range over the median
+    assert rep.rows[1]["comm"] == 2.0 and rep.rows[0]["comm"] == 0.0
+
+
+def test_report_is_printed_saved_as_json_and_png_and_logged(tmp_path):
+    import json
+
+    from rich.console import Console
+
+    from pipeline.bench.report import BenchReport, publish
+    from pipeline.tracking import make_client
+
+    rep = BenchReport("demo", "a demo", [{"setup": "a", "img/s": 10.0}, {"setup": "b", "img/s": 20.0}],
+                      {"ratio": 2.0}, {"model": "x"}, chart=lambda ax, r: ax.bar(["a", "b"], [10, 20]))
+    console = Console(record=True, width=120)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    where = publish(rep, tmp_path / "out", uri, console)
+    text = console.export_text()  # (export clears the record)
+    assert "a demo" in text and "ratio: 2" in text
+    assert json.loads((tmp_path / "out" / "demo.json").read_text())["summary"] == {"ratio": 2.0}
+    assert (tmp_path / "out" / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    run = make_client(uri).get_run(where["mlflow_run_id"])
+    assert run.data.metrics["ratio"] == 2.0 and run.data.params["model"] == "x"
+
+
+def test_data_bench_readers_deliver_the_same_images_and_ratios_come_from_the_rates(shards32, tmp_path):
+    from pipeline.bench.data import build_report, read_tarfile_pil, read_vaepipe, read_webdataset
+
+    cfg = load_config(None, base_overrides(shards32, tmp_path, **{"data.shuffle_buffer": 0}))
+    n = read_tarfile_pil(cfg)
+    assert n > 0 and n % cfg.data.batch_size == 0
+    assert read_webdataset(cfg) == n  # same split, same full batches
+    assert read_vaepipe(cfg) == (n // cfg.data.batch_size) * cfg.data.batch_size
+    rates = {"tarfile + PIL, 1 process": [100.0, 200.0, 150.0], "webdataset pipeline, 1 process": [90.0] * 3,
+             "vaepipe ShardStream, 1 process": [300.0] * 3}
+    rep = build_report(cfg, rates, [500.0, 520.0, 510.0], [250.0, 260.0, 255.0], consumption=170.0)
+    assert rep.summary["reader_vs_training"] == 510.0 / 170.0
+    assert rep.rows[2]["vs tarfile+PIL"] == 300.0 / 150.0 and rep.rows[1]["vs training step"] == 90.0 / 170.0
 
 
 def test_trials_are_drawn_as_tune_draws_them_and_reproducibly():
@@ -58,3 +139,65 @@ def test_asha_bench_runs_the_same_trials_under_both_schedulers(ray_session, shar
         children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
         drawn.append(sorted(float(c.data.tags["vaepipe.hp.optim.lr"]) for c in children))
     assert drawn[0] == drawn[1] == [1e-5, 1e-2]
+
+
+@pytest.mark.integration
+def test_overhead_bench_smoke_runs_both_sides_and_reports_their_ratio(ray_session, shards32, tmp_path):
+    from pipeline.bench.overhead import overhead
+
+    cfg = load_config(None, base_overrides(shards32, tmp_path, **{"tracking.system_metrics_interval_s": 1}))
+    rep = overhead(cfg, steps=6, repeats=1, system_metrics="both", max_images=64)
+    s = rep.summary
+    assert s["ratio"] == s["pipeline_images_per_sec"] / s["baseline_images_per_sec"] > 0
+    assert s["ratio_sysmetrics"] == s["pipeline_sysmetrics_images_per_sec"] / s["baseline_images_per_sec"]
+    assert [r["setup"].split()[0] for r in rep.rows] == ["bare", "vaepipe", "vaepipe"]
+    piped = rep.rows[1]
+    assert piped["fwd"] > 0 and piped["bwd"] > 0 and piped["comm"] > 0  # 2 workers all-reduce gradients
+    assert rep.params["global_batch"] == 16 and rep.params["precision"] in ("fp32", "bf16")
+
+
+@pytest.mark.integration
+def test_data_bench_smoke_measures_every_reader_and_the_training_step(shards32, tmp_path):
+    from pipeline.bench.data import data_bench
+
+    cfg = load_config(None, base_overrides(shards32, tmp_path))
+    rep = data_bench(cfg, repeats=1, consumption_steps=2)
+    assert len(rep.rows) == 5 and all(r["images/s"] > 0 for r in rep.rows)
+    s = rep.summary
+    assert s["reader_vs_training"] == s["vaepipe_total_images_per_sec"] / s["training_images_per_sec"]
+    assert s["vaepipe_total_images_per_sec"] == 2 * s["vaepipe_per_process_images_per_sec"]
+
+
+@pytest.mark.integration
+def test_scaling_bench_smoke_measures_layouts_and_predicts_from_what_it_measured(ray_session, shards32, tmp_path):
+    from pipeline.bench.scaling import GPU_COUNTS, Links, comm_seconds, efficiency, scaling
+
+    cfg = load_config(None, base_overrides(shards32, tmp_path))
+    big = load_config(None, base_overrides(shards32, tmp_path, **{"data.resolution": 64}))
+    measured, predicted = scaling(cfg, steps=6, stages=(2,), links=Links(), gpu="H100", mfu=0.4,
+                                  predict_cfg=big, predict_batch=32)
+    whats = [r["what"].split(":")[0] for r in measured.rows]
+    assert whats == ["weak", "weak", "layout", "layout"]  # 1w, 2w; 1w x 2 threads, 2w x 1 thread
+    one, two = measured.rows[0]["img/s"], measured.rows[1]["img/s"]
+    assert measured.summary["weak_efficiency_2w_zero2"] == two / (2 * one)
+    assert measured.rows[3]["img/s"] == two  # the 2x1 layout is the weak-scaling run, not run twice
+    best = max(measured.rows[2:], key=lambda r: r["img/s"])
+    assert f"{measured.summary['recommended_workers']} worker(s) x {measured.summary['recommended_threads_per_worker']}" in best["what"]
+    cpu = predicted.rows[0]  # ZeRO-0 on this CPU's measured compute time
+    from pipeline.bench.flops import param_count
+
+    t_c = cpu["compute ms"] / 1000
+    for n in GPU_COUNTS:
+        assert cpu[f"eff @{n}"] == efficiency(t_c, comm_seconds(param_count(cfg), n, 0, Links()), overlap=False)
+
+
+def test_comm_model_volumes_and_efficiency():
+    from pipeline.bench.scaling import Links, comm_seconds, efficiency
+
+    links = Links(gpus_per_node=8, intra_gbps=800.0, inter_gbps=100.0, latency_us=0.0)
+    params = 10**6
+    # 2 ranks on one node: ZeRO-0 moves 2 * (1/2) * P * 2 bytes = 2 MB over 800 Gb/s
+    assert comm_seconds(params, 2, 0, links) == pytest.approx(2e6 * 8 / 800e9)
+    assert comm_seconds(params, 64, 3, links) == pytest.approx(1.5 * comm_seconds(params, 64, 2, links))
+    assert comm_seconds(params, 1, 3, links) == 0.0
+    assert efficiency(3.0, 1.0, overlap=False) == 0.75 and efficiency(3.0, 1.0, overlap=True) == 1.0

@@ -102,3 +102,10 @@ def test_another_world_size_goes_through_a_universal_conversion_and_its_failure_
     four = _checkpoint(tmp_path, "checkpoint_4", 10, world=4, sizes=(10, 10, 10, 10))  # not real DeepSpeed files
     with pytest.raises(CheckpointError, match="converting the 4-rank checkpoint to a universal one failed"):
         restore_newest(_worker(world=2), [four])
+
+
+def test_a_file_named_like_a_checkpoint_is_not_one(tmp_path):
+    snapshot = tmp_path / "checkpoint_manager_snapshot.json"  # Ray Train's own file in the run folder
+    snapshot.write_text("{}")
+    assert "no vaepipe_commit.json" in commit_status(snapshot)[1]
+    assert committed_checkpoints(tmp_path) == []

@@ -80,3 +80,9 @@ def test_saved_config_with_the_removed_key_still_loads():
     saved = to_dict(load_config(None, []))
     saved["optim"]["skip_grad_norm"] = 1e4  # written by vaepipe before the key was removed
     assert from_dict(saved).optim.lr == saved["optim"]["lr"]
+
+
+def test_decoded_cache_refuses_loader_processes_naming_both_keys():
+    with pytest.raises(ConfigError, match=r"data.cache_mb.*loader_workers=0 \(is 2\)"):
+        load_config(None, ["data.cache_mb=512", "data.loader_workers=2"])
+    assert load_config(None, ["data.cache_mb=512", "data.loader_workers=0"]).data.cache_mb == 512

@@ -150,3 +150,32 @@ def test_hq_folder_without_attributes_streams(tmp_path):
     assert len(batches) == n_train // 4
     assert batches[0]["attrs"].shape == (4, 0) and "factors" not in batches[0]
     assert batches[0]["image"].shape == (4, 3, 32, 32)
+
+
+def test_decoded_cache_gives_the_same_batches_and_decodes_each_image_once(shard_dir, monkeypatch):
+    import pipeline.data.stream as stream_mod
+
+    calls = []
+    real = stream_mod.decode_sample
+    monkeypatch.setattr(stream_mod, "decode_sample", lambda s, *a: calls.append(s["__key__"]) or real(s, *a))
+    make = lambda mb: ShardStream(str(shard_dir), "train", 8, 32, 0, 1, seed=5, shuffle_buffer=32, num_workers=0, cache_mb=mb)
+    plain, cached = make(0), make(64)
+    for epoch in range(3):
+        a, b = list(plain.iter_epoch(epoch)), list(cached.iter_epoch(epoch))
+        assert [x["key"] for x in a] == [x["key"] for x in b]
+        for x, y in zip(a, b):
+            assert torch.equal(x["image"], y["image"])
+    n_plain = 3 * plain.steps_per_epoch * 8
+    # the uncached stream decoded every sample of every epoch; the cached one only epoch 0's
+    # (plus the few samples epoch 0 read but did not batch)
+    assert len(calls) - n_plain == len(set(calls))
+    assert cached.cache.bytes == len(cached.cache.items) * 3 * 32 * 32
+
+
+def test_decoded_cache_stops_growing_at_its_bound_and_needs_in_process_decoding(shard_dir):
+    stream = ShardStream(str(shard_dir), "train", 8, 32, 0, 1, num_workers=0, cache_mb=1)
+    stream.cache.max_bytes = 10 * 3 * 32 * 32
+    list(stream.iter_epoch(0))
+    assert len(stream.cache.items) == 10
+    with pytest.raises(ValueError, match="cache_mb=8 needs num_workers=0"):
+        ShardStream(str(shard_dir), "train", 8, 32, 0, 1, num_workers=2, cache_mb=8)

@@ -18,7 +18,8 @@ import torch
 from conftest import base_overrides, logged_images
 from pipeline.config import load_config, to_dict
 from pipeline.lineage import DIGEST_LEN, config_hash, manifest_hash
-from pipeline.tracking import RankZeroLogger, make_client, start_run
+from pipeline.logger import RankZeroLogger
+from pipeline.tracking import make_client, start_run
 
 
 def _cfg(shards: str, tmp_path: Path, **extra):

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from conftest import BUCKET
 from pipeline.data import storage
 from pipeline.data.shards import read_manifest, shard_urls, verify_shards, write_shards
 from pipeline.data.stream import ShardStream
@@ -14,31 +15,6 @@ try:
     from tests.data_fixtures import synth_dir  # noqa: F401
 except ImportError:
     from data_fixtures import synth_dir  # noqa: F401
-
-BUCKET = "vaepipe-test"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on 127.0.0.1 (free port) with dummy credentials in the environment."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-            mp.delenv(key, raising=False)
-        storage.s3_client().create_bucket(Bucket=BUCKET)
-        try:
-            yield endpoint
-        finally:
-            server.stop()
 
 
 def test_boto3_takes_endpoint_from_environment(s3_endpoint):

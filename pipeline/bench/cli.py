@@ -13,29 +13,88 @@ from pipeline.cli_common import console, fail as _fail, load as _load
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks, each against a baseline measured in the same run.")
 
 
-@bench_app.command("throughput", context_settings={"allow_extra_args": True})
-def bench_throughput(
-    ctx: typer.Context,
-    config: Optional[Path] = typer.Option(Path("jobs/quickstart.yaml"), help="Job YAML; extra args are overrides."),
-    steps: int = typer.Option(60, help="Timed steps for each side."),
-    out: Optional[Path] = typer.Option(None, help="Also write the figures as JSON here."),
-):
-    """images/s of the pipeline (Ray workers + DeepSpeed) beside a plain single-process PyTorch loop."""
-    import json
+OUT_HELP = "Folder for <name>.json and <name>.png."
+MLFLOW_HELP = "Log the figures and files as a run of the vaepipe-bench experiment."
 
-    from pipeline.bench.throughput import throughput
+
+def _publish(report, out: Path, cfg, mlflow: bool) -> None:
+    from pipeline.bench.report import publish
+    from pipeline.tracking import resolve_tracking_uri
+
+    publish(report, out, resolve_tracking_uri(cfg) if mlflow else None, console)
+
+
+@bench_app.command("overhead", context_settings={"allow_extra_args": True})
+def bench_overhead(
+    ctx: typer.Context,
+    config: Path = typer.Option(Path("jobs/bench/overhead32.yaml"), help="Job YAML; extra args are overrides."),
+    steps: int = typer.Option(120, help="Optimizer steps per run (each side)."),
+    repeats: int = typer.Option(3, help="Alternating repetitions of baseline and pipeline."),
+    system_metrics: str = typer.Option("off", help="MLflow system metrics in the pipeline runs: off, on or both."),
+    out: Path = typer.Option(Path("bench-results"), help=OUT_HELP),
+    mlflow: bool = typer.Option(True, help=MLFLOW_HELP),
+):
+    """A real `vaepipe train` run beside a bare single-process loop on in-memory data: ratio and
+    where each step's time goes (data wait, forward, backward, optimizer, communication, observe)."""
+    from pipeline.bench.overhead import overhead
+
+    if system_metrics not in ("off", "on", "both"):
+        _fail(f"--system-metrics {system_metrics!r}: must be off, on or both")
+    cfg = _load(config, ctx.args)
+    _publish(overhead(cfg, steps, repeats, system_metrics), out, cfg, mlflow)
+
+
+@bench_app.command("data", context_settings={"allow_extra_args": True})
+def bench_data(
+    ctx: typer.Context,
+    config: Path = typer.Option(Path("jobs/bench/overhead32.yaml"), help="Job YAML; extra args are overrides."),
+    repeats: int = typer.Option(3, help="Alternating repetitions of every reader."),
+    out: Path = typer.Option(Path("bench-results"), help=OUT_HELP),
+    mlflow: bool = typer.Option(True, help=MLFLOW_HELP),
+):
+    """The streaming reader's images/s (1 process and one per worker) beside a plain tarfile+PIL
+    loop, WebDataset's own pipeline, and what the training step consumes."""
+    from pipeline.bench.data import data_bench
 
     cfg = _load(config, ctx.args)
-    res = throughput(cfg, steps)
-    table = Table(title=f"throughput at {res['resolution']}px, batch {res['batch_size_per_worker']} per worker, {steps} steps")
-    table.add_column("setup")
-    table.add_column("images/s", justify="right")
-    table.add_row(f"plain PyTorch, 1 process ({res['torch_threads_baseline']} threads)", f"{res['plain_pytorch_images_per_sec']:.1f}")
-    table.add_row(f"vaepipe: {res['pipeline_workers']} Ray workers, ZeRO-{res['zero_stage']}", f"{res['pipeline_images_per_sec']:.1f}")
-    table.add_row("ratio", f"{res['ratio']:.2f}x")
-    console.print(table)
-    if out:
-        out.write_text(json.dumps(res, indent=2))
+    _publish(data_bench(cfg, repeats), out, cfg, mlflow)
+
+
+@bench_app.command("scaling", context_settings={"allow_extra_args": True})
+def bench_scaling(
+    ctx: typer.Context,
+    config: Path = typer.Option(Path("jobs/bench/overhead32.yaml"), help="Job YAML; extra args are overrides."),
+    steps: int = typer.Option(60, help="Optimizer steps per run."),
+    stages: str = typer.Option("0,1,2,3", help="ZeRO stages to measure, comma-separated."),
+    gpu: str = typer.Option("H100", help="GPU of the prediction (dense bf16 peak from its data sheet)."),
+    mfu: float = typer.Option(0.4, help="Assumed fraction of the GPU's peak the model reaches."),
+    predict_resolution: int = typer.Option(256, help="Resolution of the model the GPU prediction is for."),
+    predict_batch: int = typer.Option(32, help="Images per GPU per optimizer step in the prediction (micro-batch x accumulation)."),
+    inter_gbps: float = typer.Option(400.0, help="Link between nodes, Gb/s per GPU."),
+    intra_gbps: float = typer.Option(2400.0, help="Link within a node (NVLink), Gb/s per GPU."),
+    latency_us: float = typer.Option(10.0, help="Latency per hop of a collective, microseconds."),
+    out: Path = typer.Option(Path("bench-results"), help=OUT_HELP),
+    mlflow: bool = typer.Option(True, help=MLFLOW_HELP),
+):
+    """Weak scaling over 1..N workers for each ZeRO stage and the fastest workers x threads layout of
+    this machine, then predicted efficiency at 8, 64 and 256 GPUs for stated links."""
+    from pipeline.bench.flops import DENSE_BF16_PEAK
+    from pipeline.bench.scaling import Links, scaling
+
+    if gpu not in DENSE_BF16_PEAK:
+        _fail(f"--gpu {gpu!r}: known GPUs are {', '.join(DENSE_BF16_PEAK)}")
+    try:
+        zero = tuple(int(z) for z in stages.split(","))
+    except ValueError:
+        zero = ()
+    if not zero or any(z not in (0, 1, 2, 3) for z in zero):
+        _fail(f"--stages {stages!r}: give ZeRO stages 0-3, comma-separated")
+    cfg = _load(config, ctx.args)
+    # the GPU prediction is for the high-resolution model: the same family at predict_resolution, 128-d latent
+    big = _load(config, [*ctx.args, f"data.resolution={predict_resolution}", "model.latent_dim=128"])
+    links = Links(intra_gbps=intra_gbps, inter_gbps=inter_gbps, latency_us=latency_us)
+    for report in scaling(cfg, steps, zero, links, gpu, mfu, big, predict_batch):
+        _publish(report, out, cfg, mlflow)
 
 
 @bench_app.command("asha", context_settings={"allow_extra_args": True})

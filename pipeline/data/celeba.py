@@ -31,8 +31,7 @@ from typing import Iterator, Optional
 from PIL import Image
 
 from pipeline.data import storage
-from pipeline.data.splits import (PARTITION_FILE, SPLITS, SplitRule, assign_splits, default_rule,  # noqa: F401
-                                   portable_location, read_partition)
+from pipeline.data.splits import PARTITION_FILE, SplitRule, assign_splits, default_rule, portable_location
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 _ATTR_FILES = ("list_attr_celeba.txt", "CelebAMask-HQ-attribute-anno.txt")

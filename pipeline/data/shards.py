@@ -30,8 +30,8 @@ from typing import Optional
 from PIL import Image
 
 from pipeline.data import progress_bar, storage
-from pipeline.data.celeba import SPLITS, CelebASource, center_crop_resize, open_celeba
-from pipeline.data.splits import SplitRule
+from pipeline.data.celeba import CelebASource, center_crop_resize, open_celeba
+from pipeline.data.splits import SPLITS, SplitRule
 
 log = logging.getLogger(__name__)
 

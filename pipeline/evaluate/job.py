@@ -53,7 +53,8 @@ def run_evaluation(model_uri: str, data_url: str, spec: EvalSpec, workers: int, 
     from pipeline.data.shards import read_manifest
     from pipeline.lineage import dataset_input, lineage_tags
     from pipeline.serving import load_logged_weights
-    from pipeline.tracking import RankZeroLogger, ensure_experiment, make_client
+    from pipeline.logger import RankZeroLogger
+    from pipeline.tracking import ensure_experiment, make_client
 
     client = make_client(tracking_uri)
     blob = load_logged_weights(model_uri)

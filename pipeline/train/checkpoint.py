@@ -11,6 +11,9 @@ A checkpoint is *committed* only when the marker is there and every file it list
 with exactly the listed size: a rank killed while writing or uploading leaves a folder that
 is never chosen. A restore tries the newest committed checkpoint first and falls back to the
 previous one when loading fails on any rank.
+
+The run folder is local or on S3 (``train.storage_path=s3://...``): checks and searches go
+through ``run_storage``, and an S3 checkpoint is downloaded by every rank before it is loaded.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from pipeline.redact import redact_config_dict
 from pipeline.tracking import say
 from pipeline.train.collectives import any_rank, gather_objects
 from pipeline.train.faults import maybe_pause
+from pipeline.train.run_storage import (
+    Location, child, download, file_sizes, find_folders, is_remote, local_copy, location, read_text, upload,
+)
 
 STATE_FILE = "vaepipe_state.json"
 AUX_FILE = "auxiliary.pt"  # the auxiliary network and its optimizer (identical on every rank)
@@ -39,16 +45,12 @@ class CheckpointError(RuntimeError):
     """No committed checkpoint could be restored; the message lists each candidate's reason."""
 
 
-def read_state(folder: Path) -> dict:
-    return json.loads((Path(folder) / STATE_FILE).read_text())
+def read_state(folder: Location) -> dict:
+    return json.loads(read_text(child(folder, STATE_FILE)))
 
 
-def checkpoint_step(folder: Path) -> int:
+def checkpoint_step(folder: Location) -> int:
     return int(read_state(folder)["train_state"]["step"])
-
-
-def _files_and_sizes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def save_checkpoint(w: Any, metrics: dict) -> None:
@@ -72,7 +74,7 @@ def write_checkpoint(w: Any, folder: Path) -> None:
         if w.aux is not None:
             torch.save(w.aux.state_dict(), folder / AUX_FILE)
         (folder / "config.yaml").write_text(to_yaml(w.cfg))
-    listed = gather_objects(_files_and_sizes(folder))
+    listed = gather_objects(file_sizes(folder))
     if w.rank == 0:
         write_marker(folder, listed, w.state.step, w.world_size, w.cfg.dist.zero_stage)
 
@@ -94,53 +96,59 @@ def write_marker(folder: Path, per_rank: list[dict[str, int]], step: int, world_
     (folder / MARKER_FILE).write_text(json.dumps(marker, indent=1))
 
 
-def commit_status(folder: Path) -> tuple[bool, str]:
-    """(True, "") for a committed checkpoint, else (False, what is wrong with it)."""
-    marker_path = Path(folder) / MARKER_FILE
-    if not marker_path.is_file():
-        return False, f"{folder}: no {MARKER_FILE} (never committed: written before vaepipe committed, or cut off)"
+def commit_status(folder: Location) -> tuple[bool, str]:
+    """(True, "") for a committed checkpoint, else (False, what is wrong with it). On S3 this is
+    one GET of the marker and one listing: objects appear whole, so a listed size is the size."""
     try:
-        marker = json.loads(marker_path.read_text())
+        marker = marker_of(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return False, f"{folder}: no {MARKER_FILE} (never committed: written before vaepipe committed, or cut off)"
     except ValueError:
         return False, f"{folder}: {MARKER_FILE} is not valid JSON (cut off while written)"
+    except OSError as exc:  # storage unreachable: not committed as far as anyone can tell
+        return False, f"{folder}: {MARKER_FILE} could not be read ({exc})"
+    present = file_sizes(folder)
     for rel, size in marker["files"].items():
-        path = Path(folder) / rel
-        if not path.is_file():
+        if rel not in present:
             return False, f"{folder}: {rel} is missing"
-        if path.stat().st_size != size:
-            return False, f"{folder}: {rel} has {path.stat().st_size} bytes, the commit lists {size} (truncated)"
+        if present[rel] != size:
+            return False, f"{folder}: {rel} has {present[rel]} bytes, the commit lists {size} (truncated)"
     return True, ""
 
 
-def marker_of(folder: Path) -> dict:
-    return json.loads((Path(folder) / MARKER_FILE).read_text())
+def marker_of(folder: Location) -> dict:
+    return json.loads(read_text(child(folder, MARKER_FILE)))
 
 
-def committed_checkpoints(run_dir: Path) -> list[Path]:
-    """Committed checkpoint folders under ``run_dir``, newest step first."""
-    found = [d for d in Path(run_dir).glob("checkpoint_*") if commit_status(d)[0]]
+def committed_checkpoints(run_dir: Location, recursive: bool = False) -> list[Location]:
+    """Committed checkpoint folders under ``run_dir`` (a local folder or an s3:// URL), newest step first."""
+    found = [d for d in find_folders(run_dir, "checkpoint_*", recursive) if commit_status(d)[0]]
     return sorted(found, key=lambda d: marker_of(d)["step"], reverse=True)
 
 
-def _candidates(run_dir: Optional[str], resume_from: Optional[str], ray_dir: Optional[str]) -> list[Path]:
+def _candidates(run_dir: Optional[str], resume_from: Optional[str], ray_ckpt: Optional[Location]) -> list[Location]:
     """``--resume``'s folder, Ray's latest and the run folder's committed ones, newest first, once each."""
-    found = [Path(p) for p in (resume_from, ray_dir) if p]
-    if run_dir and "://" not in run_dir:
-        found += committed_checkpoints(Path(run_dir))
-    unique = {str(p.resolve()): p for p in found}
+    found = [location(p) for p in (resume_from, ray_ckpt) if p]
+    if run_dir:
+        found += committed_checkpoints(location(run_dir))
+    unique = {d if is_remote(d) else str(Path(d).resolve()): d for d in found}
     return sorted(unique.values(), key=lambda d: marker_of(d)["step"] if commit_status(d)[0] else -1, reverse=True)
 
 
 def restore(w: Any, run_dir: Optional[str], resume_from: Optional[str]) -> None:
-    """Load the newest committed checkpoint that every rank can load into engine, state and stream."""
+    """Load the newest committed checkpoint that every rank can load into engine, state and stream.
+    Ray's latest checkpoint is taken where it lives (a local folder or S3), not downloaded here."""
     import ray.train
 
+    from pipeline.train.run_storage import checkpoint_location
+
     ckpt = ray.train.get_checkpoint()
-    with (ckpt.as_directory() if ckpt is not None else contextlib.nullcontext()) as ray_dir:
-        restore_newest(w, _candidates(run_dir, resume_from, ray_dir))
+    where = checkpoint_location(ckpt) if ckpt is not None else None
+    with (ckpt.as_directory() if ckpt is not None and where is None else contextlib.nullcontext(where)) as ray_ckpt:
+        restore_newest(w, _candidates(run_dir, resume_from, ray_ckpt))
 
 
-def restore_newest(w: Any, candidates: list[Path]) -> None:
+def restore_newest(w: Any, candidates: list[Location]) -> None:
     """Try ``candidates`` in order; the first that every rank loads wins. Ranks agree after each try."""
     reasons = []
     for folder in candidates:
@@ -158,20 +166,38 @@ def restore_newest(w: Any, candidates: list[Path]) -> None:
 UNIVERSAL_DIR = "universal"  # beside ds/: the same state converted to a world-size-free layout
 
 
-def ensure_universal(w: Any, folder: Path, saved_world: int) -> Optional[str]:
+def ensure_universal(w: Any, folder: Path, saved_world: int, remote: Optional[str] = None) -> Optional[str]:
     """Rank 0 converts ``folder``'s shards with DeepSpeed's ``ds_to_universal`` (once; the result
-    stays in the checkpoint folder); every rank waits for it. None on success, else why not."""
-    out = folder / UNIVERSAL_DIR
+    stays in the checkpoint folder); every rank waits for it. ``folder`` is a local copy of the S3
+    checkpoint ``remote`` when given: rank 0 uploads the conversion there and the other ranks,
+    on any node, download it. None on success, else why not."""
+    out, name = folder / UNIVERSAL_DIR, remote or folder
     error = None
     if w.rank == 0 and not (out / "latest_universal").is_file():
         try:
             convert_to_universal(folder / CKPT_TAG, out / CKPT_TAG)
+            if remote:
+                upload(out, child(remote, UNIVERSAL_DIR))
         except Exception as exc:  # reported below, agreed by every rank
-            error = f"{folder}: converting the {saved_world}-rank checkpoint to a universal one failed ({exc})"
+            error = f"{name}: converting the {saved_world}-rank checkpoint to a universal one failed ({exc})"
     if any_rank(error is not None, w.device):
-        return error or f"{folder}: rank 0 could not convert it to a universal checkpoint"
+        return error or f"{name}: rank 0 could not convert it to a universal checkpoint"
+    if remote:  # every rank, so the agreement below is reached by all
+        if not (out / "latest_universal").is_file():
+            error = _fetch(child(remote, UNIVERSAL_DIR), out)
+        if any_rank(error is not None, w.device):
+            return error or f"{name}: another rank could not download its universal checkpoint"
     if w.rank == 0:
-        say(f"resuming the {saved_world}-rank checkpoint {folder.name} on {w.world_size} ranks (universal checkpoint)")
+        say(f"resuming the {saved_world}-rank checkpoint {str(name).rsplit('/', 1)[-1]} on {w.world_size} ranks "
+            "(universal checkpoint)")
+    return None
+
+
+def _fetch(url: str, local: Path) -> Optional[str]:
+    try:
+        download(url, local)
+    except OSError as exc:
+        return f"{url}: download failed ({exc})"
     return None
 
 
@@ -197,23 +223,43 @@ def _load_engine(w: Any, load_dir: Path, universal: bool) -> None:
         config.load_universal_checkpoint = before
 
 
-def _try_load(w: Any, folder: Path) -> Optional[str]:
-    """Load ``folder`` into this rank; None on success, else why not."""
+def _try_load(w: Any, folder: Location) -> Optional[str]:
+    """Load ``folder`` into this rank; None on success, else why not. An S3 checkpoint is
+    downloaded to a temporary folder first (its universal conversion only when needed)."""
     ok, why = commit_status(folder)
     if not ok:
         return why
     marker = marker_of(folder)
-    load_dir = folder
-    if marker["world_size"] != w.world_size:
-        why = ensure_universal(w, folder, marker["world_size"])
+    skip = () if marker["world_size"] != w.world_size else (UNIVERSAL_DIR,)
+    with contextlib.ExitStack() as stack:
+        local, why = _local_folder(w, folder, skip, stack)
+        return why or _load_from(w, folder, local, marker["world_size"])
+
+
+def _local_folder(w: Any, folder: Location, skip: tuple, stack: contextlib.ExitStack) -> tuple[Optional[Path], Optional[str]]:
+    """(local folder with ``folder``'s files, None), or (None, why not) agreed by every rank."""
+    try:
+        local, error = stack.enter_context(local_copy(folder, skip)), None
+    except OSError as exc:
+        local, error = None, f"{folder}: download failed ({exc})"
+    if is_remote(folder) and any_rank(error is not None, w.device):  # a download can fail on one rank only
+        return None, error or f"{folder}: another rank could not download it"
+    return local, error
+
+
+def _load_from(w: Any, folder: Location, local: Path, saved_world: int) -> Optional[str]:
+    """Load the local copy ``local`` of ``folder`` into engine, state and stream."""
+    load_dir = local
+    if saved_world != w.world_size:
+        why = ensure_universal(w, local, saved_world, remote=folder if is_remote(folder) else None)
         if why:
             return why
-        load_dir = folder / UNIVERSAL_DIR
+        load_dir = local / UNIVERSAL_DIR
     try:
-        _load_engine(w, load_dir, universal=load_dir != folder)
-        saved = read_state(folder)
-        if w.aux is not None and (folder / AUX_FILE).exists():
-            w.aux.load_state_dict(torch.load(folder / AUX_FILE, map_location=w.device, weights_only=True))
+        _load_engine(w, load_dir, universal=load_dir != local)
+        saved = read_state(local)
+        if w.aux is not None and (local / AUX_FILE).exists():
+            w.aux.load_state_dict(torch.load(local / AUX_FILE, map_location=w.device, weights_only=True))
     except Exception as exc:  # a committed file that still does not load: fall back to an older one
         return f"{folder}: loading failed ({type(exc).__name__}: {str(exc)[:200]})"
     # the config's learning rate wins over the one saved with the optimizer state: a PBT

@@ -16,6 +16,7 @@ from pipeline.train.faults import maybe_exit, maybe_pause, maybe_slow
 from pipeline.train.observe import MetricWindow, log_images, log_window, validate
 from pipeline.train.step import train_step
 from pipeline.train.system_metrics import start_system_metrics
+from pipeline.train.timers import phase, timed_iter
 from pipeline.train.worker import Worker, build_worker
 
 
@@ -46,9 +47,10 @@ def run_steps(w: Worker) -> None:
     consecutive_skips = 0
     untrained = st.step == 0  # a fresh run draws the untrained model at step 0, where the UI's image slider starts
     while st.step < cfg.train.max_steps:
-        for batch in w.stream.iter_epoch(st.epoch, start_step=st.step_in_epoch):
+        for batch in timed_iter(w.stream.iter_epoch(st.epoch, start_step=st.step_in_epoch), w.clock):
             if untrained:
-                log_images(w, batch)
+                with phase(w.clock, "observe"):
+                    log_images(w, batch)
                 untrained = False
             st.step_in_epoch += 1
             st.corrupt_samples += int(batch.get("n_corrupt", 0))
@@ -67,7 +69,8 @@ def run_steps(w: Worker) -> None:
             maybe_exit(st.step, w.fault)
             maybe_pause(w, "step")
             maybe_slow(w.fault)
-            after_step(w, window, batch)
+            with phase(w.clock, "observe"):
+                after_step(w, window, batch)
             if st.step >= cfg.train.max_steps:
                 break
         else:

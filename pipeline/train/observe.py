@@ -42,33 +42,42 @@ class MetricWindow:
             return
         self.count += 1
         for k in ("loss", "recon", "kl", "elbo", "beta"):
-            self.sums[k] = self.sums.get(k, 0.0) + out[k]
+            self.sums[k] = self.sums.get(k, 0.0) + _wide(out[k])
         for k, v in out.get("extras", {}).items():
-            self.extras[k] = self.extras.get(k, 0.0) + v
+            self.extras[k] = self.extras.get(k, 0.0) + _wide(v)
             self.extra_counts[k] = self.extra_counts.get(k, 0) + 1
-        kd = out["kl_per_dim"]
+        kd = _wide(out["kl_per_dim"])
         self.kl_dims = kd.clone() if self.kl_dims is None else self.kl_dims + kd
+
+
+def _wide(v):
+    """Device tensors stay where they are (summed in float64: bf16 sums lose digits fast)."""
+    return v.detach().double() if torch.is_tensor(v) else v
 
 
 def log_window(w: Any, win: MetricWindow) -> None:
     """Average the window over ranks, log it (rank 0) and start a new window."""
     st, cfg = w.state, w.cfg
     n = max(win.count, 1)
-    local = [win.sums.get(k, math.nan) / n for k in ("loss", "recon", "kl", "elbo")]
+    local = [float(win.sums.get(k, math.nan)) / n for k in ("loss", "recon", "kl", "elbo")]
     # the same keys on every rank: same model, same code path, skips agreed over ranks
     extra_keys = sorted(win.extras)
-    local += [win.extras[k] / win.extra_counts[k] for k in extra_keys]
+    local += [float(win.extras[k]) / win.extra_counts[k] for k in extra_keys]
+    # where each step's time went on this rank (``train.phase_timers``), as ms per step
+    timing = {f"time_ms/{k}": v for k, v in w.clock.take(win.count).items()} if getattr(w, "clock", None) else {}
+    extra_keys += sorted(timing)
+    local += [timing[k] for k in sorted(timing)]
     # Mean over ranks of each rank's window mean; skipped/corrupt counts are summed.
     ds_skipped = getattr(w.engine, "skipped_steps", 0) or 0
     reduced = all_reduce_values(local + [float(st.corrupt_samples)], w.device)
     loss, recon, kl, elbo = (v / w.world_size for v in reduced[:4])
     extras = {k: v / w.world_size for k, v in zip(extra_keys, reduced[4:-1])}
     elapsed = time.perf_counter() - win.t0
-    kl_dims = win.kl_dims / n if win.kl_dims is not None else torch.zeros(0)
+    kl_dims = (win.kl_dims / n).float().cpu() if win.kl_dims is not None else torch.zeros(0)
     metrics = {
         "loss": loss, "recon": recon, "kl": kl,
         **({"elbo": elbo} if w.objective == "neg_elbo" else {w.objective: -elbo}),
-        "beta": win.sums.get("beta", 0.0) / n,
+        "beta": float(win.sums.get("beta", 0.0)) / n,
         "active_units": float((kl_dims > 0.01).sum()),
         "skipped_steps": float(st.skipped_steps + ds_skipped),
         "corrupt_samples": reduced[-1],

@@ -9,6 +9,7 @@ import torch
 from pipeline.train.collectives import all_reduce_values
 from pipeline.train.engine import input_dtype
 from pipeline.train.schedules import kl_weight
+from pipeline.train.timers import phase
 
 
 def train_step(w: Any, batch: dict) -> dict[str, Any]:
@@ -20,32 +21,42 @@ def train_step(w: Any, batch: dict) -> dict[str, Any]:
         kwargs["target_kl"] = w.cfg.schedule.target_kl
     if w.aux is not None:
         kwargs["aux"] = w.aux.module
-    out = w.engine(x, **kwargs)
-    loss = out["loss"]
-    # A NaN on one rank must stop every rank's backward, or the others would wait forever
-    # in the gradient all-reduce: agree first, then skip together.
-    (bad,) = all_reduce_values([0.0 if torch.isfinite(loss).item() else 1.0], w.device, op="max")
+    with phase(getattr(w, "clock", None), "forward"):
+        out = w.engine(x, **kwargs)
+        loss = out["loss"]
+        # A NaN on one rank must stop every rank's backward, or the others would apply a
+        # poisoned gradient (bf16 ZeRO does not check it): agree first, then skip together.
+        (bad,) = all_reduce_values([0.0 if torch.isfinite(loss).item() else 1.0], w.device, op="max")
     if bad:
         # No rank ran backward or step, so DeepSpeed's micro-step counter did not move and
         # the next batch takes this one's place.
         return {"skipped": 1.0, "boundary": False}
     boundary = w.engine.is_gradient_accumulation_boundary()
-    w.engine.backward(loss)
-    if boundary and w.cfg.dist.zero_stage == 0:
-        drop_nonfinite_grads(w)
-    w.engine.step()
-    extras = {k: float(v) for k, v in out.get("metrics", {}).items()}
+    with phase(getattr(w, "clock", None), "backward"):
+        w.engine.backward(loss)
+    with phase(getattr(w, "clock", None), "optimizer"):
+        if boundary and w.cfg.dist.zero_stage == 0:
+            drop_nonfinite_grads(w)
+        w.engine.step()
+    return step_outputs(w, out, beta, boundary)
+
+
+def step_outputs(w: Any, out: dict, beta: float, boundary: bool) -> dict[str, Any]:
+    """The step's figures as detached device tensors: the metric window sums them where they
+    are and reads them back once per log, so no step waits on a device-to-host copy."""
+    extras = {k: v.detach() if torch.is_tensor(v) else float(v) for k, v in out.get("metrics", {}).items()}
     if w.aux is not None:
-        extras.update(w.aux.step(w.engine.module, out))
+        with phase(getattr(w, "clock", None), "auxiliary"):
+            extras.update(w.aux.step(w.engine.module, out))
     return {
         "extras": extras,
         "boundary": boundary,
-        "loss": loss.item(),
-        "recon": out["recon"].detach().item(),
-        "kl": out["kl"].detach().item(),
-        "elbo": out["elbo"].detach().item(),
+        "loss": out["loss"].detach(),
+        "recon": out["recon"].detach(),
+        "kl": out["kl"].detach(),
+        "elbo": out["elbo"].detach(),
         "beta": beta,
-        "kl_per_dim": out["kl_per_dim"].detach().float().cpu(),
+        "kl_per_dim": out["kl_per_dim"].detach(),
         "skipped": 0.0,
     }
 

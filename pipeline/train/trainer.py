@@ -8,7 +8,6 @@ printed form, the only one Ray Train keeps in its run state, names variables but
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, replace
@@ -18,8 +17,9 @@ from typing import Optional
 from pipeline.config import ConfigError, VaepipeConfig, to_dict
 from pipeline.credentials import WorkerEnv
 from pipeline.redact import is_redacted, redact_config_dict, redact_text
-from pipeline.train.checkpoint import MARKER_FILE, STATE_FILE, commit_status, marker_of
+from pipeline.train.checkpoint import MARKER_FILE, STATE_FILE, commit_status, committed_checkpoints, read_state
 from pipeline.train.loop import train_loop_per_worker
+from pipeline.train.run_storage import Location, checkpoint_location, child, exists, location, ray_storage
 
 
 @dataclass
@@ -62,34 +62,49 @@ def preflight(cfg: VaepipeConfig) -> dict:
     if n_train < needed:
         raise ConfigError(f"data.path={cfg.data.path} has {n_train} training samples, fewer than one global batch "
                           f"(data.batch_size={cfg.data.batch_size} x dist.num_workers={cfg.dist.num_workers})")
+    if storage.is_s3(cfg.train.storage_path):
+        from pipeline.train.run_storage import check_bucket
+
+        why = check_bucket(cfg.train.storage_path)
+        if why:
+            raise ConfigError(f"train.storage_path={cfg.train.storage_path!r}: {why}")
     return manifest
 
 
-def find_checkpoint(resume: str, uri: str) -> Path:
-    """``--resume`` accepts a checkpoint folder, a Ray run folder, or an MLflow run id."""
-    p = Path(resume)
-    if not p.exists():
-        from pipeline.tracking import make_client
-
-        try:
-            run = make_client(uri).get_run(resume)
-        except Exception as exc:
-            raise ConfigError(f"--resume {resume!r} is neither a folder nor an MLflow run id at {redact_text(uri)} ({exc})") from None
-        run_dir = run.data.tags.get("vaepipe.run_dir")
-        if not run_dir:
-            raise ConfigError(f"MLflow run {resume} has no vaepipe.run_dir tag; pass the checkpoint folder instead")
-        p = Path(run_dir)
-    if (p / STATE_FILE).exists() or (p / MARKER_FILE).exists():
+def find_checkpoint(resume: str, uri: str) -> Location:
+    """``--resume`` accepts a checkpoint folder, a Ray run folder (local or ``s3://``), or an MLflow
+    run id (its ``vaepipe.run_dir`` tag names the run folder); a folder resolves to its newest
+    committed checkpoint."""
+    p = location(resume)
+    if not exists(p):
+        p = location(_run_dir_of(resume, uri))
+    if exists(child(p, STATE_FILE)) or exists(child(p, MARKER_FILE)):
         ok, why = commit_status(p)
         if not ok:
             raise ConfigError(f"--resume {resume!r} is not a committed checkpoint: {why}; "
                               "pass its run folder to take the newest committed one")
         return p
-    committed = [c for c in p.glob("**/checkpoint_*") if commit_status(c)[0]]
+    committed = committed_checkpoints(p, recursive=True)
     if not committed:
         raise ConfigError(f"--resume {resume!r}: no committed vaepipe checkpoint (a folder with {MARKER_FILE} "
                           f"whose files are all complete) under {p}")
-    return max(committed, key=lambda c: marker_of(c)["step"])
+    return committed[0]
+
+
+def _run_dir_of(resume: str, uri: str) -> str:
+    """The run folder an MLflow run id names; a URL or path with nothing there is refused as such."""
+    if "://" in resume:
+        raise ConfigError(f"--resume {resume!r}: nothing there (no object under that prefix)")
+    from pipeline.tracking import make_client
+
+    try:
+        run = make_client(uri).get_run(resume)
+    except Exception as exc:
+        raise ConfigError(f"--resume {resume!r} is neither a folder nor an MLflow run id at {redact_text(uri)} ({exc})") from None
+    run_dir = run.data.tags.get("vaepipe.run_dir")
+    if not run_dir:
+        raise ConfigError(f"MLflow run {resume} has no vaepipe.run_dir tag; pass the checkpoint folder instead")
+    return run_dir
 
 
 def attach_parent(cfg: VaepipeConfig, uri: str) -> tuple[VaepipeConfig, dict]:
@@ -199,7 +214,7 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
     check_fits_cluster(cfg)
     run_id = _open_run(cfg, uri, ckpt_dir, mlflow_run_id, _child_tags(parent_run_id, run_tags))
     name = cfg.train.run_name or f"vaepipe-{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}"
-    run_dir = str(Path(cfg.train.storage_path) / name) if "://" not in cfg.train.storage_path else f"{cfg.train.storage_path}/{name}"
+    run_dir = str(child(location(cfg.train.storage_path), name))
     tracking.make_client(uri).set_tag(run_id, "vaepipe.run_dir", run_dir)
     loop_config = {
         "config": redact_config_dict(to_dict(cfg)), "run_id": run_id, "run_dir": run_dir,
@@ -213,18 +228,18 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
     model_uri = _register(cfg, uri, run_id)
     return TrainResult(
         run_id=run_id, tracking_uri=uri,
-        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        checkpoint_path=str(checkpoint_location(result.checkpoint) or result.checkpoint.path) if result.checkpoint else None,
         metrics=dict(result.metrics or {}), run_dir=run_dir, model_uri=model_uri, wall_s=time.perf_counter() - t0,
     )
 
 
-def _open_run(cfg: VaepipeConfig, uri: str, ckpt_dir: Optional[Path], mlflow_run_id: Optional[str], tags: dict) -> str:
+def _open_run(cfg: VaepipeConfig, uri: str, ckpt_dir: Optional[Location], mlflow_run_id: Optional[str], tags: dict) -> str:
     """The MLflow run this training writes into: the resumed one, the given one, or a new one."""
     from pipeline import tracking
 
     if ckpt_dir is None:
         return mlflow_run_id or tracking.start_run(cfg, uri, tags)
-    saved = json.loads((ckpt_dir / STATE_FILE).read_text())
+    saved = read_state(ckpt_dir)
     run_id = mlflow_run_id or saved.get("mlflow_run_id") or tracking.start_run(cfg, uri, tags)
     tracking.make_client(uri).update_run(run_id, status="RUNNING")
     tracking.say(f"resuming from {ckpt_dir} (step {saved['train_state']['step']})")
@@ -247,6 +262,8 @@ def build_trainer(cfg: VaepipeConfig, loop_config: dict, name: str, callbacks: t
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    storage_path, storage_filesystem = ray_storage(cfg.train.storage_path)
+
     use_gpu = cfg.dist.gpus_per_worker > 0
     resources = {"CPU": cfg.dist.cpus_per_worker, **({"GPU": cfg.dist.gpus_per_worker} if use_gpu else {})}
     if not _START_TIMEOUT_SET_BY_USER:  # Ray Train reads it in the driver and hands it to its controller
@@ -259,7 +276,7 @@ def build_trainer(cfg: VaepipeConfig, loop_config: dict, name: str, callbacks: t
                                      elastic_resize_monitor_interval_s=cfg.dist.resize_interval_s),
         run_config=RunConfig(
             name=name,
-            storage_path=cfg.train.storage_path,
+            storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures,
                                          controller_failure_limit=cfg.dist.start_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),

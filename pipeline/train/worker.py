@@ -13,11 +13,12 @@ import numpy as np
 import torch
 
 from pipeline.config import VaepipeConfig, from_dict
-from pipeline.tracking import RankZeroLogger
+from pipeline.logger import RankZeroLogger
 from pipeline.train.activation import apply_activation_checkpointing
 from pipeline.train.auxiliary import AuxiliaryTrainer
 from pipeline.train.checkpoint import restore
 from pipeline.train.collectives import sum_over_ranks
+from pipeline.train.timers import PhaseClock, activate, clock_for
 from pipeline.train.engine import (
     DeviceFacts, build_deepspeed_config, match_norm_buffers, resolve_precision, set_accelerator_env,
 )
@@ -61,6 +62,7 @@ class Worker:
     last_kl_dims: Optional[torch.Tensor] = None  # per-dimension KL of the latest log window
     aux: Optional[AuxiliaryTrainer] = None  # a family's second optimizer (Factor-VAE discriminator)
     objective: str = "neg_elbo"  # what -elbo is for this family (models.objective_name)
+    clock: Optional[PhaseClock] = None  # per-phase step time (train.phase_timers)
 
 
 def build_model_for_rank(cfg: VaepipeConfig, loop_config: dict, ds_config: Optional[dict] = None) -> torch.nn.Module:
@@ -148,11 +150,15 @@ def build_worker(loop_config: dict) -> Worker:
         cfg.data.path, "train", cfg.data.batch_size, cfg.data.resolution, rank, world,
         seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
         num_workers=cfg.data.loader_workers, channels=cfg.data.channels, binarize=cfg.data.binarize,
+        cache_mb=cfg.data.cache_mb,
     )
     log = RankZeroLogger(loop_config["env"].tracking_uri, loop_config["run_id"], enabled=rank == 0)
     from models import objective_name
 
     worker = Worker(cfg, engine, stream, TrainState(), log, device, rank, world, precision,
-                    fault=loop_config.get("fault", {}), aux=aux, objective=objective_name(cfg.model))
+                    fault=loop_config.get("fault", {}), aux=aux, objective=objective_name(cfg.model),
+                    clock=clock_for(cfg.train.phase_timers, use_cuda))
+    activate(worker.clock)
+    log.tags({"vaepipe.torch_threads": torch.get_num_threads()})  # what Ray's OMP_NUM_THREADS gave each rank
     restore(worker, loop_config.get("run_dir"), loop_config.get("resume_from"))
     return worker
