@@ -22,15 +22,15 @@ def test_cases_cover_every_stage_with_and_without_checkpointing_then_offload():
 
 
 @pytest.mark.integration
-def test_memory_report_fields_and_zero3_halves_the_parameters(tmp_path):
+def test_memory_report_fields_and_zero3_halves_the_parameters_with_and_without_offload(tmp_path):
     from pipeline.bench.memory import memory_report
     from pipeline.bench.report import publish
 
     cfg = load_config(None, ["model.flavor=debug", "data.resolution=32", "data.batch_size=2", "train.precision=fp32"])
-    cases = [MemoryCase(0, False), MemoryCase(3, False)]
+    cases = [MemoryCase(0, False), MemoryCase(3, False), MemoryCase(3, False, True, True)]
     report = memory_report(cfg, cases, steps=1, warmup=1, workers=2)
-    z0, z3 = report.rows
-    assert [r["configuration"] for r in report.rows] == ["ZeRO-0", "ZeRO-3"]
+    z0, z3, z3_offload = report.rows
+    assert [r["configuration"] for r in report.rows] == ["ZeRO-0", "ZeRO-3", "ZeRO-3 offload opt+param"]
     for row in report.rows:
         assert row["peak_MiB"] > row["above_imports_MiB"] > 0  # peak RSS above the imports, per worker
         assert row["step_s"] > 0
@@ -42,10 +42,12 @@ def test_memory_report_fields_and_zero3_halves_the_parameters(tmp_path):
     assert z0["optim_MiB"] * 2**20 == pytest.approx(8 * n, rel=0.01)
     # ZeRO-3 with 2 workers: each rank holds about half of everything (padding aside)
     assert z3["params_MiB"] / z0["params_MiB"] == pytest.approx(0.5, abs=0.02)
+    assert z3_offload["params_MiB"] == z3["params_MiB"]  # offloaded to host, still one partition per rank
+    assert z3_offload["ds_estimate_MiB"] < z3["ds_estimate_MiB"]  # DeepSpeed moves it off the accelerator
     assert report.summary["zero3_over_zero0_param_bytes"] == z3["params_MiB"] / z0["params_MiB"]
     assert z0["ds_estimate_MiB"] is None and z3["ds_estimate_MiB"] > 0  # DeepSpeed estimates ZeRO 2/3 only
     ranks = report.params["per_rank"]
-    assert [r["case"]["zero_stage"] for r in ranks] == [0, 3]
+    assert [r["case"]["zero_stage"] for r in ranks] == [0, 3, 3]
     assert all(r["ranks"][0]["peak_kind"] == "peak_rss" for r in ranks)
     where = publish(report, tmp_path, None, Console(width=200))
     saved = json.loads((tmp_path / "memory.json").read_text())
