@@ -103,9 +103,15 @@ class StandardNormalPrior(Prior):
 class MaskedLinear(nn.Linear):
     """Linear layer whose weight is multiplied by a fixed 0/1 mask (a buffer, so it checkpoints)."""
 
-    def __init__(self, in_features: int, out_features: int, mask: torch.Tensor) -> None:
+    def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, init_scale: float = 1.0) -> None:
         super().__init__(in_features, out_features)
         self.register_buffer("mask", mask.to(self.weight.dtype))
+        if init_scale != 1.0:
+            # Scaled here, inside the owner's __init__: a parent touching the weight afterwards
+            # would find it already partitioned (empty) when DeepSpeed's zero.Init builds the model.
+            with torch.no_grad():
+                self.weight.mul_(init_scale)
+                self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Parameters follow the input's dtype so the prior stays fp32 inside a bf16/fp16 model.
@@ -137,11 +143,8 @@ class MADEPrior(Prior):
         self.net = nn.Sequential(
             MaskedLinear(d, hidden, mask_in), nn.ELU(),
             MaskedLinear(hidden, hidden, mask_hid), nn.ELU(),
-            MaskedLinear(hidden, 2 * d, mask_out),
+            MaskedLinear(hidden, 2 * d, mask_out, init_scale=0.01),
         )
-        with torch.no_grad():
-            self.net[-1].weight.mul_(0.01)
-            self.net[-1].bias.zero_()
 
     def conditionals(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(means, log-scales) [B, D] of p(z_i | z_<i) for every i, in one pass."""

@@ -267,9 +267,10 @@ class VQVAE(nn.Module):
         """Install ``reducer(t) -> t summed over ranks`` for codebook statistics (None: per-rank)."""
         self.quantizer.stat_reducer = reducer
 
-    def checkpoint_blocks(self) -> list[nn.ModuleList]:
-        """Encoder and decoder conv blocks (the quantiser is never recomputed: it updates state)."""
-        return [self.encoder_blocks, self.decoder_blocks]
+    def checkpoint_blocks(self) -> list[list[nn.Module]]:
+        """Encoder conv blocks and the pre-quantisation convs, decoder conv blocks (the quantiser
+        is never recomputed: it updates state)."""
+        return [list(self.encoder_blocks), [self.pre_quant], list(self.decoder_blocks)]
 
     def _check_input(self, x: torch.Tensor) -> None:
         expected = (self.in_channels, self.resolution, self.resolution)

@@ -20,18 +20,18 @@ B = 4
 def _worker(rank: int, world: int, shards: str, zero_stage: int, seed: int):
     import deepspeed
 
-    from models import build_model
     from pipeline.config import load_config
     from pipeline.data.stream import ShardStream
     from pipeline.train.engine import build_deepspeed_config
-    from pipeline.train.worker import TrainState
+    from pipeline.train.worker import TrainState, build_model_for_rank
 
+    # a different seed (init) than the saved run: only a real load makes losses agree
     cfg = load_config(None, ["model.flavor=debug", "data.resolution=32", f"data.batch_size={B}", "model.likelihood=mse",
-                             f"dist.zero_stage={zero_stage}", f"dist.num_workers={world}", "train.precision=fp32"])
-    torch.manual_seed(seed)  # a different init than the saved run: only a real load makes losses agree
-    model = build_model(cfg.model)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
-                                      config=build_deepspeed_config(cfg, world, "fp32"))
+                             f"dist.zero_stage={zero_stage}", f"dist.num_workers={world}", "train.precision=fp32",
+                             f"train.seed={seed}"])
+    ds_config = build_deepspeed_config(cfg, world, "fp32")
+    model = build_model_for_rank(cfg, {}, ds_config)  # as the worker builds it: under zero.Init at stage 3
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config)
     stream = ShardStream(shards, "train", B, 32, rank, world, seed=0, shuffle_buffer=16, num_workers=0)
     return SimpleNamespace(cfg=cfg, engine=engine, stream=stream, state=TrainState(), rank=rank, world_size=world,
                            device=torch.device("cpu"), aux=None, log=SimpleNamespace(run_id="run"), resumed_from=None)

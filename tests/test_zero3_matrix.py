@@ -148,14 +148,32 @@ def _build_worker(rank: int, world: int, overrides: list[str], parent: tuple[dic
     # build_model_for_rank + AuxiliaryTrainer.for_model + seed_rank, as build_worker does: the
     # ranks' RNGs differ from here, so equal samples below come from log_images's fixed seed
     model, aux = build_rank_modules(cfg, {"parent_state": parent_state}, rank, device)
-    init = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    built = _partition_facts(model)
+    init = _gathered_trainable(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable,
                                       config=build_deepspeed_config(cfg, world, "fp32"))
     w = SimpleNamespace(cfg=cfg, engine=engine, stream=FakeStream(rank), state=TrainState(), log=RecordingLogger(),
                         device=device, rank=rank, world_size=world, precision="fp32", aux=aux,
                         objective=objective_name(cfg.model), last_kl_dims=None, last_val={})
-    return w, init, parent_state
+    return w, init, parent_state, built
+
+
+def _partition_facts(model) -> dict:
+    """What this rank holds right after build_rank_modules (built under zero.Init: a partition)."""
+    from pipeline.train.zero_init import is_partitioned, rank_parameter_elements
+
+    total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    return {"partitioned": is_partitioned(model), "held": rank_parameter_elements(model), "total": total,
+            "tensors": len(list(model.parameters()))}
+
+
+def _gathered_trainable(model) -> dict:
+    """The initial trainable weights, gathered from their ZeRO-3 partitions (same on every rank)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
 def _run_case(rank: int, world: int, overrides: list[str], parent: tuple[dict, dict]) -> dict:
@@ -163,7 +181,7 @@ def _run_case(rank: int, world: int, overrides: list[str], parent: tuple[dict, d
     from pipeline.train.observe import log_images, validate
     from pipeline.train.step import train_step
 
-    w, init, parent_state = _build_worker(rank, world, overrides, parent)
+    w, init, parent_state, built = _build_worker(rank, world, overrides, parent)
     seen: list = []
     _record_outputs(w.engine.module, seen)
     outs = []
@@ -178,7 +196,7 @@ def _run_case(rank: int, world: int, overrides: list[str], parent: tuple[dict, d
     return {
         "losses": [o.get("loss", float("nan")) for o in outs], "skipped": [o["skipped"] for o in outs],
         "val": w.log.calls["metrics"][-1][0], "images": w.log.calls["image"], "seen": seen,
-        "exported": exported, "full": full,
+        "exported": exported, "full": full, "built": built, "init": init,
         "unmoved": [k for k, v in init.items() if torch.equal(v, full[k])],
     }
 
@@ -243,3 +261,12 @@ def test_family_trains_observes_and_exports_under_zero3(matrix, case):
             torch.testing.assert_close(r["exported"][k], r["full"][k], rtol=0, atol=0, msg=k)
             torch.testing.assert_close(r["exported"][k], r0["exported"][k], rtol=0, atol=0, msg=k)
         assert r["unmoved"] == [], f"trainable parameters that never moved: {r['unmoved']}"
+    # built under zero.Init: no rank ever held the whole model, the halves add up to it, and
+    # both ranks started from the same weights (the shared seed, then rank 0's broadcast)
+    for r in (r0, r1):
+        assert r["built"]["partitioned"]
+        assert r["built"]["held"] <= r["built"]["total"] // 2 + r["built"]["tensors"]  # + padding to even sizes
+    assert r0["built"]["held"] + r1["built"]["held"] >= r0["built"]["total"]
+    assert r0["init"].keys() == r1["init"].keys()
+    for k in r0["init"]:
+        torch.testing.assert_close(r0["init"][k], r1["init"][k], rtol=0, atol=0, msg=k)

@@ -24,6 +24,17 @@ def _publish(report, out: Path, cfg, mlflow: bool) -> None:
     publish(report, out, resolve_tracking_uri(cfg) if mlflow else None, console)
 
 
+def _zero_stages(stages: str) -> tuple[int, ...]:
+    """``--stages 0,1,2,3`` as a tuple, or a refusal naming the value."""
+    try:
+        zero = tuple(int(z) for z in stages.split(","))
+    except ValueError:
+        zero = ()
+    if not zero or any(z not in (0, 1, 2, 3) for z in zero):
+        _fail(f"--stages {stages!r}: give ZeRO stages 0-3, comma-separated")
+    return zero
+
+
 @bench_app.command("overhead", context_settings={"allow_extra_args": True})
 def bench_overhead(
     ctx: typer.Context,
@@ -83,12 +94,7 @@ def bench_scaling(
 
     if gpu not in DENSE_BF16_PEAK:
         _fail(f"--gpu {gpu!r}: known GPUs are {', '.join(DENSE_BF16_PEAK)}")
-    try:
-        zero = tuple(int(z) for z in stages.split(","))
-    except ValueError:
-        zero = ()
-    if not zero or any(z not in (0, 1, 2, 3) for z in zero):
-        _fail(f"--stages {stages!r}: give ZeRO stages 0-3, comma-separated")
+    zero = _zero_stages(stages)
     cfg = _load(config, ctx.args)
     # the GPU prediction is for the high-resolution model: the same family at predict_resolution, 128-d latent
     big = _load(config, [*ctx.args, f"data.resolution={predict_resolution}", "model.latent_dim=128"])
@@ -127,3 +133,27 @@ def bench_asha(
     console.print(f"ASHA speed-up (wall): {res['speedup']:.2f}x; trial-steps saved: {res['trial_steps_ratio']:.2f}x")
     if out:
         out.write_text(json.dumps(res, indent=2))
+
+
+@bench_app.command("memory", context_settings={"allow_extra_args": True})
+def bench_memory(
+    ctx: typer.Context,
+    config: Path = typer.Option(Path("jobs/quickstart.yaml"), help="Job YAML; extra args are overrides."),
+    steps: int = typer.Option(3, help="Timed steps per configuration (median reported)."),
+    warmup: int = typer.Option(1, help="Untimed steps before them."),
+    workers: int = typer.Option(2, help="Processes per configuration (fresh ones each time)."),
+    stages: str = typer.Option("0,1,2,3", help="ZeRO stages, comma-separated."),
+    offload: bool = typer.Option(True, help="Also ZeRO 1-2 with optimizer offload and ZeRO-3 with optimizer+parameter offload."),
+    out: Path = typer.Option(Path("bench-results"), help=OUT_HELP),
+    mlflow: bool = typer.Option(True, help=MLFLOW_HELP),
+):
+    """Peak memory per worker and step time for ZeRO 0-3, offload and activation checkpointing,
+    with the parameter/gradient/optimizer bytes each rank holds beside DeepSpeed's estimate."""
+    from pipeline.bench.memory import default_cases, memory_report
+
+    cfg = _load(config, ctx.args)
+    chosen = sorted(set(_zero_stages(stages)))
+    if cfg.model.name == "vq_prior":
+        _fail("bench memory measures a family on its own; vq_prior needs a trained parent (use vqvae)")
+    report = memory_report(cfg, default_cases(chosen, offload), steps, warmup, workers, progress=console.print)
+    _publish(report, out, cfg, mlflow)

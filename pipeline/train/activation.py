@@ -1,4 +1,21 @@
-"""Activation checkpointing applied to a model from outside (the model stays unaware of it)."""
+"""Activation checkpointing applied to a model from outside (the model stays unaware of it).
+
+Which checkpointing vaepipe ships, and why (tests/test_activation_checkpointing.py):
+
+- torch's **non-reentrant** ``torch.utils.checkpoint`` on every block ``checkpoint_blocks()``
+  names (every conv of the conv families' encoders and decoders). It works with ZeRO-3's
+  parameter hooks, with inputs that do not require grad, and with frozen parameters.
+- Not torch's reentrant variant, and not ``deepspeed.checkpointing.checkpoint`` (an autograd
+  Function of the same reentrant kind): their output requires grad only when an *input* does,
+  so a block behind a frozen one (progressive growing freezes earlier blocks) or fed the raw
+  image silently gets no weight gradients at all.
+- ZeRO-3 + non-reentrant + frozen parameters *inside* a checkpointed block: the recompute
+  re-fires ZeRO-3's forward hooks, which re-partition the frozen weights in place while torch
+  still holds them ("Recomputed values ... have different metadata", shape [0]). DeepSpeed
+  0.19.8 (the pinned version) keeps frozen parameters gathered through a recompute
+  (deepspeedai/DeepSpeed#8148); an older DeepSpeed crashes there. The 2-rank ZeRO-3 test
+  freezes checkpointed blocks to keep this path covered.
+"""
 
 from __future__ import annotations
 

@@ -68,11 +68,15 @@ def match_norm_buffers(model: torch.nn.Module, precision: str) -> int:
     A bf16/fp16 DeepSpeed engine casts parameters, not buffers, and BatchNorm's kernels refuse
     an fp32 running mean beside bf16 weights ("expected scalar type BFloat16"). Other buffers
     (VQ-VAE's EMA statistics, masks) keep fp32 and the models cast them where they are used.
+    Only the buffers are cast: the engine casts the parameters itself, and under ZeRO-3 they
+    are partitioned already (``Module.to`` would rewrite their empty placeholders).
     """
     dtype = input_dtype(precision)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for m in norms:
-        m.to(dtype)
+        for buf in m.buffers(recurse=False):
+            if buf.is_floating_point():
+                buf.data = buf.data.to(dtype)
     return len(norms) if dtype != torch.float32 else 0
 
 

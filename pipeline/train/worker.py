@@ -22,6 +22,7 @@ from pipeline.train.timers import PhaseClock, activate, clock_for
 from pipeline.train.engine import (
     DeviceFacts, build_deepspeed_config, match_norm_buffers, resolve_precision, set_accelerator_env,
 )
+from pipeline.train.zero_init import build_partitioned, load_state_into
 
 
 @dataclass
@@ -68,15 +69,19 @@ class Worker:
     growth: Optional[Any] = None  # a progressive run's stages and engine rebuilds (growth.Growth)
 
 
-def build_model_for_rank(cfg: VaepipeConfig, loop_config: dict) -> torch.nn.Module:
-    """The family's model with its parent weights and rank-summed statistics wired in."""
+def build_model_for_rank(cfg: VaepipeConfig, loop_config: dict, ds_config: Optional[dict] = None) -> torch.nn.Module:
+    """The family's model with its parent weights and rank-summed statistics wired in.
+
+    With ZeRO-3 in ``ds_config`` the model is built under ``deepspeed.zero.Init`` (see
+    ``zero_init``): every rank holds only its partition from the start.
+    """
     from models import build_model
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model)
+    model = build_partitioned(lambda: build_model(cfg.model), ds_config)
     if loop_config.get("parent_state") is not None:
-        # vq_prior: the frozen VQ-VAE's weights, loaded before ZeRO-3 can partition them
-        model.parent.load_state_dict(loop_config["parent_state"])
+        # vq_prior: the frozen VQ-VAE's weights (gathered, loaded on rank 0, re-partitioned under ZeRO-3)
+        load_state_into(model.parent, loop_config["parent_state"])
     if hasattr(model, "set_stat_reducer"):
         # VQ-VAE's EMA codebook statistics are summed over ranks so every rank keeps the same codebook
         model.set_stat_reducer(sum_over_ranks)
@@ -99,10 +104,16 @@ def seed_rank(seed: int, rank: int) -> int:
     return rank_seed
 
 
-def build_rank_modules(cfg: VaepipeConfig, loop_config: dict, rank: int,
-                       device: torch.device) -> tuple[torch.nn.Module, Optional[AuxiliaryTrainer]]:
-    """Model and auxiliary trainer from the shared seed, then this rank's own RNG stream."""
-    model = build_model_for_rank(cfg, loop_config)
+def build_rank_modules(cfg: VaepipeConfig, loop_config: dict, rank: int, device: torch.device,
+                       ds_config: Optional[dict] = None) -> tuple[torch.nn.Module, Optional[AuxiliaryTrainer]]:
+    """Model and auxiliary trainer from the shared seed, then this rank's own RNG stream.
+
+    ``ds_config`` defaults to the one ``build_worker`` makes (this process group's world size,
+    the precision resolved for ``device``), so callers outside Ray build the model the same way.
+    """
+    if ds_config is None:
+        ds_config = default_deepspeed_config(cfg, device)
+    model = build_model_for_rank(cfg, loop_config, ds_config)
     aux = AuxiliaryTrainer.for_model(model, device)  # broadcast from rank 0 anyway
     seed_rank(cfg.train.seed, rank)
     return model, aux
@@ -117,6 +128,15 @@ def build_progressive_engine(cfg: VaepipeConfig, rank: int, world: int, precisio
     stage_cfg, engine = growth.build(growth.phase_at(0))
     seed_rank(cfg.train.seed, rank)
     return stage_cfg, engine, None, growth
+
+
+def default_deepspeed_config(cfg: VaepipeConfig, device: torch.device) -> dict:
+    """``build_deepspeed_config`` for this process group and the precision ``device`` resolves to."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    precision = resolve_precision(cfg.train.precision, DeviceFacts.detect(device.type == "cuda"))
+    return build_deepspeed_config(cfg, world, precision)
 
 
 def build_worker(loop_config: dict) -> Worker:
@@ -139,9 +159,9 @@ def build_worker(loop_config: dict) -> Worker:
     if cfg.progressive.enabled:
         cfg, engine, aux, growth = build_progressive_engine(cfg, rank, world, precision)
     else:
-        model, aux = build_rank_modules(cfg, loop_config, rank, device)
-        match_norm_buffers(model, precision)
         ds_config = build_deepspeed_config(cfg, world, precision)
+        model, aux = build_rank_modules(cfg, loop_config, rank, device, ds_config)
+        match_norm_buffers(model, precision)
         trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parents stay out of Adam
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
         growth = None
