@@ -245,6 +245,9 @@ class DistConfig:
     """GPUs per worker; > 0 trains on CUDA with NCCL."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3."""
+    shm_allreduce: bool = True
+    """When all CPU workers share one node, DeepSpeed's gradient all-reduces go through its
+    shared-memory kernel instead of gloo's loopback TCP (several times faster); false: gloo."""
     offload_optimizer: bool = False
     """ZeRO offload of optimizer state to CPU (stages 1-3)."""
     offload_params: bool = False

@@ -188,3 +188,18 @@ def test_decoded_cache_starts_over_when_a_progressive_stage_changes_the_resoluti
     assert stream.cache.bytes == 0
     batches = list(stream.iter_epoch(1))
     assert batches[0]["image"].shape == (8, 3, 32, 32)
+
+
+def test_shards_whose_images_are_all_cached_are_not_read_again(shard_dir, monkeypatch):
+    import pipeline.data.stream as stream_mod
+
+    reads = []
+    real = stream_mod.iter_shard_or_skip
+    monkeypatch.setattr(stream_mod, "iter_shard_or_skip", lambda url: reads.append(url) or real(url))
+    stream = ShardStream(str(shard_dir), "train", 8, 32, 0, 1, seed=5, shuffle_buffer=32, num_workers=0, cache_mb=64)
+    plain = ShardStream(str(shard_dir), "train", 8, 32, 0, 1, seed=5, shuffle_buffer=32, num_workers=0)
+    first = [b["key"] for b in stream.iter_epoch(0)]
+    n_first = len(reads)
+    second = [b["key"] for b in stream.iter_epoch(1)]
+    assert n_first >= 1 and len(reads) == n_first  # epoch 1 read no shard: every one was cached whole
+    assert first == [b["key"] for b in plain.iter_epoch(0)] and second == [b["key"] for b in plain.iter_epoch(1)]

@@ -79,6 +79,12 @@ def activate(clock: Optional[PhaseClock]) -> None:
         _patch_collectives()
 
 
+def record_comm(seconds: float) -> None:
+    """Count a collective issued outside ``torch.distributed`` (e.g. a shared-memory kernel)."""
+    if _active is not None:
+        _active.add_comm(seconds)
+
+
 def phase(clock: Optional[PhaseClock], name: str):
     return clock.phase(name) if clock is not None else contextlib.nullcontext()
 

@@ -17,6 +17,7 @@ from pipeline.logger import RankZeroLogger
 from pipeline.train.activation import apply_activation_checkpointing
 from pipeline.train.auxiliary import AuxiliaryTrainer
 from pipeline.train.checkpoint import restore
+from pipeline.train import local_allreduce
 from pipeline.train.collectives import sum_over_ranks
 from pipeline.train.timers import PhaseClock, activate, clock_for
 from pipeline.train.engine import (
@@ -156,6 +157,9 @@ def build_worker(loop_config: dict) -> Worker:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
     precision = resolve_precision(cfg.train.precision, DeviceFacts.detect(use_cuda))
+    shm = local_allreduce.wanted(cfg.dist.shm_allreduce, use_cuda, world, ctx.get_local_world_size())
+    if shm:
+        local_allreduce.prepare(world)  # before DeepSpeed creates its comm backend
     if cfg.progressive.enabled:
         cfg, engine, aux, growth = build_progressive_engine(cfg, rank, world, precision)
     else:
@@ -165,6 +169,8 @@ def build_worker(loop_config: dict) -> Worker:
         trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parents stay out of Adam
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
         growth = None
+    if shm:
+        local_allreduce.install()
     stream = ShardStream(
         cfg.data.path, "train", cfg.data.batch_size, cfg.data.resolution, rank, world,
         seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
