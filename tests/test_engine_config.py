@@ -56,3 +56,12 @@ def test_fp32_has_no_mixed_precision_sections_and_fp16_has_dynamic_scaling():
     assert "offload_optimizer" not in fp32["zero_optimization"]
     fp16 = build_deepspeed_config(cfg, 1, "fp16")
     assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # 0 = dynamic
+
+
+def test_fused_adam_is_passed_to_torch_and_can_be_turned_off():
+    from pipeline.config import load_config
+    from pipeline.train.engine import build_deepspeed_config
+
+    assert build_deepspeed_config(load_config(None, []), 2, "bf16")["optimizer"]["params"]["fused"] is True
+    off = build_deepspeed_config(load_config(None, ["optim.fused=false"]), 2, "bf16")
+    assert off["optimizer"]["params"]["fused"] is False

@@ -77,7 +77,7 @@ class PlainAdam:
 
     def __init__(self, model: torch.nn.Module, cfg: VaepipeConfig) -> None:
         self.params, self.clip = list(model.parameters()), cfg.optim.grad_clip
-        self.opt = torch.optim.Adam(self.params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        self.opt = torch.optim.Adam(self.params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=cfg.optim.fused)
         self.dtype = torch.float32
 
     def zero_grad(self) -> None:
@@ -98,7 +98,7 @@ class MasterWeights(PlainAdam):
         self.model = model.to(torch.bfloat16)
         match_norm_buffers(model, "bf16")
         self.master = [p.detach().float().clone().requires_grad_(True) for p in model.parameters()]
-        self.opt = torch.optim.Adam(self.master, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        self.opt = torch.optim.Adam(self.master, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=cfg.optim.fused)
         self.params, self.clip, self.dtype = self.master, cfg.optim.grad_clip, torch.bfloat16
 
     def zero_grad(self) -> None:

@@ -109,6 +109,7 @@ def build_deepspeed_config(cfg: VaepipeConfig, world_size: int, precision: Preci
                 # and behaves identically across ZeRO stages.
                 "torch_adam": True,
                 "adam_w_mode": o.name == "adamw",
+                "fused": o.fused,
             },
         },
         # With optimizer offload DeepSpeed insists on its compiled CPU Adam unless told otherwise.

@@ -155,6 +155,8 @@ def build_worker(loop_config: dict) -> Worker:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not use_cuda:  # one torch thread per reserved CPU, whatever OMP_NUM_THREADS the driver's env passed on
+        torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
     device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
     precision = resolve_precision(cfg.train.precision, DeviceFacts.detect(use_cuda))
     shm = local_allreduce.wanted(cfg.dist.shm_allreduce, use_cuda, world, ctx.get_local_world_size())
