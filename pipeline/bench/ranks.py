@@ -26,17 +26,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn, args, queue, threads: int) -> None:
+def _entry(rank: int, world: int, port: int, fn, args, queue, threads: int, backend: str | None) -> None:
     import torch
     import torch.distributed as dist
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)})
-    if not torch.cuda.is_available():
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "gloo":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(threads)
     try:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(backend, rank=rank, world_size=world)
@@ -67,14 +67,15 @@ def _next_result(queue, procs, deadline: float):
 
 
 def run_fresh_ranks(fn: Callable[..., Any], world: int, args: tuple = (), timeout: float = 600.0,
-                    threads: int = 1) -> list:
-    """``fn(rank, world, *args)`` on ``world`` new processes; returns the results in rank order."""
+                    threads: int = 1, backend: str | None = None) -> list:
+    """``fn(rank, world, *args)`` on ``world`` new processes; returns the results in rank order.
+    ``backend``: nccl on a CUDA machine, else gloo (tests of the CPU path force gloo)."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, threads)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, threads, backend)) for r in range(world)]
     for p in procs:
         p.start()
     results = {}
