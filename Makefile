@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 VAEPIPE := $(VENV)/bin/vaepipe
 QS_DATA ?= data/synth
 QS_SHARDS ?= data/shards/synth64
+# DeepSpeed as pyproject.toml pins it (one place for the version).
+DEEPSPEED := $(shell grep -o 'deepspeed==[0-9.]*' pyproject.toml)
 
 .PHONY: install quickstart test clean bench-data
 
@@ -13,6 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU torch first and pinned, so no dependency can pull a CUDA build.
 	$(PY) -m pip install -q "torch==2.13.0"
+	# DeepSpeed with its CPU shared-memory comm op compiled now, ahead of time, against that
+	# torch (no build isolation, which would fetch another torch). Otherwise every process JIT-loads
+	# it under a lock file in ~/.cache/torch_extensions, and a process killed while holding that
+	# lock (a worker lost in a fault drill) leaves every later DeepSpeed start waiting forever.
+	$(PY) -m pip install -q setuptools wheel ninja py-cpuinfo packaging
+	DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 \
+	  $(PY) -m pip install -q --no-build-isolation --no-cache-dir "$(DEEPSPEED)"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 

@@ -4,18 +4,23 @@ eligible calls routed (2 real gloo ranks, no Ray)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dist_helpers import run_ranks
 
 
-def _train(rank: int, world: int, shm: bool, zero_stage: int) -> dict:
+def _train(rank: int, world: int, shm: bool, zero_stage: int, room_on_rank1: bool = True) -> dict:
+    import os
+
     import torch
 
     from pipeline.train import local_allreduce
     from pipeline.train.timers import PhaseClock, activate
 
+    if rank == 1 and not room_on_rank1:
+        local_allreduce.shm_room = lambda world: False  # as if this rank's /dev/shm were full
     if shm:
-        local_allreduce.prepare(world)
+        shm = local_allreduce.prepare(world)
     import deepspeed
 
     from models import build_model
@@ -28,7 +33,9 @@ def _train(rank: int, world: int, shm: bool, zero_stage: int) -> dict:
     model = build_model(cfg.model)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
                                       config=build_deepspeed_config(cfg, world, "fp32"))
+    segment_made = os.path.exists(local_allreduce.segment_path(rank))
     routed = local_allreduce.install() if shm else False
+    segment_left = os.path.exists(local_allreduce.segment_path(rank))
     clock = PhaseClock()
     activate(clock)
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
@@ -45,14 +52,13 @@ def _train(rank: int, world: int, shm: bool, zero_stage: int) -> dict:
     comm.all_reduce(ints)  # a dtype the kernel would silently skip
     from pipeline.train.export import gathered_state_dict
 
-    return {"routed": routed, "weights": gathered_state_dict(engine.module), "max": float(flag), "ints": int(ints),
+    return {"routed": routed, "segment_made": segment_made, "segment_left": segment_left,
+            "local_size": os.environ.get("LOCAL_SIZE"), "weights": gathered_state_dict(engine.module), "max": float(flag), "ints": int(ints),
             "comm_s": clock.comm_in["backward"] + clock.comm_in["optimizer"]}
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_shm_allreduce_trains_to_the_same_weights_as_gloo(zero_stage):
-    import torch
-
     gloo = run_ranks(_train, args=(False, zero_stage))
     shm = run_ranks(_train, args=(True, zero_stage))
     assert shm[0]["routed"] and not gloo[0]["routed"]
@@ -61,6 +67,32 @@ def test_shm_allreduce_trains_to_the_same_weights_as_gloo(zero_stage):
         torch.testing.assert_close(shm[1]["weights"][k], shm[0]["weights"][k], rtol=0, atol=0)
     assert shm[0]["max"] == shm[1]["max"] == 1.0 and shm[0]["ints"] == 3
     assert shm[0]["comm_s"] > 0  # the kernel's time is counted as communication
+    # each rank's 66 MiB workspace existed in /dev/shm, and its name is gone once all ranks mapped it
+    assert all(r["segment_made"] and not r["segment_left"] for r in shm)
+    assert not any(r["segment_made"] for r in gloo)
+
+
+def test_ranks_agree_on_gloo_when_one_rank_lacks_room_in_dev_shm():
+    """Rank 1's /dev/shm is 'full': both ranks keep gloo (had only rank 0 taken the kernel, it
+    would wait forever for rank 1's segment), no segment is made, and training still runs."""
+    runs = run_ranks(_train, args=(True, 0, False))
+    assert [r["routed"] for r in runs] == [False, False] and all(r["local_size"] is None for r in runs)
+    assert not any(r["segment_made"] for r in runs)
+    for k, v in runs[0]["weights"].items():
+        torch.testing.assert_close(runs[1]["weights"][k], v, rtol=0, atol=0)
+
+
+def test_shm_room_counts_every_local_rank(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from pipeline.train import local_allreduce as la
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(0, 0, 2 * la.SEGMENT_BYTES + la.MARGIN_BYTES))
+    assert la.shm_room(2, str(tmp_path)) and not la.shm_room(3, str(tmp_path))
+    monkeypatch.undo()
+    assert not la.shm_room(1, str(tmp_path / "no-such-dir"))  # no /dev/shm at all: gloo
 
 
 def test_wanted_only_for_cpu_ranks_on_one_node():
@@ -71,3 +103,20 @@ def test_wanted_only_for_cpu_ranks_on_one_node():
     assert not wanted(True, use_cuda=True, world=2, local_world=2)
     assert not wanted(True, use_cuda=False, world=1, local_world=1)
     assert not wanted(False, use_cuda=False, world=2, local_world=2)
+
+
+def test_deepspeed_shm_op_is_compiled_at_install_not_jit_loaded(tmp_path):
+    """``make install`` compiles DeepSpeed's shm comm op ahead of time, so a process loads it
+    with no JIT build and no lock file in the extensions folder (a lock left by a killed process
+    would make every later DeepSpeed start wait forever)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from deepspeed.git_version_info import installed_ops; from deepspeed.comm.torch import build_shm_op; "
+            "m = build_shm_op(); print('installed', bool(installed_ops.get('deepspeed_shm_comm')), m.__name__)")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "installed True deepspeed.ops.comm.deepspeed_shm_comm_op" in out.stdout, out.stdout[-2000:]
+    assert list(tmp_path.iterdir()) == []  # nothing built, nothing locked

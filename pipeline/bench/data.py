@@ -22,6 +22,7 @@ import io
 import multiprocessing as mp
 import tarfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from PIL import Image
@@ -97,11 +98,15 @@ def read_vaepipe(cfg: VaepipeConfig, rank: int = 0, world: int = 1) -> int:
 
 
 def timed(fn, *args) -> float:
-    """images/s of one pass of ``fn`` (which returns the images it delivered)."""
+    """images/s of one pass of ``fn`` (which returns the images it delivered), on one torch thread."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    n = fn(*args)
-    return n / (time.perf_counter() - t0)
+    try:
+        t0 = time.perf_counter()
+        n = fn(*args)
+        return n / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _rank_rate(args) -> float:
@@ -112,8 +117,10 @@ def _rank_rate(args) -> float:
 
 def read_vaepipe_parallel(cfg: VaepipeConfig, world: int) -> tuple[float, float]:
     """``world`` ranks reading at once in their own processes: (total images/s, per process)."""
-    with mp.get_context("spawn").Pool(world) as pool:  # each rate is its own process's, measured while all run
-        rates = pool.map(_rank_rate, [(cfg, r, world) for r in range(world)])
+    # each rate is its own process's, measured while all run; a reader process that dies fails
+    # the bench (BrokenProcessPool) where multiprocessing.Pool would wait for it forever
+    with ProcessPoolExecutor(world, mp_context=mp.get_context("spawn")) as pool:
+        rates = list(pool.map(_rank_rate, [(cfg, r, world) for r in range(world)]))
     return sum(rates), sum(rates) / world
 
 

@@ -26,7 +26,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn, args, queue, threads: int, backend: str | None) -> None:
+def _entry(rank: int, world: int, port: int, fn, args, queue, threads: int, backend: str | None,
+           dump_after: float) -> None:
+    import faulthandler
+
+    faulthandler.dump_traceback_later(dump_after, exit=False)  # a rank that hangs says where, before it is killed
     import torch
     import torch.distributed as dist
 
@@ -75,7 +79,9 @@ def run_fresh_ranks(fn: Callable[..., Any], world: int, args: tuple = (), timeou
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, threads, backend)) for r in range(world)]
+    dump_after = max(1.0, timeout - 15.0)
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, threads, backend, dump_after))
+             for r in range(world)]
     for p in procs:
         p.start()
     results = {}

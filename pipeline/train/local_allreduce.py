@@ -14,6 +14,13 @@ one node (``LOCAL_SIZE`` = world size, read when DeepSpeed creates its backend).
 
 ``dist.shm_allreduce`` (on by default) takes it exactly there (CPU workers, one node, more
 than one rank); false keeps gloo everywhere.
+
+The kernel's workspace is one POSIX shared-memory segment of ~66 MiB per rank, in /dev/shm,
+which DeepSpeed never removes: a small /dev/shm (a container's 64 MiB default) cannot hold it,
+and every run would leave its segments behind. So ``prepare`` takes the kernel only when
+/dev/shm has room on every rank (the ranks agree, or one would wait forever on the other's
+segment), and ``install`` unlinks each rank's segment once all ranks have mapped it: the
+mappings stay valid until the process ends, and nothing is left in /dev/shm after it.
 """
 
 from __future__ import annotations
@@ -27,15 +34,61 @@ import torch
 from pipeline.train import timers
 
 _LEVEL_NEEDED = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 2}
+SHM_DIR = "/dev/shm"
+# DeepSpeed's allreduce_workspace (csrc/cpu/comm/shm.cpp): 2 x 1 MiB + 2 x 32 MiB of buffers,
+# plus its state flags; rounded up, and a margin for what else lives in /dev/shm (Ray, semaphores).
+SEGMENT_BYTES = 67 * 2**20
+MARGIN_BYTES = 64 * 2**20
 
 
 def wanted(enabled: bool, use_cuda: bool, world: int, local_world: int) -> bool:
     return enabled and not use_cuda and world > 1 and local_world == world
 
 
-def prepare(world: int) -> None:
-    """Before DeepSpeed creates its comm backend: tell its shm kernel all ranks are local."""
+def shm_room(world: int, shm_dir: str = SHM_DIR) -> bool:
+    """Whether ``shm_dir`` can hold every local rank's workspace segment, with a margin."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(shm_dir).free
+    except OSError:
+        return False
+    return free >= world * SEGMENT_BYTES + MARGIN_BYTES
+
+
+def prepare(world: int) -> bool:
+    """Before DeepSpeed creates its comm backend: tell its shm kernel all ranks are local, if
+    /dev/shm has room on every rank (decided together over the process group). False: gloo."""
+    import torch.distributed as dist
+
+    room = torch.tensor([1 if shm_room(world) else 0])
+    dist.all_reduce(room, op=dist.ReduceOp.MIN)
+    if not int(room):
+        import warnings
+
+        warnings.warn(f"dist.shm_allreduce: {SHM_DIR} lacks {world} x {SEGMENT_BYTES >> 20} MiB for the "
+                      "shared-memory all-reduce on some rank; all-reduces stay on gloo")
+        return False
     os.environ["LOCAL_SIZE"] = str(world)
+    return True
+
+
+def segment_path(rank: int) -> str:
+    """The file of this rank's workspace segment, named as DeepSpeed's shm_initialize names it."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return os.path.join(SHM_DIR, f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+
+
+def release_segment() -> None:
+    """Once every rank has mapped every segment (the barrier), unlink this rank's name: the
+    memory stays mapped while the ranks live and goes with them, so no run leaves 66 MiB behind."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    try:
+        os.unlink(segment_path(dist.get_rank()))
+    except FileNotFoundError:
+        pass
 
 
 def install() -> bool:
@@ -43,6 +96,7 @@ def install() -> bool:
     from deepspeed.comm import comm
 
     cdb = comm.cdb
+    release_segment()
     level = getattr(cdb, "shm_vector_kernel_level", 0)
     if cdb is None or not level or not hasattr(torch.ops, "deepspeed") or getattr(cdb, "_vaepipe_shm", False):
         return bool(getattr(cdb, "_vaepipe_shm", False))

@@ -159,9 +159,8 @@ def build_worker(loop_config: dict) -> Worker:
         torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
     device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
     precision = resolve_precision(cfg.train.precision, DeviceFacts.detect(use_cuda))
-    shm = local_allreduce.wanted(cfg.dist.shm_allreduce, use_cuda, world, ctx.get_local_world_size())
-    if shm:
-        local_allreduce.prepare(world)  # before DeepSpeed creates its comm backend
+    shm = (local_allreduce.wanted(cfg.dist.shm_allreduce, use_cuda, world, ctx.get_local_world_size())
+           and local_allreduce.prepare(world))  # before DeepSpeed creates its comm backend
     if cfg.progressive.enabled:
         cfg, engine, aux, growth = build_progressive_engine(cfg, rank, world, precision)
     else:
