@@ -112,16 +112,28 @@ def wait_until_done(client, job_id: str, timeout_s: float = 60.0, poll_s: float 
 
 
 def follow_logs(client, job_id: str, write: Callable[[str], None] = sys.stdout.write) -> str:
-    """Stream the job's logs until it ends; returns its terminal status."""
+    """Stream the job's logs until it ends; returns its terminal status.
+
+    Ray's log tail can end before the last lines of a short job reach it, so once the job is
+    over the stored log is read once more and what the stream did not carry is written too."""
+    streamed = 0
 
     async def tail() -> None:
+        nonlocal streamed
         async for chunk in client.tail_job_logs(job_id):
+            streamed += len(chunk)
             write(redact_text(chunk))
             sys.stdout.flush()
 
     with cluster_errors(client.get_address()):
         asyncio.run(tail())
-    return wait_until_done(client, job_id)
+    status = wait_until_done(client, job_id)
+    with cluster_errors(client.get_address()):
+        rest = client.get_job_logs(job_id)[streamed:]
+    if rest:
+        write(redact_text(rest))
+        sys.stdout.flush()
+    return status
 
 
 def stop(client, job_id: str, timeout_s: float = 60.0) -> str:

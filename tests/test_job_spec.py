@@ -116,3 +116,30 @@ def test_token_mode_is_turned_on_only_when_there_is_a_token(monkeypatch, tmp_pat
 
 def test_project_root_is_this_checkout():
     assert project_root() == ROOT
+
+
+def test_followed_logs_end_with_what_the_stream_did_not_carry(monkeypatch):
+    """Ray's tail can stop before a short job's last lines arrive: `submit --wait` and
+    `jobs logs --follow` print the rest from the stored log, once, and redacted."""
+    from pipeline import jobs
+
+    full = "MLflow experiment: x\n[vaepipe] step 1 loss 1.0\nMLFLOW_TRACKING_PASSWORD=hunter2\nSUCCEEDED\n"
+
+    class Client:
+        def get_address(self):
+            return "http://127.0.0.1:8265"
+
+        async def tail_job_logs(self, job_id):
+            yield full[:21]  # the stream ends after the first line
+
+        def get_job_logs(self, job_id):
+            return full
+
+        def get_job_status(self, job_id):
+            return type("S", (), {"value": "SUCCEEDED"})()
+
+    written = []
+    assert jobs.follow_logs(Client(), "vaepipe-1", written.append) == "SUCCEEDED"
+    out = "".join(written)
+    assert out.count("MLflow experiment: x") == 1 and "[vaepipe] step 1" in out and out.endswith("SUCCEEDED\n")
+    assert "hunter2" not in out and "MLFLOW_TRACKING_PASSWORD=***" in out

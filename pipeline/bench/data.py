@@ -30,6 +30,7 @@ from PIL import Image
 from pipeline.bench.report import BenchReport, spread
 from pipeline.config import VaepipeConfig
 from pipeline.data import storage
+from pipeline.data.stream import image_pixels
 
 
 def _train_urls(cfg: VaepipeConfig) -> list[str]:
@@ -37,13 +38,6 @@ def _train_urls(cfg: VaepipeConfig) -> list[str]:
 
     manifest = read_manifest(cfg.data.path)
     return [storage.join(cfg.data.path, s["name"]) for s in manifest["splits"]["train"]["shards"]]
-
-
-def _to_tensor(img: Image.Image, res: int, channels: int) -> torch.Tensor:
-    img = img.convert("L" if channels == 1 else "RGB")
-    if img.size != (res, res):
-        img = img.resize((res, res), Image.BICUBIC)
-    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(res, res, channels).permute(2, 0, 1)
 
 
 def _batches(images, batch: int):
@@ -64,7 +58,7 @@ def read_tarfile_pil(cfg: VaepipeConfig) -> int:
                 for member in tar:
                     if member.name.endswith(".jpg"):
                         with Image.open(io.BytesIO(tar.extractfile(member).read())) as img:
-                            yield _to_tensor(img, cfg.data.resolution, cfg.data.channels)
+                            yield image_pixels(img, cfg.data.resolution, cfg.data.channels)
     return _batches(images(), cfg.data.batch_size)
 
 
@@ -83,7 +77,7 @@ def read_webdataset(cfg: VaepipeConfig) -> int:
         wds.SimpleShardList(_train_urls(cfg)), wds.split_by_worker, _open_streams,
         lambda src: tar_file_expander(src, handler=wds.warn_and_continue), group_by_keys,
         wds.shuffle(cfg.data.shuffle_buffer), wds.decode("pil", handler=wds.warn_and_continue),
-        wds.map(lambda s: _to_tensor(s["jpg"], res, ch), handler=wds.warn_and_continue),
+        wds.map(lambda s: image_pixels(s["jpg"], res, ch), handler=wds.warn_and_continue),
     )
     return _batches(pipeline, cfg.data.batch_size)
 

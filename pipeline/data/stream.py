@@ -106,10 +106,7 @@ def decode_sample(sample: dict, resolution: int, channels: int, attr_names: list
             # JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much
             # smaller (an antialiased DCT-domain reduction, several times cheaper than a full decode)
             img.draft("L" if channels == 1 else "RGB", (resolution, resolution))
-            img = img.convert("L" if channels == 1 else "RGB")
-        if img.size != (resolution, resolution):
-            # PIL's bicubic widens its kernel when shrinking, i.e. it antialiases.
-            img = img.resize((resolution, resolution), Image.BICUBIC)
+            pixels = image_pixels(img, resolution, channels)
         meta = json.loads(sample["json"])
         attrs = [int(meta["attrs"].get(name, 0)) for name in attr_names]
         factors = [int((meta.get("factors") or {}).get(name, -1)) for name in factor_names]
@@ -117,8 +114,17 @@ def decode_sample(sample: dict, resolution: int, channels: int, attr_names: list
         log.warning("skipping undecodable sample %s of shard %s: %s: %s", sample.get("__key__"),
                     sample.get("__url__", "?"), type(err).__name__, err)
         return None
+    return sample["__key__"], pixels, attrs, factors
+
+
+def image_pixels(img: Image.Image, resolution: int, channels: int) -> torch.Tensor:
+    """A decoded image as uint8 [C, R, R]: L or RGB, resized bicubic to R x R (PIL's bicubic
+    widens its kernel when shrinking, i.e. it antialiases)."""
+    img = img.convert("L" if channels == 1 else "RGB")
+    if img.size != (resolution, resolution):
+        img = img.resize((resolution, resolution), Image.BICUBIC)
     pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    return sample["__key__"], pixels.view(resolution, resolution, channels).permute(2, 0, 1), attrs, factors
+    return pixels.view(resolution, resolution, channels).permute(2, 0, 1)
 
 
 def collate(items: list, n_corrupt: int, n_attrs: int, n_factors: int) -> dict:
