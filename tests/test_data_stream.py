@@ -203,3 +203,41 @@ def test_shards_whose_images_are_all_cached_are_not_read_again(shard_dir, monkey
     second = [b["key"] for b in stream.iter_epoch(1)]
     assert n_first >= 1 and len(reads) == n_first  # epoch 1 read no shard: every one was cached whole
     assert first == [b["key"] for b in plain.iter_epoch(0)] and second == [b["key"] for b in plain.iter_epoch(1)]
+
+
+def test_shard_order_keeps_each_slots_shards_when_asked():
+    from pipeline.data.stream import shard_order
+
+    urls = [f"s{i}" for i in range(9)]
+    fixed = [shard_order(urls, 3, e, 2, True) for e in range(5)]
+    moving = [shard_order(urls, 3, e, 2, False) for e in range(5)]
+    assert all(sorted(o) == urls for o in fixed + moving)  # every shard, once, every epoch
+    for slot in range(2):
+        assert len({frozenset(o[slot::2]) for o in fixed}) == 1  # the same share every epoch...
+        assert len({tuple(o[slot::2]) for o in fixed}) > 1  # ...in a new order
+    assert len({frozenset(o[0::2]) for o in moving}) > 1  # without the cache, shares move
+    assert shard_order(urls, 3, 1, 1, True) == shard_order(urls, 3, 1, 1, False)  # one slot: nothing to fix
+
+
+def test_with_a_cache_two_ranks_soon_read_no_shard_at_all(shard_dir, monkeypatch):
+    """A rank's decoded cache soon covers its own shards (one epoch when the epoch spans them,
+    three here where shards are uneven; a share that moved every epoch took six), so later epochs read nothing; both ranks still deliver
+    disjoint full batches every epoch."""
+    import pipeline.data.stream as stream_mod
+
+    reads = {0: [], 1: []}
+    real = stream_mod.iter_shard_or_skip
+    streams = [ShardStream(str(shard_dir), "train", 4, 32, r, 2, seed=1, shuffle_buffer=16, num_workers=0, cache_mb=64)
+               for r in range(2)]
+    assert len(streams[0]._urls("train")) >= 4
+    per_epoch = []
+    for epoch in range(5):
+        keys = []
+        for r, stream in enumerate(streams):
+            monkeypatch.setattr(stream_mod, "iter_shard_or_skip", lambda url, r=r: reads[r].append(url) or real(url))
+            batches = list(stream.iter_epoch(epoch))
+            assert len(batches) == stream.steps_per_epoch and all(b["image"].shape[0] == 4 for b in batches)
+            keys.append({k for b in batches for k in b["key"]})
+        assert not keys[0] & keys[1]
+        per_epoch.append(sum(len(v) for v in reads.values()))
+    assert per_epoch[0] >= 4 and per_epoch[2] == per_epoch[3] == per_epoch[4], per_epoch  # epochs 3, 4 read nothing

@@ -153,6 +153,25 @@ def assign_shards(urls: list[str], slot: int, slots: int) -> tuple[list[str], Op
     return list(urls), slot
 
 
+def shard_order(urls: list[str], seed: int, epoch: int, slots: int, fixed_share: bool) -> list[str]:
+    """The epoch's shard order; slot ``s`` reads ``order[s::slots]`` (``assign_shards``).
+
+    Reshuffled whole every epoch; with ``fixed_share`` (a rank with a decoded cache) each slot
+    keeps the same shards every epoch and only their order changes, so the cache holds all of a
+    rank's shards after its first epoch instead of after several. A global batch still draws
+    from every shard (it spans all ranks); only which shards share a rank stays fixed.
+    """
+    epoch_rng = random.Random(f"{seed}-{epoch}-shards")
+    if not fixed_share or slots == 1 or len(urls) < slots:
+        return epoch_rng.sample(urls, len(urls))
+    order = random.Random(f"{seed}-shards").sample(urls, len(urls))
+    for s in range(slots):
+        share = order[s::slots]
+        epoch_rng.shuffle(share)
+        order[s::slots] = share
+    return order
+
+
 def worker_keys(remainder: list[str], rank: int, world: int, worker: int, nw: int, steps: int, batch: int) -> frozenset:
     """After a re-split: the keys of the batches ``worker`` of ``rank`` produces in ``steps`` steps.
 
@@ -412,8 +431,7 @@ class ShardStream:
                    remainder: Optional[list[str]] = None) -> dict:
         """The training plan of ``epoch`` for a rank (this one by default), optionally re-split."""
         world_size = self.world_size if world_size is None else world_size
-        urls = self._urls(self.split)
-        urls = random.Random(f"{self.seed}-{epoch}-shards").sample(urls, len(urls))
+        urls = shard_order(self._urls(self.split), self.seed, epoch, world_size, self.cache is not None)
         steps = self.steps_per_epoch if remainder is None else len(remainder) // (world_size * self.batch_size)
         return self._plan(self.split, urls, epoch, start_step, steps, True, rank, world_size, remainder)
 
