@@ -182,6 +182,10 @@ def build_engine(cfg: Any, model: torch.nn.Module, world_size: int, precision: s
     ds_config = build_deepspeed_config(cfg, world_size, precision)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    if cfg.optim.lean_zero_step:
+        from pipeline.train import zero_step
+
+        zero_step.install(engine)
     return engine
 
 

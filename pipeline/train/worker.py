@@ -17,7 +17,7 @@ from pipeline.logger import RankZeroLogger
 from pipeline.train.activation import apply_activation_checkpointing
 from pipeline.train.auxiliary import AuxiliaryTrainer
 from pipeline.train.checkpoint import restore
-from pipeline.train import local_allreduce
+from pipeline.train import local_allreduce, zero_step
 from pipeline.train.collectives import sum_over_ranks
 from pipeline.train.timers import PhaseClock, activate, clock_for
 from pipeline.train.engine import (
@@ -169,6 +169,8 @@ def build_worker(loop_config: dict) -> Worker:
         match_norm_buffers(model, precision)
         trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parents stay out of Adam
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+        if cfg.optim.lean_zero_step:
+            zero_step.install(engine)
         growth = None
     if shm:
         local_allreduce.install()
