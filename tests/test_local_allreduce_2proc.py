@@ -50,11 +50,16 @@ def _train(rank: int, world: int, shm: bool, zero_stage: int, room_on_rank1: boo
     comm.all_reduce(flag, op=comm.ReduceOp.MAX)  # not SUM: must go to gloo and still be right
     ints = torch.tensor([rank + 1], dtype=torch.int64)
     comm.all_reduce(ints)  # a dtype the kernel would silently skip
+    gathered, int_gathered = torch.full((12,), float("nan")), torch.empty(4, dtype=torch.int64)
+    comm.all_gather_into_tensor(gathered, torch.arange(6.0) + 10 * rank)  # not a view of its slot
+    comm.all_gather_into_tensor(int_gathered, torch.tensor([rank, -rank]))  # gloo's
+    routed_gather = comm.cdb.all_gather_into_tensor.__qualname__.startswith("gather_route")
     from pipeline.train.export import gathered_state_dict
 
     return {"routed": routed, "segment_made": segment_made, "segment_left": segment_left,
             "local_size": os.environ.get("LOCAL_SIZE"), "weights": gathered_state_dict(engine.module), "max": float(flag), "ints": int(ints),
-            "comm_s": clock.comm_in["backward"] + clock.comm_in["optimizer"]}
+            "comm_s": clock.comm_in["backward"] + clock.comm_in["optimizer"],
+            "gathered": gathered.tolist(), "int_gathered": int_gathered.tolist(), "routed_gather": routed_gather}
 
 
 def _no_room() -> bool:
@@ -73,6 +78,11 @@ def test_shm_allreduce_trains_to_the_same_weights_as_gloo(zero_stage):
         torch.testing.assert_close(shm[0]["weights"][k], v, rtol=1e-5, atol=1e-6)  # sum order may differ
         torch.testing.assert_close(shm[1]["weights"][k], shm[0]["weights"][k], rtol=0, atol=0)
     assert shm[0]["max"] == shm[1]["max"] == 1.0 and shm[0]["ints"] == 3
+    # ZeRO's parameter all-gather as a zero-padded SUM: exact, and what gloo gives
+    assert shm[0]["routed_gather"] and not gloo[0]["routed_gather"]
+    for r in shm + gloo:
+        assert r["gathered"] == [float(v) for v in range(6)] + [float(v) for v in range(10, 16)]
+        assert r["int_gathered"] == [0, 0, 1, -1]
     assert shm[0]["comm_s"] > 0  # the kernel's time is counted as communication
     # each rank's 66 MiB workspace existed in /dev/shm, and its name is gone once all ranks mapped it
     assert all(r["segment_made"] and not r["segment_left"] for r in shm)
