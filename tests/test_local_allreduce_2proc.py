@@ -15,7 +15,9 @@ def _train(rank: int, world: int, shm: bool, zero_stage: int, room_on_rank1: boo
     import torch
 
     from pipeline.train import local_allreduce
-    from pipeline.train.timers import PhaseClock, activate
+    from pipeline.train.timers import PhaseClock, activate, patch_collectives
+
+    patch_collectives()  # as the worker does, before DeepSpeed's backend keeps its all-gather
 
     if rank == 1 and not room_on_rank1:
         local_allreduce.shm_room = lambda world: False  # as if this rank's /dev/shm were full
@@ -54,12 +56,14 @@ def _train(rank: int, world: int, shm: bool, zero_stage: int, room_on_rank1: boo
     comm.all_gather_into_tensor(gathered, torch.arange(6.0) + 10 * rank)  # not a view of its slot
     comm.all_gather_into_tensor(int_gathered, torch.tensor([rank, -rank]))  # gloo's
     routed_gather = comm.cdb.all_gather_into_tensor.__qualname__.startswith("gather_route")
+    timed_gather = hasattr(comm.cdb.all_gather_function, "__wrapped__")  # the gloo one, under the clock
     from pipeline.train.export import gathered_state_dict
 
     return {"routed": routed, "segment_made": segment_made, "segment_left": segment_left,
             "local_size": os.environ.get("LOCAL_SIZE"), "weights": gathered_state_dict(engine.module), "max": float(flag), "ints": int(ints),
             "comm_s": clock.comm_in["backward"] + clock.comm_in["optimizer"],
-            "gathered": gathered.tolist(), "int_gathered": int_gathered.tolist(), "routed_gather": routed_gather}
+            "gathered": gathered.tolist(), "int_gathered": int_gathered.tolist(), "routed_gather": routed_gather,
+            "timed_gather": timed_gather}
 
 
 def _no_room() -> bool:
@@ -80,6 +84,7 @@ def test_shm_allreduce_trains_to_the_same_weights_as_gloo(zero_stage):
     assert shm[0]["max"] == shm[1]["max"] == 1.0 and shm[0]["ints"] == 3
     # ZeRO's parameter all-gather as a zero-padded SUM: exact, and what gloo gives
     assert shm[0]["routed_gather"] and not gloo[0]["routed_gather"]
+    assert all(r["timed_gather"] for r in gloo + shm)
     for r in shm + gloo:
         assert r["gathered"] == [float(v) for v in range(6)] + [float(v) for v in range(10, 16)]
         assert r["int_gathered"] == [0, 0, 1, -1]

@@ -76,7 +76,7 @@ def activate(clock: Optional[PhaseClock]) -> None:
     global _active
     _active = clock
     if clock is not None:
-        _patch_collectives()
+        patch_collectives()
 
 
 def record_comm(seconds: float) -> None:
@@ -90,9 +90,11 @@ def phase(clock: Optional[PhaseClock], name: str):
 
 
 @functools.cache
-def _patch_collectives() -> None:
-    """Wrap torch.distributed's collectives once per process (DeepSpeed's comm layer looks them
-    up on the module at each call, so its gradient reductions are timed too)."""
+def patch_collectives() -> None:
+    """Wrap torch.distributed's collectives once per process; they count only while a clock is
+    active. DeepSpeed looks most of them up at each call, but keeps ``all_gather_into_tensor``
+    and ``reduce_scatter_tensor`` from when it creates its comm backend: call this before
+    ``deepspeed.initialize``, or ZeRO's parameter all-gather is counted in the optimizer phase."""
     import torch.distributed as dist
 
     for name in COLLECTIVES:

@@ -19,7 +19,7 @@ from pipeline.train.auxiliary import AuxiliaryTrainer
 from pipeline.train.checkpoint import restore
 from pipeline.train import local_allreduce, zero_step
 from pipeline.train.collectives import sum_over_ranks
-from pipeline.train.timers import PhaseClock, activate, clock_for
+from pipeline.train.timers import PhaseClock, activate, clock_for, patch_collectives
 from pipeline.train.engine import (
     DeviceFacts, build_deepspeed_config, match_norm_buffers, resolve_precision, set_accelerator_env,
 )
@@ -150,6 +150,8 @@ def build_worker(loop_config: dict) -> Worker:
     use_cuda = cfg.dist.gpus_per_worker > 0
     set_accelerator_env(use_cuda)
     import deepspeed  # after DS_ACCELERATOR is set, inside the worker
+
+    patch_collectives()  # before DeepSpeed's comm backend keeps its own reference to any of them
 
     from pipeline.data.stream import ShardStream
 
