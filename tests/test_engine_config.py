@@ -65,3 +65,11 @@ def test_fused_adam_is_passed_to_torch_and_can_be_turned_off():
     assert build_deepspeed_config(load_config(None, []), 2, "bf16")["optimizer"]["params"]["fused"] is True
     off = build_deepspeed_config(load_config(None, ["optim.fused=false"]), 2, "bf16")
     assert off["optimizer"]["params"]["fused"] is False
+
+
+@pytest.mark.parametrize("stage,world,summed", [(0, 2, True), (2, 2, True), (3, 2, False), (2, 1, False)])
+def test_the_loops_engines_sum_gradients_where_deepspeed_can(stage, world, summed):
+    cfg = load_config(None, [f"dist.zero_stage={stage}"])
+    loop = build_deepspeed_config(cfg, world, "fp32", sum_gradients=True)
+    assert (loop.get("gradient_allreduce_op") == "sum") is summed  # ZeRO-3 has no sum mode; one rank needs none
+    assert "gradient_allreduce_op" not in build_deepspeed_config(cfg, world, "fp32")  # others keep the mean

@@ -9,14 +9,14 @@ import torch
 from dist_helpers import run_ranks
 
 
-def _train(rank: int, world: int, lean: bool, zero_stage: int, precision: str) -> dict:
+def _train(rank: int, world: int, lean: bool, zero_stage: int, precision: str, summed: bool = False) -> dict:
     import deepspeed
     from deepspeed.comm import comm
 
     from models import build_model
     from pipeline.config import load_config
     from pipeline.train import zero_step
-    from pipeline.train.engine import build_deepspeed_config, input_dtype
+    from pipeline.train.engine import backward_scale, build_deepspeed_config, input_dtype
     from pipeline.train.export import gathered_state_dict
 
     cfg = load_config(None, ["model.flavor=debug", "data.resolution=32", "data.batch_size=4", "optim.grad_clip=0.05",
@@ -24,7 +24,7 @@ def _train(rank: int, world: int, lean: bool, zero_stage: int, precision: str) -
     torch.manual_seed(0)
     model = build_model(cfg.model)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
-                                      config=build_deepspeed_config(cfg, world, precision))
+                                      config=build_deepspeed_config(cfg, world, precision, sum_gradients=summed))
     installed = zero_step.install(engine) if lean else False
     ops = []
     real = comm.cdb.all_reduce
@@ -32,9 +32,11 @@ def _train(rank: int, world: int, lean: bool, zero_stage: int, precision: str) -
     norms, snapshots = [], []
     for step in range(5):
         x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(10 * step + rank))
-        if step == 3 and rank == 1:
+        if step == 3 and rank == 1 and zero_stage > 0:  # without ZeRO the loop drops it (step.py)
             x[0, 0, 0, 0] = float("nan")  # one rank's gradient is poisoned
-        engine.backward(engine(x.to(input_dtype(precision)), beta=1.0, free_bits=0.0)["loss"])
+        engine.backward(engine(x.to(input_dtype(precision)), beta=1.0, free_bits=0.0)["loss"] * backward_scale(engine))
+        if step == 0 and zero_stage == 0:  # without ZeRO the reduced gradients sit in .grad
+            grads0 = [q.grad.clone() for q in engine.module.parameters()]
         ops_before = len(ops)
         engine.step()
         norms.append(float(engine.get_global_grad_norm() or 0.0))
@@ -42,7 +44,7 @@ def _train(rank: int, world: int, lean: bool, zero_stage: int, precision: str) -
         if step == 0:
             step_ops = ops[ops_before:]
     comm.cdb.all_reduce = real
-    return {"installed": installed, "step_ops": step_ops, "norms": norms, "skipped": engine.skipped_steps,
+    return {"installed": installed, "scale": backward_scale(engine), "grads0": grads0 if zero_stage == 0 else None, "step_ops": step_ops, "norms": norms, "skipped": engine.skipped_steps,
             "before_nan": snapshots[2], "after_nan": snapshots[3], "final": snapshots[4]}
 
 
@@ -88,3 +90,20 @@ def _assert_nan_step_skipped_on_both(ranks: list[dict]) -> None:
             assert torch.isfinite(r["final"][k].float()).all(), k
     for k, v in ranks[0]["final"].items():
         assert torch.equal(ranks[1]["final"][k], v), k
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_summed_gradients_of_prescaled_losses_train_like_deepspeeds_mean(zero_stage):
+    """The loop's engines sum gradients over ranks and divide each loss by the world size first:
+    the same weights as DeepSpeed dividing the summed gradients, without its pass over them."""
+    mean = run_ranks(_train, args=(True, zero_stage, "fp32", False))
+    summed = run_ranks(_train, args=(True, zero_stage, "fp32", True))
+    assert mean[0]["scale"] == 1.0 and summed[0]["scale"] == 0.5
+    for k, v in mean[0]["final"].items():
+        torch.testing.assert_close(summed[0]["final"][k], v, rtol=1e-5, atol=1e-6)
+    if zero_stage == 0:  # Adam and the clip would hide a gradient off by the world size: compare them
+        for a, b in zip(mean[0]["grads0"], summed[0]["grads0"]):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    if zero_stage:  # a ZeRO optimizer: it reports the norm and skips a poisoned step
+        _assert_same_norms(mean, summed)
+        _assert_nan_step_skipped_on_both(summed)

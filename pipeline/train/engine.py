@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -80,8 +80,15 @@ def match_norm_buffers(model: torch.nn.Module, precision: str) -> int:
     return len(norms) if dtype != torch.float32 else 0
 
 
-def build_deepspeed_config(cfg: VaepipeConfig, world_size: int, precision: Precision) -> dict:
-    """The DeepSpeed config dict for this run (``precision`` already resolved for the device)."""
+def build_deepspeed_config(cfg: VaepipeConfig, world_size: int, precision: Precision,
+                           sum_gradients: bool = False) -> dict:
+    """The DeepSpeed config dict for this run (``precision`` already resolved for the device).
+
+    ``sum_gradients`` (the training loop's engines): under ZeRO 0-2 on several ranks DeepSpeed
+    all-reduces gradient sums, and the loop multiplies each rank's loss by ``backward_scale``
+    (1/world) before backward, one scalar, instead of DeepSpeed dividing every gradient bucket
+    after it (a pass over all gradients each step). The gradients are the ranks' mean either way.
+    """
     o, s = cfg.optim, cfg.dist
     zero: dict = {"stage": s.zero_stage}
     if s.zero_stage >= 1 and s.offload_optimizer:
@@ -117,11 +124,19 @@ def build_deepspeed_config(cfg: VaepipeConfig, world_size: int, precision: Preci
         "steps_per_print": 10**9,  # we log ourselves, rank 0 only
         "wall_clock_breakdown": False,
     }
+    if sum_gradients and world_size > 1 and s.zero_stage < 3:  # DeepSpeed has no sum mode for ZeRO-3
+        ds["gradient_allreduce_op"] = "sum"
     if precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     return ds
+
+
+def backward_scale(engine: Any) -> float:
+    """What a rank's loss is multiplied by before ``engine.backward``: 1/(data-parallel world) where
+    the engine sums gradients over ranks (``sum_gradients``), so they come out as the mean."""
+    return 1.0 if getattr(engine, "gradient_average", True) else 1.0 / engine.dp_world_size
 
 
 def set_accelerator_env(use_cuda: bool) -> None:

@@ -179,7 +179,7 @@ def build_engine(cfg: Any, model: torch.nn.Module, world_size: int, precision: s
     import deepspeed
 
     match_norm_buffers(model, precision)
-    ds_config = build_deepspeed_config(cfg, world_size, precision)
+    ds_config = build_deepspeed_config(cfg, world_size, precision, sum_gradients=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     if cfg.optim.lean_zero_step:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from pipeline.train.collectives import all_reduce_values
-from pipeline.train.engine import input_dtype
+from pipeline.train.engine import backward_scale, input_dtype
 from pipeline.train.schedules import kl_weight
 from pipeline.train.timers import phase
 
@@ -33,7 +33,8 @@ def train_step(w: Any, batch: dict) -> dict[str, Any]:
         return {"skipped": 1.0, "boundary": False}
     boundary = w.engine.is_gradient_accumulation_boundary()
     with phase(getattr(w, "clock", None), "backward"):
-        w.engine.backward(loss)
+        scale = backward_scale(w.engine)
+        w.engine.backward(loss if scale == 1.0 else loss * scale)
     with phase(getattr(w, "clock", None), "optimizer"):
         if boundary and w.cfg.dist.zero_stage == 0:
             drop_nonfinite_grads(w)

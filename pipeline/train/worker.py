@@ -166,7 +166,7 @@ def build_worker(loop_config: dict) -> Worker:
     if cfg.progressive.enabled:
         cfg, engine, aux, growth = build_progressive_engine(cfg, rank, world, precision)
     else:
-        ds_config = build_deepspeed_config(cfg, world, precision)
+        ds_config = build_deepspeed_config(cfg, world, precision, sum_gradients=True)
         model, aux = build_rank_modules(cfg, loop_config, rank, device, ds_config)
         match_norm_buffers(model, precision)
         trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parents stay out of Adam
