@@ -19,10 +19,10 @@ Under fp32 and fp16 DeepSpeed already skips step 1 (its scan runs only with
 ``check_grad_overflow``, on by default for bf16 alone); there only the norm is made leaner.
 
 It applies only where that reasoning holds: a ``DeepSpeedZeroOptimizer`` that computes the norm
-(``compute_grad_norm``, DeepSpeed's default) and treats a non-finite norm as an overflow
-(always but under bf16 with ``check_grad_overflow=false``), without CPU offload (its norm and overflow come from per-parameter
-hooks), MoE layers, model parallelism or ZenFlow. Anything else keeps DeepSpeed's step as it is;
-``optim.lean_zero_step=false`` keeps it everywhere.
+(``compute_grad_norm``, DeepSpeed's default) and treats a non-finite norm as an overflow (it
+does, except under bf16 with ``check_grad_overflow=false``), without CPU offload (its norm and
+overflow come from per-parameter hooks), MoE layers, model parallelism or ZenFlow. Anything
+else keeps DeepSpeed's step as it is; ``optim.lean_zero_step=false`` keeps it everywhere.
 """
 
 from __future__ import annotations
