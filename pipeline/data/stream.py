@@ -231,11 +231,12 @@ class DecodedCache:
         hit = self.items.get(key)
         if hit is not None:
             return hit
-        raw = self.raw.get(key, sample)  # a held shard's stand-in carries only its key
-        decoded = decode_sample(raw, plan["resolution"], plan["channels"], plan["attr_names"], plan["factor_names"])
+        held = self.raw.get(key)  # a held shard's stand-in carries only its key
+        decoded = decode_sample(held or sample, plan["resolution"], plan["channels"], plan["attr_names"],
+                                plan["factor_names"])
         if decoded is None:
             return None
-        freed = raw_bytes(self.raw[key]) if key in self.raw else 0
+        freed = raw_bytes(held) if held is not None else 0
         if self.bytes - freed + decoded[1].numel() <= self.max_bytes:
             self.items[key] = decoded  # the pixels replace the raw bytes
             self.raw.pop(key, None)

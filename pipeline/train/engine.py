@@ -2,7 +2,9 @@
 
 ``build_deepspeed_config`` is the only place that turns the typed config into a DeepSpeed
 config dict: ZeRO stage and offload, precision, gradient accumulation, clipping and the
-optimizer. The training loop never re-decides any of these. DeepSpeed itself is imported
+optimizer. ``build_engine`` is the only place the loop's engines are made from it (the first
+stage's and each progressive growth's alike). The training loop never re-decides any of these.
+DeepSpeed itself is imported
 inside functions because it must only be imported in Ray workers, after
 ``DS_ACCELERATOR`` is set.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -131,6 +133,26 @@ def build_deepspeed_config(cfg: VaepipeConfig, world_size: int, precision: Preci
     elif precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     return ds
+
+
+def build_engine(cfg: VaepipeConfig, model: torch.nn.Module, world_size: int, precision: Precision,
+                 ds_config: Optional[dict] = None) -> Any:
+    """The training loop's DeepSpeed engine for ``model``: only trainable parameters in Adam,
+    gradients summed over ranks (``backward_scale``), and the lean ZeRO-1/2 step where it applies
+    (``optim.lean_zero_step``). ``ds_config``: the one the model was built under, if it was (ZeRO-3's
+    ``zero.Init``); it must come from ``build_deepspeed_config(..., sum_gradients=True)``."""
+    import deepspeed
+
+    from pipeline.train import zero_step
+
+    match_norm_buffers(model, precision)
+    if ds_config is None:
+        ds_config = build_deepspeed_config(cfg, world_size, precision, sum_gradients=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parents stay out of Adam
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    if cfg.optim.lean_zero_step:
+        zero_step.install(engine)
+    return engine
 
 
 def backward_scale(engine: Any) -> float:

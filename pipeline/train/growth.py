@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline.train.activation import apply_activation_checkpointing
-from pipeline.train.engine import build_deepspeed_config, match_norm_buffers
+from pipeline.train.engine import build_engine
 from pipeline.train.stages import Phase, build_stages, phase_at, stage_config
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -172,21 +172,6 @@ def init_adam_state(engine: Any) -> None:
         # (re)link every fragment: a checkpoint load re-creates the mappings without their state
         opt._hp_optimizer_states_linked = False
         opt._lazy_init_hp_params_optimizer_state()
-
-
-def build_engine(cfg: Any, model: torch.nn.Module, world_size: int, precision: str) -> Any:
-    """A DeepSpeed engine for ``model`` from ``cfg`` (the stage's config); only trainable params in Adam."""
-    import deepspeed
-
-    match_norm_buffers(model, precision)
-    ds_config = build_deepspeed_config(cfg, world_size, precision, sum_gradients=True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
-    if cfg.optim.lean_zero_step:
-        from pipeline.train import zero_step
-
-        zero_step.install(engine)
-    return engine
 
 
 class Growth:

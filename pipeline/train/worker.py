@@ -17,11 +17,11 @@ from pipeline.logger import RankZeroLogger
 from pipeline.train.activation import apply_activation_checkpointing
 from pipeline.train.auxiliary import AuxiliaryTrainer
 from pipeline.train.checkpoint import restore
-from pipeline.train import local_allreduce, zero_step
+from pipeline.train import local_allreduce
 from pipeline.train.collectives import sum_over_ranks
 from pipeline.train.timers import PhaseClock, activate, clock_for, patch_collectives
 from pipeline.train.engine import (
-    DeviceFacts, build_deepspeed_config, match_norm_buffers, resolve_precision, set_accelerator_env,
+    DeviceFacts, build_deepspeed_config, build_engine, resolve_precision, set_accelerator_env,
 )
 from pipeline.train.zero_init import build_partitioned, load_state_into
 
@@ -149,9 +149,9 @@ def build_worker(loop_config: dict) -> Worker:
     cfg = from_dict(loop_config["config"])
     use_cuda = cfg.dist.gpus_per_worker > 0
     set_accelerator_env(use_cuda)
-    import deepspeed  # after DS_ACCELERATOR is set, inside the worker
-
-    patch_collectives()  # before DeepSpeed's comm backend keeps its own reference to any of them
+    # DeepSpeed is imported after DS_ACCELERATOR is set, inside the worker (engine.build_engine);
+    # the collectives are wrapped before its comm backend keeps its own reference to any of them
+    patch_collectives()
 
     from pipeline.data.stream import ShardStream
 
@@ -168,11 +168,7 @@ def build_worker(loop_config: dict) -> Worker:
     else:
         ds_config = build_deepspeed_config(cfg, world, precision, sum_gradients=True)
         model, aux = build_rank_modules(cfg, loop_config, rank, device, ds_config)
-        match_norm_buffers(model, precision)
-        trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parents stay out of Adam
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
-        if cfg.optim.lean_zero_step:
-            zero_step.install(engine)
+        engine = build_engine(cfg, model, world, precision, ds_config)
         growth = None
     if shm:
         local_allreduce.install()
