@@ -109,3 +109,42 @@ def test_a_file_named_like_a_checkpoint_is_not_one(tmp_path):
     snapshot.write_text("{}")
     assert "no vaepipe_commit.json" in commit_status(snapshot)[1]
     assert committed_checkpoints(tmp_path) == []
+
+
+class _SlowSaver:
+    """Writes this rank's shard the way a large ``torch.save`` does: in parts, over time."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def save_checkpoint(self, folder, tag, client_state):
+        import time
+
+        with open(Path(folder) / tag / f"rank_{self.rank}.pt", "wb") as f:
+            f.write(b"x" * 1000)
+            f.flush()
+            if self.rank == 0:
+                time.sleep(1.0)  # rank 1 is done by now and would list this file half written
+                f.write(b"x" * 1000)
+
+
+def _commit_rank(rank, world, folder):
+    from pipeline.config import load_config
+    from pipeline.train.checkpoint import write_checkpoint
+
+    (Path(folder) / "ds").mkdir(exist_ok=True)
+    stream = SimpleNamespace(state_dict=lambda: {"pos": 3})
+    w = SimpleNamespace(engine=_SlowSaver(rank), state=TrainState(), stream=stream, aux=None, rank=rank,
+                        world_size=world, cfg=load_config(None, ["model.flavor=debug"]), log=SimpleNamespace(run_id="r"))
+    write_checkpoint(w, Path(folder))
+    return commit_status(Path(folder))
+
+
+@pytest.mark.integration
+def test_ranks_sharing_a_folder_commit_only_what_every_rank_finished_writing(tmp_path):
+    from dist_helpers import run_ranks
+
+    statuses = run_ranks(_commit_rank, world=2, args=(str(tmp_path),))
+    assert statuses[0] == (True, "")
+    listed = json.loads((tmp_path / MARKER_FILE).read_text())["files"]
+    assert listed["ds/rank_0.pt"] == 2000 and listed["ds/rank_1.pt"] == 1000

@@ -76,6 +76,7 @@ def write_checkpoint(w: Any, folder: Path) -> None:
         if w.aux is not None:
             torch.save(w.aux.state_dict(), folder / AUX_FILE)
         (folder / "config.yaml").write_text(to_yaml(w.cfg))
+    gather_objects(None)  # a barrier: ranks that share the folder list it only once every rank has written
     listed = gather_objects(file_sizes(folder))
     if w.rank == 0:
         write_marker(folder, listed, w.state.step, w.world_size, w.cfg.dist.zero_stage)
