@@ -2,6 +2,7 @@
 
 
 import pytest
+import torch
 
 from conftest import base_overrides
 from pipeline.config import load_config
@@ -55,13 +56,17 @@ def test_overhead_report_ratios_are_the_measured_medians(shards32, tmp_path):
     base = [BaselineResult(r, {"forward": 10.0}, 2, 16) for r in (100.0, 120.0, 110.0)]
     run = lambda r, sm: {"images_per_sec": r, "ms": {"forward": 5.0, "communication": 2.0}, "wall_s": 30.0, "run_id": "x"}
     pipes = {False: [run(r, False) for r in (90.0, 99.0, 95.0)], True: [run(r, True) for r in (80.0, 85.0, 88.0)]}
-    rep = build_report(cfg, 10, base, pipes)
+    engines = [{"images_per_sec": r, "ms": {"forward": 6.0, "communication": 1.0}} for r in (104.0, 100.0, 108.0)]
+    rep = build_report(cfg, 10, base, pipes, engines)
     assert rep.summary["baseline_images_per_sec"] == 110.0
     assert rep.summary["ratio"] == 95.0 / 110.0 and rep.summary["ratio_sysmetrics"] == 85.0 / 110.0
     assert rep.summary["system_metrics_cost_pct"] == 100.0 * (1 - 85.0 / 95.0)
-    assert [r["ratio"] for r in rep.rows] == [1.0, 95.0 / 110.0, 85.0 / 110.0]
+    assert rep.summary["ratio_engine_ranks"] == 104.0 / 110.0
+    assert rep.summary["ray_stream_cost_pct"] == 100.0 * (1 - 95.0 / 104.0)  # the gap's part past the engine
+    assert [r["ratio"] for r in rep.rows] == [1.0, 104.0 / 110.0, 95.0 / 110.0, 85.0 / 110.0]
     assert rep.rows[0]["±%"] == 100.0 * 10 / 110.0  # half the range over the median
-    assert rep.rows[1]["comm"] == 2.0 and rep.rows[0]["comm"] == 0.0
+    assert [r["comm"] for r in rep.rows] == [0.0, 1.0, 2.0, 2.0]
+    assert rep.rows[1]["setup"] == "engine 2x1 ranks, no Ray"
 
 
 def test_report_is_printed_saved_as_json_and_png_and_logged(tmp_path):
@@ -150,9 +155,11 @@ def test_overhead_bench_smoke_runs_both_sides_and_reports_their_ratio(ray_sessio
     s = rep.summary
     assert s["ratio"] == s["pipeline_images_per_sec"] / s["baseline_images_per_sec"] > 0
     assert s["ratio_sysmetrics"] == s["pipeline_sysmetrics_images_per_sec"] / s["baseline_images_per_sec"]
-    assert [r["setup"].split()[0] for r in rep.rows] == ["bare", "vaepipe", "vaepipe"]
-    piped = rep.rows[1]
-    assert piped["fwd"] > 0 and piped["bwd"] > 0 and piped["comm"] > 0  # 2 workers all-reduce gradients
+    assert [r["setup"].split()[0] for r in rep.rows] == ["bare", "engine", "vaepipe", "vaepipe"]
+    assert s["ratio_engine_ranks"] == s["engine_ranks_images_per_sec"] / s["baseline_images_per_sec"] > 0
+    assert s["ray_stream_cost_pct"] == 100.0 * (1 - s["pipeline_images_per_sec"] / s["engine_ranks_images_per_sec"])
+    for piped in rep.rows[1:3]:  # the engine ranks and the run: 2 ranks all-reduce gradients
+        assert piped["fwd"] > 0 and piped["bwd"] > 0 and piped["comm"] > 0
     assert rep.params["global_batch"] == 16 and rep.params["precision"] in ("fp32", "bf16")
 
 
@@ -201,3 +208,11 @@ def test_comm_model_volumes_and_efficiency():
     assert comm_seconds(params, 64, 3, links) == pytest.approx(1.5 * comm_seconds(params, 64, 2, links))
     assert comm_seconds(params, 1, 3, links) == 0.0
     assert efficiency(3.0, 1.0, overlap=False) == 0.75 and efficiency(3.0, 1.0, overlap=True) == 1.0
+
+
+def test_engine_ranks_refuse_data_short_of_one_global_batch(shards32, tmp_path):
+    from pipeline.bench.engine_ranks import run_engine_ranks
+
+    cfg = load_config(None, base_overrides(shards32, tmp_path))
+    with pytest.raises(ValueError, match=r"one global batch \(16 images\).*gave 8"):
+        run_engine_ranks(cfg, torch.zeros(8, 3, 32, 32), steps=2)

@@ -1,8 +1,9 @@
 """``vaepipe bench overhead``: a real ``vaepipe train`` run against the bare loop, alternating.
 
-Each repetition runs the bare single-process loop (``baseline``) and then the pipeline (Ray
-Train workers, DeepSpeed, streaming from shards, MLflow) on the same model, global batch,
-precision and total threads; with ``system_metrics="both"`` the pipeline runs once with
+Each repetition runs the bare single-process loop (``baseline``), the loop's engine and step on
+the job's ranks without Ray (``engine_ranks``: where the gap between the other two comes from),
+and then the pipeline (Ray Train workers, DeepSpeed, streaming from shards, MLflow) on the same
+model, global batch, precision and total threads; with ``system_metrics="both"`` the pipeline runs once with
 MLflow's system metrics off and once on. Medians and spreads over the repetitions, the
 ratios of the medians, and where a step's time goes on each side (the pipeline's from its
 ``time_ms/*`` metrics, the baseline's from the same clock).
@@ -18,6 +19,7 @@ import statistics
 from dataclasses import replace
 
 from pipeline.bench.baseline import global_batch, load_in_memory, run_baseline, total_threads
+from pipeline.bench.engine_ranks import run_engine_ranks
 from pipeline.bench.report import BenchReport, spread
 from pipeline.config import VaepipeConfig
 from pipeline.train.timers import PHASES
@@ -68,18 +70,24 @@ def overhead(cfg: VaepipeConfig, steps: int, repeats: int, system_metrics: str =
     cfg = resolved_precision(cfg)
     data = load_in_memory(cfg, max_images)
     variants = {"off": [False], "on": [True], "both": [False, True]}[system_metrics]
-    base, pipes = [], {sm: [] for sm in variants}
+    base, engines, pipes = [], [], {sm: [] for sm in variants}
     for _ in range(repeats):
         base.append(run_baseline(cfg, data, steps))
+        engines.append(run_engine_ranks(cfg, data, steps))
         for sm in variants:
             pipes[sm].append(pipeline_run(bench_config(cfg, steps, sm)))
-    return build_report(cfg, steps, base, pipes)
+    return build_report(cfg, steps, base, pipes, engines)
 
 
-def build_report(cfg: VaepipeConfig, steps: int, base: list, pipes: dict) -> BenchReport:
+def build_report(cfg: VaepipeConfig, steps: int, base: list, pipes: dict, engines: list = ()) -> BenchReport:
     b = spread([r.images_per_sec for r in base])
     rows = [_row(f"bare loop, {base[0].threads} threads", b, _median_ms([r.ms_per_step for r in base]))]
     summary = {"baseline_images_per_sec": b["median"]}
+    if engines:
+        e = spread([r["images_per_sec"] for r in engines])
+        rows.append(_row(f"engine {cfg.dist.num_workers}x{cfg.dist.cpus_per_worker:g} ranks, no Ray", e,
+                         _median_ms([r["ms"] for r in engines]), ratio=e["median"] / b["median"]))
+        summary.update(engine_ranks_images_per_sec=e["median"], ratio_engine_ranks=e["median"] / b["median"])
     for sm, runs in pipes.items():
         p = spread([r["images_per_sec"] for r in runs])
         tag = "_sysmetrics" if sm else ""
@@ -90,6 +98,9 @@ def build_report(cfg: VaepipeConfig, steps: int, base: list, pipes: dict) -> Ben
         summary[f"pipeline{tag}_wall_s"] = statistics.median(r["wall_s"] for r in runs)
     plain_key = "pipeline_images_per_sec" if False in pipes else "pipeline_sysmetrics_images_per_sec"
     summary.update(achieved_flops(cfg, summary[plain_key]))
+    if engines and False in pipes:  # the gap split: engine and layout, then Ray, streaming and observation
+        summary["ray_stream_cost_pct"] = 100.0 * (1 - summary["pipeline_images_per_sec"]
+                                                  / summary["engine_ranks_images_per_sec"])
     if len(pipes) == 2:
         summary["system_metrics_cost_pct"] = 100.0 * (1 - summary["pipeline_sysmetrics_images_per_sec"]
                                                       / summary["pipeline_images_per_sec"])
@@ -99,6 +110,8 @@ def build_report(cfg: VaepipeConfig, steps: int, base: list, pipes: dict) -> Ben
               "zero_stage": cfg.dist.zero_stage, "loader_workers": cfg.data.loader_workers}
     notes = ["img/s: median over repetitions (±% = half the range); data..obs: ms per optimizer step by phase, median",
              "pipeline images/s: log windows after the first (start-up excluded; its wall time includes it)",
+             "engine ranks: the loop's DeepSpeed engine and train step on the job's ranks and threads, "
+             "data in memory, no Ray, stream or MLflow (bench/engine_ranks.py)",
              "bf16 on both sides: bf16 weights and activations, Adam on an fp32 master copy (DeepSpeed; the baseline does the same by hand)"]
     return BenchReport("overhead", f"overhead at {cfg.data.resolution}px, global batch {global_batch(cfg)}, "
                        f"{cfg.train.precision}", rows, summary, params, chart=_chart, notes=notes)
