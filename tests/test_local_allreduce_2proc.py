@@ -57,9 +57,15 @@ def _train(rank: int, world: int, shm: bool, zero_stage: int, room_on_rank1: boo
     comm.all_gather_into_tensor(int_gathered, torch.tensor([rank, -rank]))  # gloo's
     routed_gather = comm.cdb.all_gather_into_tensor.__qualname__.startswith("gather_route")
     timed_gather = hasattr(comm.cdb.all_gather_function, "__wrapped__")  # the gloo one, under the clock
+    from pipeline.train.collectives import any_rank
+
+    to_gloo, gloo_all_reduce = [], torch.distributed.all_reduce
+    torch.distributed.all_reduce = lambda *a, **k: to_gloo.append(1) or gloo_all_reduce(*a, **k)
+    anys = [any_rank(rank == 1, torch.device("cpu")), any_rank(False, torch.device("cpu"))]
+    torch.distributed.all_reduce = gloo_all_reduce
     from pipeline.train.export import gathered_state_dict
 
-    return {"routed": routed, "segment_made": segment_made, "segment_left": segment_left,
+    return {"anys": anys, "any_on_gloo": len(to_gloo), "routed": routed, "segment_made": segment_made, "segment_left": segment_left,
             "local_size": os.environ.get("LOCAL_SIZE"), "weights": gathered_state_dict(engine.module), "max": float(flag), "ints": int(ints),
             "comm_s": clock.comm_in["backward"] + clock.comm_in["optimizer"],
             "gathered": gathered.tolist(), "int_gathered": int_gathered.tolist(), "routed_gather": routed_gather,
@@ -88,6 +94,9 @@ def test_shm_allreduce_trains_to_the_same_weights_as_gloo(zero_stage):
     for r in shm + gloo:
         assert r["gathered"] == [float(v) for v in range(6)] + [float(v) for v in range(10, 16)]
         assert r["int_gathered"] == [0, 0, 1, -1]
+    # the loop's finite-loss agreement: right either way, and through the kernel where installed
+    assert all(r["anys"] == [True, False] for r in shm + gloo)
+    assert all(r["any_on_gloo"] == 0 for r in shm) and all(r["any_on_gloo"] == 2 for r in gloo)
     assert shm[0]["comm_s"] > 0  # the kernel's time is counted as communication
     # each rank's 66 MiB workspace existed in /dev/shm, and its name is gone once all ranks mapped it
     assert all(r["segment_made"] and not r["segment_left"] for r in shm)

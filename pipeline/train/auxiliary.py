@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from pipeline.train.collectives import all_reduce_values
+from pipeline.train.collectives import any_rank
 
 
 class AuxiliaryTrainer:
@@ -52,8 +52,7 @@ class AuxiliaryTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss, metrics = model.auxiliary_loss(self.module, out)
         device = next(self.module.parameters()).device
-        (bad,) = all_reduce_values([0.0 if torch.isfinite(loss).item() else 1.0], device, op="max")
-        if bad:
+        if any_rank(not torch.isfinite(loss).item(), device):
             return {"disc_skipped": 1.0}
         loss.backward()
         if not self._all_reduce_grads():

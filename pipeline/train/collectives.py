@@ -6,7 +6,19 @@ single-process test and on N Ray Train workers.
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
+
+# A blocking in-place SUM over every rank through DeepSpeed's shared-memory kernel, falling back
+# to gloo for what the kernel cannot take (``local_allreduce.install`` sets it on one CPU node).
+_sum_route: Optional[Callable] = None
+
+
+def route_sums(fn: Optional[Callable]) -> None:
+    """Send ``any_rank``'s SUM through ``fn`` (``fn(tensor)``, in place, blocking); None: gloo."""
+    global _sum_route
+    _sum_route = fn
 
 
 def _dist():
@@ -43,8 +55,13 @@ def gather_objects(obj) -> list:
 
 
 def any_rank(flag: bool, device) -> bool:
-    """True on every rank when ``flag`` is true on any rank (one collective)."""
-    return bool(all_reduce_values([1.0 if flag else 0.0], device, op="max")[0])
+    """True on every rank when ``flag`` is true on any rank: one SUM of 0/1 flags in fp32 (exact),
+    through the shared-memory kernel where it is installed (the loop asks this every micro-batch)."""
+    t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float32, device=device)
+    dist = _dist()
+    if dist is not None:
+        (_sum_route or dist.all_reduce)(t)
+    return bool(t.item() > 0)
 
 
 def world_size() -> int:

@@ -11,7 +11,8 @@ fp16 with AVX512-BW), a SUM over the whole world, blocking. Everything else (oth
 MAX/MIN, integer tensors, async calls) goes to gloo as before: the kernel silently skips
 dtypes it does not know, so the routing must never send it one. The kernel needs every rank on
 one node (``LOCAL_SIZE`` = world size, read when DeepSpeed creates its backend). ZeRO-1/2's
-blocking parameter all-gather goes through the same kernel, as a SUM of zero-padded slots.
+blocking parameter all-gather goes through the same kernel, as a SUM of zero-padded slots, and
+so does the loop's own finite-loss agreement (``collectives.any_rank``, a SUM of 0/1 flags).
 
 ``dist.shm_allreduce`` (on by default) takes it exactly there (CPU workers, one node, more
 than one rank); false keeps gloo everywhere.
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 
-from pipeline.train import timers
+from pipeline.train import collectives, timers
 
 _LEVEL_NEEDED = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 2}
 SHM_DIR = "/dev/shm"
@@ -114,6 +115,7 @@ def install() -> bool:
 
     cdb.all_reduce, cdb._vaepipe_shm = all_reduce, True
     cdb.all_gather_into_tensor = gather_route(cdb.all_gather_into_tensor, level, world)
+    collectives.route_sums(all_reduce)  # the loop's per-micro-batch finite check too
     return True
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from pipeline.train.collectives import all_reduce_values
+from pipeline.train.collectives import any_rank
 from pipeline.train.engine import backward_scale, input_dtype
 from pipeline.train.schedules import kl_weight
 from pipeline.train.timers import phase
@@ -26,7 +26,7 @@ def train_step(w: Any, batch: dict) -> dict[str, Any]:
         loss = out["loss"]
         # A NaN on one rank must stop every rank's backward, or the others would apply a
         # poisoned gradient (bf16 ZeRO does not check it): agree first, then skip together.
-        (bad,) = all_reduce_values([0.0 if torch.isfinite(loss).item() else 1.0], w.device, op="max")
+        bad = any_rank(not torch.isfinite(loss).item(), w.device)
     if bad:
         # No rank ran backward or step, so DeepSpeed's micro-step counter did not move and
         # the next batch takes this one's place.
