@@ -143,7 +143,9 @@ def start_mlflow_server(root: Path, port: int, artifacts_destination: str | None
            "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--serve-artifacts",
            "--artifacts-destination", artifacts_destination or str(root / "artifacts"), "--workers", "1"]
     log = open(root / "server.log", "a")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    # no job runner: the tests use none, and MLflow never removes the job store it makes in /dev/shm
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     log.close()
     wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proc)
     return proc
