@@ -27,8 +27,7 @@ def run_engine_ranks(cfg: VaepipeConfig, data: torch.Tensor, steps: int, warmup:
     timed on rank 0 (the ranks run in lockstep: every step all-reduces)."""
     from pipeline.bench.ranks import run_fresh_ranks
 
-    per_rank = cfg.data.batch_size * cfg.train.grad_accum_steps
-    if len(data) < per_rank * cfg.dist.num_workers:
+    if len(data) < global_batch(cfg):
         raise ValueError(f"the engine ranks need one global batch ({global_batch(cfg)} images); "
                          f"{cfg.data.path} gave {len(data)}")
     threads = max(1, int(cfg.dist.cpus_per_worker))
@@ -72,14 +71,12 @@ def _rank(rank: int, world: int, cfg: VaepipeConfig, data: torch.Tensor, steps: 
 
 def _worker(cfg: VaepipeConfig, rank: int, world: int, use_cuda: bool) -> SimpleNamespace:
     """What ``train_step`` reads of a worker, with the engine the worker would build."""
-    from pipeline.train.engine import DeviceFacts, build_deepspeed_config, build_engine, resolve_precision
-    from pipeline.train.worker import TrainState, build_rank_modules
+    from pipeline.train.engine import DeviceFacts, resolve_precision
+    from pipeline.train.worker import TrainState, build_rank_engine
 
     device = torch.device("cuda", rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
     precision = resolve_precision(cfg.train.precision, DeviceFacts.detect(use_cuda))
-    ds_config = build_deepspeed_config(cfg, world, precision, sum_gradients=True)
-    model, aux = build_rank_modules(cfg, {}, rank, device, ds_config)
-    engine = build_engine(cfg, model, world, precision, ds_config)
+    engine, aux = build_rank_engine(cfg, {}, rank, world, device, precision)
     return SimpleNamespace(cfg=cfg, engine=engine, aux=aux, device=device, precision=precision, state=TrainState(),
                            stream=SimpleNamespace(steps_per_epoch=1), clock=None)
 

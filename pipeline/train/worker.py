@@ -120,6 +120,16 @@ def build_rank_modules(cfg: VaepipeConfig, loop_config: dict, rank: int, device:
     return model, aux
 
 
+def build_rank_engine(cfg: VaepipeConfig, loop_config: dict, rank: int, world: int, device: torch.device,
+                      precision: str) -> tuple[Any, Optional[AuxiliaryTrainer]]:
+    """(the loop's engine, the auxiliary trainer) of one rank of a single-resolution run: the model
+    built under the engine's own DeepSpeed config (ZeRO-3's ``zero.Init`` needs it), then
+    ``engine.build_engine``. The bench's engine ranks build theirs here too."""
+    ds_config = build_deepspeed_config(cfg, world, precision, sum_gradients=True)
+    model, aux = build_rank_modules(cfg, loop_config, rank, device, ds_config)
+    return build_engine(cfg, model, world, precision, ds_config), aux
+
+
 def build_progressive_engine(cfg: VaepipeConfig, rank: int, world: int, precision: str):
     """(first stage's config, its engine, no auxiliary, the run's Growth); a resume rebuilds for
     the phase its checkpoint was saved in (``checkpoint._try_load``)."""
@@ -166,9 +176,7 @@ def build_worker(loop_config: dict) -> Worker:
     if cfg.progressive.enabled:
         cfg, engine, aux, growth = build_progressive_engine(cfg, rank, world, precision)
     else:
-        ds_config = build_deepspeed_config(cfg, world, precision, sum_gradients=True)
-        model, aux = build_rank_modules(cfg, loop_config, rank, device, ds_config)
-        engine = build_engine(cfg, model, world, precision, ds_config)
+        engine, aux = build_rank_engine(cfg, loop_config, rank, world, device, precision)
         growth = None
     if shm:
         local_allreduce.install()
