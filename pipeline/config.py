@@ -255,6 +255,10 @@ class DistConfig:
     shm_allreduce: bool = True
     """When all CPU workers share one node, DeepSpeed's gradient all-reduces go through its
     shared-memory kernel instead of gloo's loopback TCP (several times faster); false: gloo."""
+    retain_freed_memory: bool = True
+    """Workers keep the host memory a step frees for the next step (glibc malloc with fixed mmap
+    and trim thresholds, ``train/host_memory.py``) instead of returning it to the kernel and
+    faulting it back in page by page; false: glibc's defaults."""
     offload_optimizer: bool = False
     """ZeRO offload of optimizer state to CPU (stages 1-3)."""
     offload_params: bool = False

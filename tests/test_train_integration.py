@@ -53,6 +53,7 @@ def _assert_run_recorded(client, run_id, max_steps):
         assert key in run.data.metrics, f"metric {key} missing from run {run_id}"
     assert run.data.params["dist.num_workers"] == "2"
     assert run.data.tags["vaepipe.posterior_collapse"] in ("True", "False")
+    assert run.data.tags["vaepipe.retain_freed_memory"] == "True"  # the workers' glibc keeps freed memory
     images = logged_images(client, run_id)  # MLflow images by key and step (the UI's slider)
     for key in ("reconstructions", "samples", "traversals", "kl_per_dim"):
         assert (key, max_steps) in images, sorted(images)

@@ -41,12 +41,15 @@ def _use_cuda(cfg: VaepipeConfig) -> bool:
 
 
 def _rank(rank: int, world: int, cfg: VaepipeConfig, data: torch.Tensor, steps: int, warmup: int) -> dict:
-    """One rank: the worker's set-up order (collectives wrapped, shared memory prepared, engine
-    built, shared memory installed), then ``train_step`` on this rank's slice of ``data``."""
-    from pipeline.train import local_allreduce
+    """One rank: the worker's set-up order (freed memory retained, collectives wrapped, shared
+    memory prepared, engine built, shared memory installed), then ``train_step`` on this rank's
+    slice of ``data``."""
+    from pipeline.train import host_memory, local_allreduce
     from pipeline.train.engine import set_accelerator_env
     from pipeline.train.timers import PhaseClock, activate, patch_collectives
 
+    if cfg.dist.retain_freed_memory:
+        host_memory.retain_freed_memory()
     use_cuda = _use_cuda(cfg)
     set_accelerator_env(use_cuda)
     patch_collectives()

@@ -17,7 +17,7 @@ from pipeline.logger import RankZeroLogger
 from pipeline.train.activation import apply_activation_checkpointing
 from pipeline.train.auxiliary import AuxiliaryTrainer
 from pipeline.train.checkpoint import restore
-from pipeline.train import local_allreduce
+from pipeline.train import host_memory, local_allreduce
 from pipeline.train.collectives import sum_over_ranks
 from pipeline.train.timers import PhaseClock, activate, clock_for, patch_collectives
 from pipeline.train.engine import (
@@ -157,6 +157,7 @@ def build_worker(loop_config: dict) -> Worker:
 
     loop_config["env"].apply()  # MLflow's URI and credentials, kept out of the (redacted) config
     cfg = from_dict(loop_config["config"])
+    retained = cfg.dist.retain_freed_memory and host_memory.retain_freed_memory()  # before the model allocates
     use_cuda = cfg.dist.gpus_per_worker > 0
     set_accelerator_env(use_cuda)
     # DeepSpeed is imported after DS_ACCELERATOR is set, inside the worker (engine.build_engine);
@@ -193,6 +194,7 @@ def build_worker(loop_config: dict) -> Worker:
                     fault=loop_config.get("fault", {}), aux=aux, objective=objective_name(cfg.model),
                     clock=clock_for(cfg.train.phase_timers, use_cuda), growth=growth)
     activate(worker.clock)
-    log.tags({"vaepipe.torch_threads": torch.get_num_threads()})  # what Ray's OMP_NUM_THREADS gave each rank
+    # what Ray's OMP_NUM_THREADS gave each rank, and whether glibc keeps freed memory
+    log.tags({"vaepipe.torch_threads": torch.get_num_threads(), "vaepipe.retain_freed_memory": retained})
     restore(worker, loop_config.get("run_dir"), loop_config.get("resume_from"))
     return worker
