@@ -1,6 +1,7 @@
 """DeepSpeed config generation and the precision choice, decided in one place."""
 
 import pytest
+import torch
 
 from pipeline.config import load_config
 from pipeline.train.engine import DeviceFacts, build_deepspeed_config, cpu_has_fast_bf16, resolve_precision
@@ -73,3 +74,22 @@ def test_the_loops_engines_sum_gradients_where_deepspeed_can(stage, world, summe
     loop = build_deepspeed_config(cfg, world, "fp32", sum_gradients=True)
     assert (loop.get("gradient_allreduce_op") == "sum") is summed  # ZeRO-3 has no sum mode; one rank needs none
     assert "gradient_allreduce_op" not in build_deepspeed_config(cfg, world, "fp32")  # others keep the mean
+
+
+def test_zero_1_2_gradient_bucket_is_no_larger_than_the_trainable_parameters():
+    from pipeline.train.engine import DEEPSPEED_REDUCE_BUCKET, size_reduce_bucket
+
+    params = [torch.nn.Parameter(torch.zeros(300, 10)), torch.nn.Parameter(torch.zeros(7))]
+    for stage in (1, 2):
+        ds = build_deepspeed_config(load_config(None, [f"dist.zero_stage={stage}"]), 2, "bf16")
+        sized = size_reduce_bucket(ds, params)
+        assert sized["zero_optimization"]["reduce_bucket_size"] == 3007
+        assert "reduce_bucket_size" not in ds["zero_optimization"]  # the caller's dict is not changed
+    huge = [torch.empty(1).expand(DEEPSPEED_REDUCE_BUCKET + 1)]  # that many elements, one in memory
+    ds2 = build_deepspeed_config(load_config(None, ["dist.zero_stage=2"]), 2, "bf16")
+    assert size_reduce_bucket(ds2, huge)["zero_optimization"]["reduce_bucket_size"] == DEEPSPEED_REDUCE_BUCKET
+    for stage in (0, 3):
+        ds = build_deepspeed_config(load_config(None, [f"dist.zero_stage={stage}"]), 2, "bf16")
+        assert size_reduce_bucket(ds, params) == ds
+    explicit = {**ds2, "zero_optimization": {**ds2["zero_optimization"], "reduce_bucket_size": 10**6}}
+    assert size_reduce_bucket(explicit, params) == explicit

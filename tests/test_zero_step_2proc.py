@@ -9,22 +9,25 @@ import torch
 from dist_helpers import run_ranks
 
 
-def _train(rank: int, world: int, lean: bool, zero_stage: int, precision: str, summed: bool = False) -> dict:
+def _train(rank: int, world: int, lean: bool, zero_stage: int, precision: str, summed: bool = False,
+           sized_bucket: bool = False) -> dict:
     import deepspeed
     from deepspeed.comm import comm
 
     from models import build_model
     from pipeline.config import load_config
     from pipeline.train import zero_step
-    from pipeline.train.engine import backward_scale, build_deepspeed_config, input_dtype
+    from pipeline.train.engine import backward_scale, build_deepspeed_config, input_dtype, size_reduce_bucket
     from pipeline.train.export import gathered_state_dict
 
     cfg = load_config(None, ["model.flavor=debug", "data.resolution=32", "data.batch_size=4", "optim.grad_clip=0.05",
                              f"dist.zero_stage={zero_stage}", f"train.precision={precision}"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
-                                      config=build_deepspeed_config(cfg, world, precision, sum_gradients=summed))
+    ds_config = build_deepspeed_config(cfg, world, precision, sum_gradients=summed)
+    if sized_bucket:
+        ds_config = size_reduce_bucket(ds_config, list(model.parameters()))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config)
     installed = zero_step.install(engine) if lean else False
     ops = []
     real = comm.cdb.all_reduce
@@ -44,7 +47,8 @@ def _train(rank: int, world: int, lean: bool, zero_stage: int, precision: str, s
         if step == 0:
             step_ops = ops[ops_before:]
     comm.cdb.all_reduce = real
-    return {"installed": installed, "scale": backward_scale(engine), "grads0": grads0 if zero_stage == 0 else None, "step_ops": step_ops, "norms": norms, "skipped": engine.skipped_steps,
+    return {"bucket": getattr(engine.optimizer, "reduce_bucket_size", None),
+            "numel": sum(p.numel() for p in model.parameters()), "installed": installed, "scale": backward_scale(engine), "grads0": grads0 if zero_stage == 0 else None, "step_ops": step_ops, "norms": norms, "skipped": engine.skipped_steps,
             "before_nan": snapshots[2], "after_nan": snapshots[3], "final": snapshots[4]}
 
 
@@ -107,3 +111,13 @@ def test_summed_gradients_of_prescaled_losses_train_like_deepspeeds_mean(zero_st
     if zero_stage:  # a ZeRO optimizer: it reports the norm and skips a poisoned step
         _assert_same_norms(mean, summed)
         _assert_nan_step_skipped_on_both(summed)
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_a_bucket_the_size_of_the_model_trains_to_the_same_weights(zero_stage):
+    default = run_ranks(_train, args=(True, zero_stage, "fp32"))
+    sized = run_ranks(_train, args=(True, zero_stage, "fp32", False, True))
+    assert default[0]["bucket"] == 500_000_000 and sized[0]["bucket"] == sized[0]["numel"]  # 2 MB, not 2 GB
+    for k, v in default[0]["final"].items():
+        assert torch.equal(sized[0]["final"][k], v), k  # the same gradients, reduced in the same one call
+    assert sized[0]["skipped"] == default[0]["skipped"] == 1  # the poisoned step is still skipped
