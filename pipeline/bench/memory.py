@@ -73,19 +73,13 @@ def peak_memory_bytes(device: torch.device) -> tuple[str, int]:
 
 def _rank_worker(cfg: VaepipeConfig, rank: int, world: int):
     """Engine and the fields ``train_step`` reads, built as ``worker.build_worker`` builds them."""
-    import deepspeed
-
-    from pipeline.train.engine import DeviceFacts, build_deepspeed_config, match_norm_buffers, resolve_precision
-    from pipeline.train.worker import TrainState, build_rank_modules
+    from pipeline.train.engine import DeviceFacts, resolve_precision
+    from pipeline.train.worker import TrainState, build_rank_engine
 
     use_cuda = torch.cuda.is_available() and cfg.dist.gpus_per_worker > 0
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     precision = resolve_precision(cfg.train.precision, DeviceFacts.detect(use_cuda))
-    ds_config = build_deepspeed_config(cfg, world, precision)
-    model, aux = build_rank_modules(cfg, {}, rank, device, ds_config)
-    match_norm_buffers(model, precision)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    engine, aux = build_rank_engine(cfg, {}, rank, world, device, precision)
     return SimpleNamespace(cfg=cfg, engine=engine, aux=aux, device=device, precision=precision,
                            state=TrainState(), stream=SimpleNamespace(steps_per_epoch=10**6))
 
