@@ -48,14 +48,13 @@ def _rank(rank: int, world: int, cfg: VaepipeConfig, data: torch.Tensor, steps: 
     from pipeline.train.engine import set_accelerator_env
     from pipeline.train.timers import PhaseClock, activate, patch_collectives
 
-    if cfg.dist.retain_freed_memory:
-        host_memory.retain_freed_memory()
+    host_memory.retain_freed_memory(cfg.dist.retain_freed_memory)
     use_cuda = _use_cuda(cfg)
     set_accelerator_env(use_cuda)
     patch_collectives()
     shm = local_allreduce.wanted(cfg.dist.shm_allreduce, use_cuda, world, world) and local_allreduce.prepare(world)
     try:
-        w = _worker(cfg, rank, world, use_cuda)
+        w = rank_worker(cfg, rank, world)
         if shm:
             local_allreduce.install()
         batches = _batches(data[rank::world], cfg.data.batch_size)
@@ -72,16 +71,19 @@ def _rank(rank: int, world: int, cfg: VaepipeConfig, data: torch.Tensor, steps: 
             local_allreduce.release_segment()
 
 
-def _worker(cfg: VaepipeConfig, rank: int, world: int, use_cuda: bool) -> SimpleNamespace:
-    """What ``train_step`` reads of a worker, with the engine the worker would build."""
+def rank_worker(cfg: VaepipeConfig, rank: int, world: int, steps_per_epoch: int = 1) -> SimpleNamespace:
+    """What ``train_step`` reads of a worker, with the engine the worker would build, on a rank of
+    ``run_fresh_ranks`` (which sets each CUDA rank's device). ``steps_per_epoch``: the stream's,
+    read only by an epoch-based KL schedule. ``bench memory`` builds its ranks here too."""
     from pipeline.train.engine import DeviceFacts, resolve_precision
     from pipeline.train.worker import TrainState, build_rank_engine
 
+    use_cuda = _use_cuda(cfg)
     device = torch.device("cuda", rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
     precision = resolve_precision(cfg.train.precision, DeviceFacts.detect(use_cuda))
     engine, aux = build_rank_engine(cfg, {}, rank, world, device, precision)
     return SimpleNamespace(cfg=cfg, engine=engine, aux=aux, device=device, precision=precision, state=TrainState(),
-                           stream=SimpleNamespace(steps_per_epoch=1), clock=None)
+                           stream=SimpleNamespace(steps_per_epoch=steps_per_epoch), clock=None)
 
 
 def _batches(share: torch.Tensor, batch: int):

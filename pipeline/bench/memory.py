@@ -16,7 +16,6 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
-from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -71,30 +70,18 @@ def peak_memory_bytes(device: torch.device) -> tuple[str, int]:
     return "peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _rank_worker(cfg: VaepipeConfig, rank: int, world: int):
-    """Engine and the fields ``train_step`` reads, built as ``worker.build_worker`` builds them."""
-    from pipeline.train.engine import DeviceFacts, resolve_precision
-    from pipeline.train.worker import TrainState, build_rank_engine
-
-    use_cuda = torch.cuda.is_available() and cfg.dist.gpus_per_worker > 0
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    precision = resolve_precision(cfg.train.precision, DeviceFacts.detect(use_cuda))
-    engine, aux = build_rank_engine(cfg, {}, rank, world, device, precision)
-    return SimpleNamespace(cfg=cfg, engine=engine, aux=aux, device=device, precision=precision,
-                           state=TrainState(), stream=SimpleNamespace(steps_per_epoch=10**6))
-
-
 def measure_rank(rank: int, world: int, cfg_dict: dict, steps: int, warmup: int) -> dict:
     """One configuration on one rank (a fresh process): step times, held bytes, peak memory."""
     import warnings
 
+    from pipeline.bench.engine_ranks import rank_worker
     from pipeline.bench.model_state import held_bytes
     from pipeline.config import from_dict
     from pipeline.train.step import train_step
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     baseline = current_rss_bytes()
-    w = _rank_worker(from_dict(cfg_dict), rank, world)
+    w = rank_worker(from_dict(cfg_dict), rank, world, steps_per_epoch=10**6)
     d = w.cfg.data
     gen = torch.Generator().manual_seed(1000 + rank)
     batch = {"image": torch.rand(d.batch_size, d.channels, d.resolution, d.resolution, generator=gen)}

@@ -27,9 +27,12 @@ MMAP_THRESHOLD = 32 << 20  # blocks above this are mmapped (and unmapped on free
 TRIM_THRESHOLD = 1 << 30  # free memory at the heap's top kept before any is returned
 
 
-def retain_freed_memory() -> bool:
-    """Fix glibc's mmap and trim thresholds for this process; False where libc is not glibc
-    (musl, macOS), which keeps its allocator as it is."""
+def retain_freed_memory(enabled: bool = True) -> bool:
+    """Fix glibc's mmap and trim thresholds for this process where ``enabled``
+    (``dist.retain_freed_memory``); False where disabled or libc is not glibc (musl, macOS),
+    which keeps its allocator as it is."""
+    if not enabled:
+        return False
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 - glibc only: mallopt's parameters differ elsewhere

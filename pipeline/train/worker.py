@@ -157,7 +157,7 @@ def build_worker(loop_config: dict) -> Worker:
 
     loop_config["env"].apply()  # MLflow's URI and credentials, kept out of the (redacted) config
     cfg = from_dict(loop_config["config"])
-    retained = cfg.dist.retain_freed_memory and host_memory.retain_freed_memory()  # before the model allocates
+    retained = host_memory.retain_freed_memory(cfg.dist.retain_freed_memory)  # before the model allocates
     use_cuda = cfg.dist.gpus_per_worker > 0
     set_accelerator_env(use_cuda)
     # DeepSpeed is imported after DS_ACCELERATOR is set, inside the worker (engine.build_engine);
