@@ -80,7 +80,7 @@ def bench_scaling(
     gpu: str = typer.Option("H100", help="GPU of the prediction (dense bf16 peak from its data sheet)."),
     mfu: float = typer.Option(0.4, help="Assumed fraction of the GPU's peak the model reaches."),
     predict_resolution: int = typer.Option(256, help="Resolution of the model the GPU prediction is for."),
-    predict_batch: int = typer.Option(32, help="Images per GPU per optimizer step in the prediction (micro-batch x accumulation)."),
+    predict_batch: int = typer.Option(32, help="Micro-batch per GPU in the prediction; the accumulation that reaches 90% at 64 GPUs is computed per ZeRO stage."),
     inter_gbps: float = typer.Option(400.0, help="Link between nodes, Gb/s per GPU."),
     intra_gbps: float = typer.Option(2400.0, help="Link within a node (NVLink), Gb/s per GPU."),
     latency_us: float = typer.Option(10.0, help="Latency per hop of a collective, microseconds."),

@@ -7,16 +7,22 @@ Measured (real ``vaepipe train`` runs, steady-state images/s and per-phase ms):
 - *layouts*: the machine's cores split as (workers x threads) at a fixed global batch, so the
   fastest way to use this machine is read off the table (``recommended``).
 
-Predicted (a model, printed with its assumptions): per optimizer step a rank computes for
-``t_c = micro_batch * seconds_per_image`` and ZeRO moves, per rank, ``k * (n-1)/n * P * b`` bytes
-(P trainable parameters, b bytes per element: 2 in bf16): k = 2 for ZeRO 0-2 (an all-reduce,
-or a reduce-scatter plus an all-gather), 3 for ZeRO-3 (parameters gathered for forward and
-backward, gradients reduce-scattered). Bytes cross NVLink within a node and the node's NICs
-between nodes (ring: the slowest link sets the pace); each collective also pays
-``2 * log2(n) * latency`` (tree) per bucket. Efficiency = t_c / (t_c + exposed comm), with no
-overlap and with the communication hidden behind backward (2/3 of the compute) where it fits.
-Seconds per image come from this machine's measurement (a cluster of these CPUs) or, for
-GPUs, from the model's FLOPs at an assumed fraction of the card's dense bf16 peak.
+Predicted (a model, printed with its assumptions): an optimizer step of ``a`` micro-batches of
+``m`` images computes for ``t_c = a * m * seconds_per_image`` per rank, and ZeRO moves, per rank,
+``(n-1)/n * P * b`` bytes per pass (P trainable parameters, b bytes per element: 2 in bf16), as
+DeepSpeed schedules its collectives: ZeRO-0 all-reduces the gradients (2 passes) and ZeRO-1
+reduce-scatters them and all-gathers the updated partitions (2), once per optimizer step; ZeRO-2
+reduce-scatters the gradients after every micro-batch and all-gathers once per step (a + 1);
+ZeRO-3 gathers the parameters for forward and for backward and reduce-scatters the gradients on
+every micro-batch (3a). So gradient accumulation amortises ZeRO-0/1's communication and not
+ZeRO-2/3's. Bytes cross NVLink within a node and the node's NICs between nodes (ring: the
+slowest link sets the pace); each collective also pays ``2 * log2(n) * latency`` (tree) per
+bucket. Efficiency = t_c / (t_c + exposed comm), with no overlap and with the communication
+hidden behind backward (2/3 of the compute) where it fits; for each stage the prediction also
+gives the fewest micro-batches per step (accumulation) that reach 90% at 64 GPUs without
+overlap, or none where more accumulation cannot get there. Seconds per image come from this
+machine's measurement (a cluster of these CPUs) or, for GPUs, from the model's FLOPs at an
+assumed fraction of the card's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
+from typing import Optional
 
 from pipeline.bench.report import BenchReport
 from pipeline.config import VaepipeConfig
@@ -40,18 +47,23 @@ class Links:
     bucket_mb: float = 500.0  # DeepSpeed's default reduce bucket (elements ~ MB at 1 byte)
 
 
-def comm_factor(zero_stage: int) -> float:
-    return 3.0 if zero_stage == 3 else 2.0
+TARGET_EFFICIENCY, TARGET_GPUS, MAX_ACCUM = 0.9, 64, 1024
+
+# Collectives of one optimizer step per ZeRO stage, as (passes over the parameters, collectives):
+# those once per step, and those after every micro-batch (see the module docstring).
+SCHEDULE = {0: ((2, 1), (0, 0)), 1: ((2, 2), (0, 0)), 2: ((1, 1), (1, 1)), 3: ((0, 0), (3, 3))}
 
 
-def comm_seconds(params: int, n: int, zero_stage: int, links: Links, bytes_per_elem: int = 2) -> float:
-    """Per-rank communication time of one optimizer step on ``n`` ranks (0 for one rank)."""
+def comm_seconds(params: int, n: int, zero_stage: int, links: Links, bytes_per_elem: int = 2, accum: int = 1) -> float:
+    """Per-rank communication time of one optimizer step of ``accum`` micro-batches on ``n`` ranks
+    (0 for one rank)."""
     if n <= 1:
         return 0.0
-    volume = comm_factor(zero_stage) * (n - 1) / n * params * bytes_per_elem
+    (step_passes, step_calls), (micro_passes, micro_calls) = SCHEDULE[zero_stage]
+    volume = (step_passes + accum * micro_passes) * (n - 1) / n * params * bytes_per_elem
     gbps = links.intra_gbps if n <= links.gpus_per_node else links.inter_gbps
     buckets = max(1, math.ceil(params * bytes_per_elem / (links.bucket_mb * 1e6)))
-    collectives = buckets * (3 if zero_stage == 3 else 2 if zero_stage else 1)
+    collectives = buckets * (step_calls + accum * micro_calls)
     latency = collectives * 2 * math.log2(n) * links.latency_us * 1e-6
     return volume * 8 / (gbps * 1e9) + latency
 
@@ -61,16 +73,47 @@ def efficiency(t_compute: float, t_comm: float, overlap: bool) -> float:
     return t_compute / (t_compute + exposed)
 
 
+def accumulation_for(params: int, t_micro: float, zero_stage: int, links: Links, n: int = TARGET_GPUS,
+                     target: float = TARGET_EFFICIENCY) -> Optional[int]:
+    """The fewest micro-batches per optimizer step reaching ``target`` at ``n`` ranks without
+    overlap (efficiency rises with accumulation, so a doubling search and a bisection find it);
+    None if even ``MAX_ACCUM`` does not (ZeRO-2/3 communicate on every micro-batch)."""
+    def reaches(a: int) -> bool:
+        return efficiency(a * t_micro, comm_seconds(params, n, zero_stage, links, accum=a), overlap=False) >= target
+
+    if not reaches(MAX_ACCUM):
+        return None
+    hi = 1
+    while not reaches(hi):
+        hi *= 2
+    lo = hi // 2  # fails (or is 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
+    return hi
+
+
+def micro_batch_for(params: int, seconds_per_image: float, zero_stage: int, links: Links, n: int = TARGET_GPUS,
+                    target: float = TARGET_EFFICIENCY) -> int:
+    """The smallest micro-batch (one per optimizer step) reaching ``target`` at ``n`` ranks without
+    overlap: compute grows with it, communication does not, so ``m * s >= target / (1 - target) * comm``."""
+    return max(1, math.ceil(target / (1 - target) * comm_seconds(params, n, zero_stage, links) / seconds_per_image))
+
+
 def predict(params: int, seconds_per_image: float, micro_batch: int, links: Links, label: str) -> list[dict]:
     rows = []
     t_c = micro_batch * seconds_per_image
     for stage in (0, 1, 2, 3):
+        accum = accumulation_for(params, t_c, stage, links)
         row = {"what": label, "zero": stage, "compute ms": 1000 * t_c,
                f"comm ms @{GPU_COUNTS[-1]}": 1000 * comm_seconds(params, GPU_COUNTS[-1], stage, links)}
         for n in GPU_COUNTS:
             t = comm_seconds(params, n, stage, links)
             row[f"eff @{n}"] = efficiency(t_c, t, overlap=False)
             row[f"eff @{n} ovl"] = efficiency(t_c, t, overlap=True)
+        row[f"accum for {TARGET_EFFICIENCY:.0%} @{TARGET_GPUS}"] = accum
+        row[f"micro-batch for {TARGET_EFFICIENCY:.0%} @{TARGET_GPUS}"] = micro_batch_for(params, seconds_per_image, stage,
+                                                                                       links)
         rows.append(row)
     return rows
 
@@ -149,10 +192,19 @@ def prediction(cfg: VaepipeConfig, cpu_s_per_img: float, links: Links, gpu: str,
     rows = (predict(param_count(cfg), cpu_s_per_img, cfg.data.batch_size, links, f"this CPU: {cfg.data.resolution}px")
             + predict(param_count(predict_cfg), gpu_s_per_img, predict_batch, links, gpu_label))
     summary = {f"predicted_eff_{n}gpu_zero{r['zero']}": r[f"eff @{n}"] for r in rows[4:] for n in GPU_COUNTS}
+    accum_key = f"accum for {TARGET_EFFICIENCY:.0%} @{TARGET_GPUS}"
+    summary.update({f"predicted_accum_for_90pct_{TARGET_GPUS}gpu_zero{r['zero']}": r[accum_key]
+                    for r in rows[4:] if r[accum_key] is not None})
+    summary.update({f"predicted_micro_batch_for_90pct_{TARGET_GPUS}gpu_zero{r['zero']}":
+                    r[f"micro-batch for {TARGET_EFFICIENCY:.0%} @{TARGET_GPUS}"] for r in rows[4:]})
     notes = [f"links: {links.gpus_per_node} GPUs/node, NVLink {links.intra_gbps:.0f} Gb/s, between nodes "
              f"{links.inter_gbps:.0f} Gb/s per GPU, {links.latency_us:.0f} us per hop, buckets {links.bucket_mb:.0f} MB",
              f"GPU compute: {gpu_flops / 1e9:.2f} GFLOP/image (fwd+bwd) at {mfu:.0%} of {gpu}'s dense bf16 peak, "
-             f"micro-batch {predict_batch}",
+             f"micro-batch {predict_batch} per GPU; eff columns at one micro-batch per optimizer step",
+             f"'{accum_key}': fewest micro-batches per optimizer step (gradient accumulation) that reach "
+             f"{TARGET_EFFICIENCY:.0%} at {TARGET_GPUS} GPUs without overlap; none where ZeRO's per-micro-batch "
+             "collectives keep it below at any accumulation; 'micro-batch for ...': the images per GPU per "
+             "micro-batch that reach it with no accumulation (memory permitting)",
              f"this CPU: {1000 * cpu_s_per_img:.2f} ms/image compute (fwd+bwd+opt, 1 thread, measured)",
              "eff: no overlap; 'ovl': communication hidden behind backward (2/3 of compute) where it fits"]
     params = {"gpu": gpu, "mfu": mfu, "predict_resolution": predict_cfg.data.resolution, "predict_batch": predict_batch,
