@@ -69,6 +69,34 @@ def test_overhead_report_ratios_are_the_measured_medians(shards32, tmp_path):
     assert rep.rows[1]["setup"] == "engine 2x1 ranks, no Ray"
 
 
+def test_overhead_report_compiled_baseline_row_is_its_median_over_the_eager_one(shards32, tmp_path):
+    from pipeline.bench.baseline import BaselineResult
+    from pipeline.bench.overhead import build_report
+
+    cfg = load_config(None, base_overrides(shards32, tmp_path))
+    base = [BaselineResult(r, {"forward": 10.0}, 2, 16) for r in (100.0, 120.0, 110.0)]
+    compiled = [BaselineResult(r, {"forward": 12.0}, 2, 16, compiled=True) for r in (80.0, 90.0, 88.0)]
+    pipes = {False: [{"images_per_sec": 95.0, "ms": {}, "wall_s": 30.0, "run_id": "x"}]}
+    rep = build_report(cfg, 10, base, pipes, compiled=compiled)
+    assert rep.rows[1]["setup"] == "bare loop, 2 threads, torch.compile"
+    assert rep.rows[1]["ratio"] == rep.summary["ratio_compiled_baseline"] == 88.0 / 110.0
+    assert rep.summary["ratio"] == 95.0 / 110.0  # the pipeline is still against the eager loop
+
+
+def test_compiled_baseline_runs_its_steps_through_a_compiled_graph(shards32, tmp_path):
+    from torch._dynamo.utils import counters
+
+    import pipeline.bench.baseline as baseline
+
+    cfg = load_config(None, base_overrides(shards32, tmp_path, **{"train.precision": "fp32"}))
+    data = baseline.load_in_memory(cfg, 32)
+    counters.clear()
+    res = baseline.run_baseline(cfg, data, steps=2, warmup=1, compiled=True)
+    assert res.compiled and res.images_per_sec > 0
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured the model, not an eager fallback
+    assert not counters["graph_break"]
+
+
 def test_report_is_printed_saved_as_json_and_png_and_logged(tmp_path):
     import json
 

@@ -26,6 +26,7 @@ class BaselineResult:
     ms_per_step: dict  # forward, backward, optimizer, data_wait (indexing the tensor)
     threads: int
     global_batch: int
+    compiled: bool = False
 
 
 def load_in_memory(cfg: VaepipeConfig, max_images: int) -> torch.Tensor:
@@ -51,8 +52,10 @@ def total_threads(cfg: VaepipeConfig) -> int:
     return max(1, int(cfg.dist.num_workers * cfg.dist.cpus_per_worker))
 
 
-def run_baseline(cfg: VaepipeConfig, data: torch.Tensor, steps: int, warmup: int = 5) -> BaselineResult:
-    """Time ``steps`` optimizer steps after ``warmup`` untimed ones."""
+def run_baseline(cfg: VaepipeConfig, data: torch.Tensor, steps: int, warmup: int = 5,
+                 compiled: bool = False) -> BaselineResult:
+    """Time ``steps`` optimizer steps after ``warmup`` untimed ones; ``compiled``: the model under
+    ``torch.compile`` (inductor, compiled during the first warm-up step)."""
     from models import build_model
 
     threads_before = torch.get_num_threads()
@@ -61,13 +64,15 @@ def run_baseline(cfg: VaepipeConfig, data: torch.Tensor, steps: int, warmup: int
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
         opt = MasterWeights(model, cfg) if cfg.train.precision == "bf16" else PlainAdam(model, cfg)
+        if compiled:
+            model.compile()  # in place: the parameters (and Adam's references to them) stay the same
         batch = global_batch(cfg)
         _steps(cfg, model, opt, data, batch, warmup, PhaseClock())
         clock = PhaseClock()
         t0 = time.perf_counter()
         _steps(cfg, model, opt, data, batch, steps, clock)
         elapsed = time.perf_counter() - t0
-        return BaselineResult(steps * batch / elapsed, clock.take(steps), total_threads(cfg), batch)
+        return BaselineResult(steps * batch / elapsed, clock.take(steps), total_threads(cfg), batch, compiled)
     finally:
         torch.set_num_threads(threads_before)
 

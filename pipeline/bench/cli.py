@@ -42,6 +42,7 @@ def bench_overhead(
     steps: int = typer.Option(120, help="Optimizer steps per run (each side)."),
     repeats: int = typer.Option(3, help="Alternating repetitions of baseline and pipeline."),
     system_metrics: str = typer.Option("off", help="MLflow system metrics in the pipeline runs: off, on or both."),
+    compiled_baseline: bool = typer.Option(False, help="Also time the bare loop with its model under torch.compile."),
     out: Path = typer.Option(Path("bench-results"), help=OUT_HELP),
     mlflow: bool = typer.Option(True, help=MLFLOW_HELP),
 ):
@@ -52,7 +53,7 @@ def bench_overhead(
     if system_metrics not in ("off", "on", "both"):
         _fail(f"--system-metrics {system_metrics!r}: must be off, on or both")
     cfg = _load(config, ctx.args)
-    _publish(overhead(cfg, steps, repeats, system_metrics), out, cfg, mlflow)
+    _publish(overhead(cfg, steps, repeats, system_metrics, compiled_baseline=compiled_baseline), out, cfg, mlflow)
 
 
 @bench_app.command("data", context_settings={"allow_extra_args": True})

@@ -66,23 +66,31 @@ def pipeline_run(cfg: VaepipeConfig) -> dict:
 
 
 def overhead(cfg: VaepipeConfig, steps: int, repeats: int, system_metrics: str = "off",
-             max_images: int = 4096) -> BenchReport:
+             max_images: int = 4096, compiled_baseline: bool = False) -> BenchReport:
     cfg = resolved_precision(cfg)
     data = load_in_memory(cfg, max_images)
     variants = {"off": [False], "on": [True], "both": [False, True]}[system_metrics]
-    base, engines, pipes = [], [], {sm: [] for sm in variants}
+    base, compiled, engines, pipes = [], [], [], {sm: [] for sm in variants}
     for _ in range(repeats):
         base.append(run_baseline(cfg, data, steps))
+        if compiled_baseline:
+            compiled.append(run_baseline(cfg, data, steps, compiled=True))
         engines.append(run_engine_ranks(cfg, data, steps))
         for sm in variants:
             pipes[sm].append(pipeline_run(bench_config(cfg, steps, sm)))
-    return build_report(cfg, steps, base, pipes, engines)
+    return build_report(cfg, steps, base, pipes, engines, compiled)
 
 
-def build_report(cfg: VaepipeConfig, steps: int, base: list, pipes: dict, engines: list = ()) -> BenchReport:
+def build_report(cfg: VaepipeConfig, steps: int, base: list, pipes: dict, engines: list = (),
+                 compiled: list = ()) -> BenchReport:
     b = spread([r.images_per_sec for r in base])
     rows = [_row(f"bare loop, {base[0].threads} threads", b, _median_ms([r.ms_per_step for r in base]))]
     summary = {"baseline_images_per_sec": b["median"]}
+    if compiled:
+        c = spread([r.images_per_sec for r in compiled])
+        rows.append(_row(f"bare loop, {compiled[0].threads} threads, torch.compile", c,
+                         _median_ms([r.ms_per_step for r in compiled]), ratio=c["median"] / b["median"]))
+        summary.update(compiled_baseline_images_per_sec=c["median"], ratio_compiled_baseline=c["median"] / b["median"])
     if engines:
         e = spread([r["images_per_sec"] for r in engines])
         rows.append(_row(f"engine {cfg.dist.num_workers}x{cfg.dist.cpus_per_worker:g} ranks, no Ray", e,
@@ -112,6 +120,7 @@ def build_report(cfg: VaepipeConfig, steps: int, base: list, pipes: dict, engine
              "pipeline images/s: log windows after the first (start-up excluded; its wall time includes it)",
              "engine ranks: the loop's DeepSpeed engine and train step on the job's ranks and threads, "
              "data in memory, no Ray, stream or MLflow (bench/engine_ranks.py)",
+             "torch.compile (--compiled-baseline): the bare loop's model under inductor, compiled in its warm-up",
              "bf16 on both sides: bf16 weights and activations, Adam on an fp32 master copy (DeepSpeed; the baseline does the same by hand)"]
     return BenchReport("overhead", f"overhead at {cfg.data.resolution}px, global batch {global_batch(cfg)}, "
                        f"{cfg.train.precision}", rows, summary, params, chart=_chart, notes=notes)
