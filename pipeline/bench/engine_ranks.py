@@ -41,21 +41,17 @@ def _use_cuda(cfg: VaepipeConfig) -> bool:
 
 
 def _rank(rank: int, world: int, cfg: VaepipeConfig, data: torch.Tensor, steps: int, warmup: int) -> dict:
-    """One rank: the worker's set-up order (freed memory retained, collectives wrapped, shared
-    memory prepared, engine built, shared memory installed), then ``train_step`` on this rank's
-    slice of ``data``."""
-    from pipeline.train import host_memory, local_allreduce
-    from pipeline.train.engine import set_accelerator_env
-    from pipeline.train.timers import PhaseClock, activate, patch_collectives
+    """One rank: the worker's process set-up (``worker.prepare_rank_process``), its engine, then
+    ``train_step`` on this rank's slice of ``data``."""
+    from pipeline.train import local_allreduce
+    from pipeline.train.timers import PhaseClock, activate
+    from pipeline.train.worker import prepare_rank_process
 
-    host_memory.retain_freed_memory(cfg.dist.retain_freed_memory)
     use_cuda = _use_cuda(cfg)
-    set_accelerator_env(use_cuda)
-    patch_collectives()
-    shm = local_allreduce.wanted(cfg.dist.shm_allreduce, use_cuda, world, world) and local_allreduce.prepare(world)
+    proc = prepare_rank_process(cfg, use_cuda, world, world)  # the ranks share this machine
     try:
         w = rank_worker(cfg, rank, world)
-        if shm:
+        if proc.shm:
             local_allreduce.install()
         batches = _batches(data[rank::world], cfg.data.batch_size)
         _steps(w, batches, warmup)
@@ -67,7 +63,7 @@ def _rank(rank: int, world: int, cfg: VaepipeConfig, data: torch.Tensor, steps: 
         activate(None)
         return {"images_per_sec": steps * global_batch(cfg) / elapsed, "ms": w.clock.take(steps)}
     finally:
-        if shm:
+        if proc.shm:
             local_allreduce.release_segment()
 
 

@@ -150,6 +150,27 @@ def default_deepspeed_config(cfg: VaepipeConfig, device: torch.device) -> dict:
     return build_deepspeed_config(cfg, world, precision)
 
 
+@dataclass
+class RankProcess:
+    """What ``prepare_rank_process`` set up in this process, before any engine exists."""
+
+    retained_freed_memory: bool  # glibc keeps the memory a step frees (dist.retain_freed_memory)
+    shm: bool  # the shared-memory all-reduce is prepared: install it once the engine is built
+
+
+def prepare_rank_process(cfg: VaepipeConfig, use_cuda: bool, world: int, local_world: int) -> RankProcess:
+    """The process-wide set-up every rank needs, in the order it needs it: glibc's thresholds
+    before the model allocates; DS_ACCELERATOR before DeepSpeed is imported (inside the worker,
+    by ``engine.build_engine``); the collectives wrapped and the shared-memory segment prepared
+    before DeepSpeed's comm backend keeps its own references. The Ray worker and the bench's
+    engine ranks both start here."""
+    retained = host_memory.retain_freed_memory(cfg.dist.retain_freed_memory)
+    set_accelerator_env(use_cuda)
+    patch_collectives()
+    shm = local_allreduce.wanted(cfg.dist.shm_allreduce, use_cuda, world, local_world) and local_allreduce.prepare(world)
+    return RankProcess(retained, shm)
+
+
 def build_worker(loop_config: dict) -> Worker:
     """Set up one rank: typed config, model, DeepSpeed engine, data stream, resume state."""
     import ray.train
@@ -157,29 +178,23 @@ def build_worker(loop_config: dict) -> Worker:
 
     loop_config["env"].apply()  # MLflow's URI and credentials, kept out of the (redacted) config
     cfg = from_dict(loop_config["config"])
-    retained = host_memory.retain_freed_memory(cfg.dist.retain_freed_memory)  # before the model allocates
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_cuda = cfg.dist.gpus_per_worker > 0
-    set_accelerator_env(use_cuda)
-    # DeepSpeed is imported after DS_ACCELERATOR is set, inside the worker (engine.build_engine);
-    # the collectives are wrapped before its comm backend keeps its own reference to any of them
-    patch_collectives()
+    proc = prepare_rank_process(cfg, use_cuda, world, ctx.get_local_world_size())
 
     from pipeline.data.stream import ShardStream
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not use_cuda:  # one torch thread per reserved CPU, whatever OMP_NUM_THREADS the driver's env passed on
         torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
     device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
     precision = resolve_precision(cfg.train.precision, DeviceFacts.detect(use_cuda))
-    shm = (local_allreduce.wanted(cfg.dist.shm_allreduce, use_cuda, world, ctx.get_local_world_size())
-           and local_allreduce.prepare(world))  # before DeepSpeed creates its comm backend
     if cfg.progressive.enabled:
         cfg, engine, aux, growth = build_progressive_engine(cfg, rank, world, precision)
     else:
         engine, aux = build_rank_engine(cfg, loop_config, rank, world, device, precision)
         growth = None
-    if shm:
+    if proc.shm:
         local_allreduce.install()
     stream = ShardStream(
         cfg.data.path, "train", cfg.data.batch_size, cfg.data.resolution, rank, world,
@@ -195,6 +210,6 @@ def build_worker(loop_config: dict) -> Worker:
                     clock=clock_for(cfg.train.phase_timers, use_cuda), growth=growth)
     activate(worker.clock)
     # what Ray's OMP_NUM_THREADS gave each rank, and whether glibc keeps freed memory
-    log.tags({"vaepipe.torch_threads": torch.get_num_threads(), "vaepipe.retain_freed_memory": retained})
+    log.tags({"vaepipe.torch_threads": torch.get_num_threads(), "vaepipe.retain_freed_memory": proc.retained_freed_memory})
     restore(worker, loop_config.get("run_dir"), loop_config.get("resume_from"))
     return worker
