@@ -47,7 +47,9 @@ class Links:
     bucket_mb: float = 500.0  # DeepSpeed's default reduce bucket (elements ~ MB at 1 byte)
 
 
-TARGET_EFFICIENCY, TARGET_GPUS, MAX_ACCUM = 0.9, 64, 1024
+TARGET_EFFICIENCY, TARGET_GPUS = 0.9, 64
+ACCUM_COLUMN = f"accum for {TARGET_EFFICIENCY:.0%} @{TARGET_GPUS}"
+MICRO_BATCH_COLUMN = f"micro-batch for {TARGET_EFFICIENCY:.0%} @{TARGET_GPUS}"
 
 # Collectives of one optimizer step per ZeRO stage, as (passes over the parameters, collectives):
 # those once per step, and those after every micro-batch (see the module docstring).
@@ -76,21 +78,16 @@ def efficiency(t_compute: float, t_comm: float, overlap: bool) -> float:
 def accumulation_for(params: int, t_micro: float, zero_stage: int, links: Links, n: int = TARGET_GPUS,
                      target: float = TARGET_EFFICIENCY) -> Optional[int]:
     """The fewest micro-batches per optimizer step reaching ``target`` at ``n`` ranks without
-    overlap (efficiency rises with accumulation, so a doubling search and a bisection find it);
-    None if even ``MAX_ACCUM`` does not (ZeRO-2/3 communicate on every micro-batch)."""
-    def reaches(a: int) -> bool:
-        return efficiency(a * t_micro, comm_seconds(params, n, zero_stage, links, accum=a), overlap=False) >= target
-
-    if not reaches(MAX_ACCUM):
-        return None
-    hi = 1
-    while not reaches(hi):
-        hi *= 2
-    lo = hi // 2  # fails (or is 0)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
-    return hi
+    overlap, or None where no accumulation does. With communication ``c_step + a * c_micro`` (the
+    part once per step and the part per micro-batch), ``a * t >= k * (c_step + a * c_micro)`` with
+    ``k = target / (1 - target)``: ``a >= k * c_step / (t - k * c_micro)`` when ``t > k * c_micro``."""
+    k = target / (1 - target)
+    c_step = comm_seconds(params, n, zero_stage, links, accum=0)
+    c_micro = comm_seconds(params, n, zero_stage, links, accum=1) - c_step
+    headroom = t_micro - k * c_micro
+    if headroom <= 0:
+        return None  # ZeRO-2/3: what every micro-batch communicates already keeps it below
+    return max(1, math.ceil(k * c_step / headroom))
 
 
 def micro_batch_for(params: int, seconds_per_image: float, zero_stage: int, links: Links, n: int = TARGET_GPUS,
@@ -111,9 +108,8 @@ def predict(params: int, seconds_per_image: float, micro_batch: int, links: Link
             t = comm_seconds(params, n, stage, links)
             row[f"eff @{n}"] = efficiency(t_c, t, overlap=False)
             row[f"eff @{n} ovl"] = efficiency(t_c, t, overlap=True)
-        row[f"accum for {TARGET_EFFICIENCY:.0%} @{TARGET_GPUS}"] = accum
-        row[f"micro-batch for {TARGET_EFFICIENCY:.0%} @{TARGET_GPUS}"] = micro_batch_for(params, seconds_per_image, stage,
-                                                                                       links)
+        row[ACCUM_COLUMN] = accum
+        row[MICRO_BATCH_COLUMN] = micro_batch_for(params, seconds_per_image, stage, links)
         rows.append(row)
     return rows
 
@@ -192,16 +188,15 @@ def prediction(cfg: VaepipeConfig, cpu_s_per_img: float, links: Links, gpu: str,
     rows = (predict(param_count(cfg), cpu_s_per_img, cfg.data.batch_size, links, f"this CPU: {cfg.data.resolution}px")
             + predict(param_count(predict_cfg), gpu_s_per_img, predict_batch, links, gpu_label))
     summary = {f"predicted_eff_{n}gpu_zero{r['zero']}": r[f"eff @{n}"] for r in rows[4:] for n in GPU_COUNTS}
-    accum_key = f"accum for {TARGET_EFFICIENCY:.0%} @{TARGET_GPUS}"
-    summary.update({f"predicted_accum_for_90pct_{TARGET_GPUS}gpu_zero{r['zero']}": r[accum_key]
-                    for r in rows[4:] if r[accum_key] is not None})
-    summary.update({f"predicted_micro_batch_for_90pct_{TARGET_GPUS}gpu_zero{r['zero']}":
-                    r[f"micro-batch for {TARGET_EFFICIENCY:.0%} @{TARGET_GPUS}"] for r in rows[4:]})
+    target = f"{100 * TARGET_EFFICIENCY:.0f}pct_{TARGET_GPUS}gpu"
+    summary.update({f"predicted_accum_for_{target}_zero{r['zero']}": r[ACCUM_COLUMN]
+                    for r in rows[4:] if r[ACCUM_COLUMN] is not None})
+    summary.update({f"predicted_micro_batch_for_{target}_zero{r['zero']}": r[MICRO_BATCH_COLUMN] for r in rows[4:]})
     notes = [f"links: {links.gpus_per_node} GPUs/node, NVLink {links.intra_gbps:.0f} Gb/s, between nodes "
              f"{links.inter_gbps:.0f} Gb/s per GPU, {links.latency_us:.0f} us per hop, buckets {links.bucket_mb:.0f} MB",
              f"GPU compute: {gpu_flops / 1e9:.2f} GFLOP/image (fwd+bwd) at {mfu:.0%} of {gpu}'s dense bf16 peak, "
              f"micro-batch {predict_batch} per GPU; eff columns at one micro-batch per optimizer step",
-             f"'{accum_key}': fewest micro-batches per optimizer step (gradient accumulation) that reach "
+             f"'{ACCUM_COLUMN}': fewest micro-batches per optimizer step (gradient accumulation) that reach "
              f"{TARGET_EFFICIENCY:.0%} at {TARGET_GPUS} GPUs without overlap; none where ZeRO's per-micro-batch "
              "collectives keep it below at any accumulation; 'micro-batch for ...': the images per GPU per "
              "micro-batch that reach it with no accumulation (memory permitting)",
