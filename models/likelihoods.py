@@ -178,7 +178,7 @@ class DiscretizedLogisticMixtureLikelihood:
                 f"logistic_mixture with {self.components} components needs a multiple of "
                 f"{self.params_per_channel} decoder channels, got {ch}"
             )
-        view = params.view(b, 3, self.components, ch // self.params_per_channel, h, w)
+        view = params.reshape(b, 3, self.components, ch // self.params_per_channel, h, w)  # NHWC too
         logits, means, log_scales = view.unbind(dim=1)
         return (
             F.log_softmax(logits, dim=1),

@@ -83,6 +83,39 @@ def test_overhead_report_compiled_baseline_row_is_its_median_over_the_eager_one(
     assert rep.summary["ratio"] == 95.0 / 110.0  # the pipeline is still against the eager loop
 
 
+def test_overhead_report_layout_row_and_the_pipeline_against_it(shards32, tmp_path):
+    from pipeline.bench.baseline import BaselineResult
+    from pipeline.bench.overhead import build_report
+
+    cfg = load_config(None, base_overrides(shards32, tmp_path))
+    base = [BaselineResult(r, {"forward": 10.0}, 2, 16) for r in (100.0, 120.0, 110.0)]
+    layout = [BaselineResult(r, {"forward": 6.0}, 2, 16, channels_last=True) for r in (140.0, 150.0, 130.0)]
+    pipes = {False: [{"images_per_sec": r, "ms": {}, "wall_s": 30.0, "run_id": "x"} for r in (120.0, 125.0, 121.0)]}
+    rep = build_report(cfg, 10, base, pipes, layout=layout)
+    assert [r["setup"] for r in rep.rows[:2]] == ["bare loop, 2 threads", "bare loop, 2 threads, channels-last"]
+    assert rep.rows[1]["ratio"] == rep.summary["ratio_layout_baseline"] == 140.0 / 110.0
+    assert rep.rows[1]["fwd"] == 6.0
+    assert rep.summary["ratio"] == 121.0 / 110.0  # the headline ratio stays against the plain loop
+    assert rep.summary["ratio_to_layout_baseline"] == 121.0 / 140.0
+
+
+def test_layout_baseline_runs_every_convolution_on_channels_last_input(shards32, tmp_path, monkeypatch):
+    import pipeline.bench.baseline as baseline
+    from pipeline.train import memory_format
+
+    calls = []
+    original = memory_format._channels_last_input
+    monkeypatch.setattr(memory_format, "_channels_last_input",
+                        lambda module, args: calls.append(type(module).__name__) or original(module, args))
+    cfg = load_config(None, base_overrides(shards32, tmp_path, **{"train.precision": "fp32"}))
+    data = baseline.load_in_memory(cfg, 32)
+    plain = baseline.run_baseline(cfg, data, steps=1, warmup=1)
+    assert not calls and not plain.channels_last
+    res = baseline.run_baseline(cfg, data, steps=1, warmup=1, channels_last=True)
+    assert res.channels_last and res.images_per_sec > 0
+    assert {"Conv2d", "ConvTranspose2d"} <= set(calls)
+
+
 def test_compiled_baseline_runs_its_steps_through_a_compiled_graph(shards32, tmp_path):
     from torch._dynamo.utils import counters
 
@@ -183,10 +216,12 @@ def test_overhead_bench_smoke_runs_both_sides_and_reports_their_ratio(ray_sessio
     s = rep.summary
     assert s["ratio"] == s["pipeline_images_per_sec"] / s["baseline_images_per_sec"] > 0
     assert s["ratio_sysmetrics"] == s["pipeline_sysmetrics_images_per_sec"] / s["baseline_images_per_sec"]
-    assert [r["setup"].split()[0] for r in rep.rows] == ["bare", "engine", "vaepipe", "vaepipe"]
+    assert [r["setup"].split()[0] for r in rep.rows] == ["bare", "bare", "engine", "vaepipe", "vaepipe"]
+    assert rep.rows[1]["setup"].endswith("channels-last")  # train.channels_last is on by default
+    assert s["ratio_to_layout_baseline"] == s["pipeline_images_per_sec"] / s["layout_baseline_images_per_sec"] > 0
     assert s["ratio_engine_ranks"] == s["engine_ranks_images_per_sec"] / s["baseline_images_per_sec"] > 0
     assert s["ray_stream_cost_pct"] == 100.0 * (1 - s["pipeline_images_per_sec"] / s["engine_ranks_images_per_sec"])
-    for piped in rep.rows[1:3]:  # the engine ranks and the run: 2 ranks all-reduce gradients
+    for piped in rep.rows[2:4]:  # the engine ranks and the run: 2 ranks all-reduce gradients
         assert piped["fwd"] > 0 and piped["bwd"] > 0 and piped["comm"] > 0
     assert rep.params["global_batch"] == 16 and rep.params["precision"] in ("fp32", "bf16")
 

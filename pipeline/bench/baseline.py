@@ -27,6 +27,7 @@ class BaselineResult:
     threads: int
     global_batch: int
     compiled: bool = False
+    channels_last: bool = False
 
 
 def load_in_memory(cfg: VaepipeConfig, max_images: int) -> torch.Tensor:
@@ -53,16 +54,21 @@ def total_threads(cfg: VaepipeConfig) -> int:
 
 
 def run_baseline(cfg: VaepipeConfig, data: torch.Tensor, steps: int, warmup: int = 5,
-                 compiled: bool = False) -> BaselineResult:
+                 compiled: bool = False, channels_last: bool = False) -> BaselineResult:
     """Time ``steps`` optimizer steps after ``warmup`` untimed ones; ``compiled``: the model under
-    ``torch.compile`` (inductor, compiled during the first warm-up step)."""
+    ``torch.compile`` (inductor, compiled during the first warm-up step); ``channels_last``: its
+    convolutions on NHWC input as vaepipe runs them (``train.channels_last``), which a plain
+    loop does not do."""
     from models import build_model
+    from pipeline.train.memory_format import apply_channels_last
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(total_threads(cfg))
     try:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
+        if channels_last:
+            apply_channels_last(model)
         opt = MasterWeights(model, cfg) if cfg.train.precision == "bf16" else PlainAdam(model, cfg)
         if compiled:
             model.compile()  # in place: the parameters (and Adam's references to them) stay the same
@@ -72,7 +78,8 @@ def run_baseline(cfg: VaepipeConfig, data: torch.Tensor, steps: int, warmup: int
         t0 = time.perf_counter()
         _steps(cfg, model, opt, data, batch, steps, clock)
         elapsed = time.perf_counter() - t0
-        return BaselineResult(steps * batch / elapsed, clock.take(steps), total_threads(cfg), batch, compiled)
+        return BaselineResult(steps * batch / elapsed, clock.take(steps), total_threads(cfg), batch, compiled,
+                              channels_last)
     finally:
         torch.set_num_threads(threads_before)
 

@@ -11,7 +11,7 @@ antialiased resize to the configured resolution, stack, scale to [0, 1]):
   what the job's workers get together).
 
 The training step's consumption is the bare loop's images/s on in-memory data (forward,
-backward, optimizer on all cores): the reader keeps up when its total is above it, and the
+backward, optimizer on all cores, convolutions in the job's layout, ``train.channels_last``): the reader keeps up when its total is above it, and the
 issue's bar is 3x. A local shard set measures decode; an ``s3://`` one measures the network too.
 """
 
@@ -133,7 +133,8 @@ def data_bench(cfg: VaepipeConfig, repeats: int, consumption_steps: int = 30) ->
         parallel_total.append(total)
         parallel_each.append(each)
     run_cfg = resolved_precision(cfg)
-    consumption = run_baseline(run_cfg, load_in_memory(run_cfg, 2048), consumption_steps).images_per_sec
+    consumption = run_baseline(run_cfg, load_in_memory(run_cfg, 2048), consumption_steps,
+                               channels_last=run_cfg.train.channels_last).images_per_sec
     return build_report(cfg, rates, parallel_total, parallel_each, consumption)
 
 
@@ -149,7 +150,7 @@ def build_report(cfg, rates: dict, parallel_total: list, parallel_each: list, co
     rows.append({"reader": f"vaepipe ShardStream, {w} processes (total)", "images/s": total["median"],
                  "± %": total["spread_pct"], "vs tarfile+PIL": total["median"] / base,
                  "vs training step": total["median"] / consumption})
-    rows.append({"reader": "training step consumption (bare loop, all cores)", "images/s": consumption,
+    rows.append({"reader": "training step consumption (bare loop, job's layout, all cores)", "images/s": consumption,
                  "± %": 0.0, "vs tarfile+PIL": consumption / base, "vs training step": 1.0})
     summary = {"tarfile_pil_images_per_sec": base,
                "webdataset_images_per_sec": spread(rates["webdataset pipeline, 1 process"])["median"],

@@ -70,27 +70,30 @@ def overhead(cfg: VaepipeConfig, steps: int, repeats: int, system_metrics: str =
     cfg = resolved_precision(cfg)
     data = load_in_memory(cfg, max_images)
     variants = {"off": [False], "on": [True], "both": [False, True]}[system_metrics]
-    base, compiled, engines, pipes = [], [], [], {sm: [] for sm in variants}
+    base, layout, compiled, engines, pipes = [], [], [], [], {sm: [] for sm in variants}
     for _ in range(repeats):
         base.append(run_baseline(cfg, data, steps))
+        if cfg.train.channels_last:  # the plain loop with vaepipe's layout: what the layout alone is worth
+            layout.append(run_baseline(cfg, data, steps, channels_last=True))
         if compiled_baseline:
             compiled.append(run_baseline(cfg, data, steps, compiled=True))
         engines.append(run_engine_ranks(cfg, data, steps))
         for sm in variants:
             pipes[sm].append(pipeline_run(bench_config(cfg, steps, sm)))
-    return build_report(cfg, steps, base, pipes, engines, compiled)
+    return build_report(cfg, steps, base, pipes, engines, compiled, layout)
 
 
 def build_report(cfg: VaepipeConfig, steps: int, base: list, pipes: dict, engines: list = (),
-                 compiled: list = ()) -> BenchReport:
+                 compiled: list = (), layout: list = ()) -> BenchReport:
     b = spread([r.images_per_sec for r in base])
     rows = [_row(f"bare loop, {base[0].threads} threads", b, _median_ms([r.ms_per_step for r in base]))]
     summary = {"baseline_images_per_sec": b["median"]}
-    if compiled:
-        c = spread([r.images_per_sec for r in compiled])
-        rows.append(_row(f"bare loop, {compiled[0].threads} threads, torch.compile", c,
-                         _median_ms([r.ms_per_step for r in compiled]), ratio=c["median"] / b["median"]))
-        summary.update(compiled_baseline_images_per_sec=c["median"], ratio_compiled_baseline=c["median"] / b["median"])
+    for runs, what, key in ((layout, "channels-last", "layout"), (compiled, "torch.compile", "compiled")):
+        if runs:
+            v = spread([r.images_per_sec for r in runs])
+            rows.append(_row(f"bare loop, {runs[0].threads} threads, {what}", v,
+                             _median_ms([r.ms_per_step for r in runs]), ratio=v["median"] / b["median"]))
+            summary.update({f"{key}_baseline_images_per_sec": v["median"], f"ratio_{key}_baseline": v["median"] / b["median"]})
     if engines:
         e = spread([r["images_per_sec"] for r in engines])
         rows.append(_row(f"engine {cfg.dist.num_workers}x{cfg.dist.cpus_per_worker:g} ranks, no Ray", e,
@@ -106,6 +109,8 @@ def build_report(cfg: VaepipeConfig, steps: int, base: list, pipes: dict, engine
         summary[f"pipeline{tag}_wall_s"] = statistics.median(r["wall_s"] for r in runs)
     plain_key = "pipeline_images_per_sec" if False in pipes else "pipeline_sysmetrics_images_per_sec"
     summary.update(achieved_flops(cfg, summary[plain_key]))
+    if layout and False in pipes:  # the pipeline against a bare loop that runs the same layout
+        summary["ratio_to_layout_baseline"] = summary["pipeline_images_per_sec"] / summary["layout_baseline_images_per_sec"]
     if engines and False in pipes:  # the gap split: engine and layout, then Ray, streaming and observation
         summary["ray_stream_cost_pct"] = 100.0 * (1 - summary["pipeline_images_per_sec"]
                                                   / summary["engine_ranks_images_per_sec"])
@@ -120,6 +125,9 @@ def build_report(cfg: VaepipeConfig, steps: int, base: list, pipes: dict, engine
              "pipeline images/s: log windows after the first (start-up excluded; its wall time includes it)",
              "engine ranks: the loop's DeepSpeed engine and train step on the job's ranks and threads, "
              "data in memory, no Ray, stream or MLflow (bench/engine_ranks.py)",
+             "ratio: against the plain bare loop (what a user writes); channels-last: the same loop with "
+             "vaepipe's NHWC convolutions (train.channels_last), so ratio_to_layout_baseline is the pipeline's "
+             "cost on equal kernels",
              "torch.compile (--compiled-baseline): the bare loop's model under inductor, compiled in its warm-up",
              "bf16 on both sides: bf16 weights and activations, Adam on an fp32 master copy (DeepSpeed; the baseline does the same by hand)"]
     return BenchReport("overhead", f"overhead at {cfg.data.resolution}px, global batch {global_batch(cfg)}, "

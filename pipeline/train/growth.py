@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline.train.activation import apply_activation_checkpointing
+from pipeline.train.memory_format import apply_channels_last
 from pipeline.train.engine import build_engine
 from pipeline.train.stages import Phase, build_stages, phase_at, stage_config
 
@@ -46,6 +47,8 @@ def build_stage_model(base_cfg: Any, phase: Phase) -> torch.nn.Module:
     model.set_alpha(phase.alpha)
     if base_cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if base_cfg.train.channels_last:
+        apply_channels_last(model)
     return model
 
 
