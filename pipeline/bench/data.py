@@ -12,7 +12,8 @@ antialiased resize to the configured resolution, stack, scale to [0, 1]):
 
 The training step's consumption is the bare loop's images/s on in-memory data (forward,
 backward, optimizer on all cores, convolutions in the job's layout, ``train.channels_last``):
-the reader keeps up when its total is above it, and the issue's bar is 3x. A local shard set measures decode; an ``s3://`` one measures the network too.
+the reader keeps up when its total is above it, and the issue's bar is 3x. A local shard set
+measures decode; an ``s3://`` one measures the network too.
 """
 
 from __future__ import annotations
