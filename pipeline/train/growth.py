@@ -23,8 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from pipeline.train.activation import apply_activation_checkpointing
-from pipeline.train.memory_format import apply_channels_last
+from pipeline.train.model_options import apply_model_options
 from pipeline.train.engine import build_engine
 from pipeline.train.stages import Phase, build_stages, phase_at, stage_config
 
@@ -45,10 +44,7 @@ def build_stage_model(base_cfg: Any, phase: Phase) -> torch.nn.Module:
         torch.manual_seed(base_cfg.train.seed + phase.stage.index)
         model = build_model(model_cfg)
     model.set_alpha(phase.alpha)
-    if base_cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if base_cfg.train.channels_last:
-        apply_channels_last(model)
+    apply_model_options(model, base_cfg.train)
     return model
 
 

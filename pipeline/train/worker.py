@@ -14,10 +14,9 @@ import torch
 
 from pipeline.config import VaepipeConfig, from_dict
 from pipeline.logger import RankZeroLogger
-from pipeline.train.activation import apply_activation_checkpointing
 from pipeline.train.auxiliary import AuxiliaryTrainer
 from pipeline.train.checkpoint import restore
-from pipeline.train.memory_format import apply_channels_last
+from pipeline.train.model_options import apply_model_options
 from pipeline.train import host_memory, local_allreduce
 from pipeline.train.collectives import sum_over_ranks
 from pipeline.train.timers import PhaseClock, activate, clock_for, patch_collectives
@@ -87,10 +86,7 @@ def build_model_for_rank(cfg: VaepipeConfig, loop_config: dict, ds_config: Optio
     if hasattr(model, "set_stat_reducer"):
         # VQ-VAE's EMA codebook statistics are summed over ranks so every rank keeps the same codebook
         model.set_stat_reducer(sum_over_ranks)
-    if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if cfg.train.channels_last:
-        apply_channels_last(model)
+    apply_model_options(model, cfg.train)
     return model
 
 
