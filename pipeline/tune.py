@@ -143,7 +143,7 @@ def asha_clock(cfg: VaepipeConfig, space: dict) -> tuple[str, int]:
     is different work in each stage), up to the longest trial the space can draw."""
     if not cfg.progressive.enabled:
         return "step", cfg.train.max_steps
-    from pipeline.train.stages import build_stages, total_images
+    from pipeline.stages import build_stages, total_images
 
     return "images_seen", max(total_images(build_stages(c)) for c in _stage_variants(space, cfg))
 
@@ -152,7 +152,7 @@ def check_equal_resolution(space: dict, cfg: VaepipeConfig) -> None:
     """A progressive sweep compares trials at ASHA's rungs only where every trial is at one resolution:
     a validation ELBO at 16 px and one at 32 px are not on one scale. Checked at each rung and one
     report interval past it (ASHA reads the first report at or after the rung)."""
-    from pipeline.train.stages import build_stages, images_per_step, phase_at
+    from pipeline.stages import build_stages, images_per_step, phase_at
 
     if cfg.tune.scheduler != "asha":
         return
@@ -384,7 +384,7 @@ def ran_to_the_end(cfg: VaepipeConfig, space: dict, result) -> bool:
     metrics = result.metrics or {}
     if not cfg.progressive.enabled:
         return metrics.get("step", 0) >= cfg.train.max_steps
-    from pipeline.train.stages import build_stages, total_images
+    from pipeline.stages import build_stages, total_images
 
     params = {k.removeprefix("config/"): v for k, v in (result.config or {}).items()}
     trial = apply_overrides(cfg, {k: v for k, v in params.items() if k in space}, "trial config")

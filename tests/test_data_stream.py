@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.data.stream import ShardStream, batches_of_worker, raw_bytes
+from pipeline.data.epoch_reader import batches_of_worker, raw_bytes
+from pipeline.data.stream import ShardStream
 
 try:
     from tests.data_fixtures import STORED_RES, jpeg_bytes, shard_dir, synth_dir, write_raw_shard_set  # noqa: F401
@@ -153,7 +154,7 @@ def test_hq_folder_without_attributes_streams(tmp_path):
 
 
 def test_decoded_cache_gives_the_same_batches_and_decodes_each_image_once(shard_dir, monkeypatch):
-    import pipeline.data.stream as stream_mod
+    import pipeline.data.epoch_reader as stream_mod
 
     calls = []
     real = stream_mod.decode_sample
@@ -173,7 +174,7 @@ def test_decoded_cache_gives_the_same_batches_and_decodes_each_image_once(shard_
 
 
 def test_decoded_cache_stops_growing_at_its_bound_and_needs_in_process_decoding(shard_dir, monkeypatch):
-    import pipeline.data.stream as stream_mod
+    import pipeline.data.epoch_reader as stream_mod
 
     reads = []
     real = stream_mod.iter_shard_or_skip
@@ -199,7 +200,7 @@ def test_decoded_cache_starts_over_when_a_progressive_stage_changes_the_resoluti
 
 
 def test_shards_whose_images_are_all_cached_are_not_read_again(shard_dir, monkeypatch):
-    import pipeline.data.stream as stream_mod
+    import pipeline.data.epoch_reader as stream_mod
 
     reads = []
     real = stream_mod.iter_shard_or_skip
@@ -214,7 +215,7 @@ def test_shards_whose_images_are_all_cached_are_not_read_again(shard_dir, monkey
 
 
 def test_shard_order_keeps_each_slots_shards_when_asked():
-    from pipeline.data.stream import shard_order
+    from pipeline.data.epoch_reader import shard_order
 
     urls = [f"s{i}" for i in range(9)]
     fixed = [shard_order(urls, 3, e, 2, True) for e in range(5)]
@@ -231,7 +232,7 @@ def test_with_a_cache_two_ranks_read_no_shard_after_their_first_epoch(shard_dir,
     """A rank holds each shard it read whole, decoded or raw, even where its first epoch ended
     with samples still in the shuffle buffer (uneven shards here), so later epochs read nothing;
     both ranks still deliver disjoint full batches every epoch."""
-    import pipeline.data.stream as stream_mod
+    import pipeline.data.epoch_reader as stream_mod
 
     reads = {0: [], 1: []}
     real = stream_mod.iter_shard_or_skip

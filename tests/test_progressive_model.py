@@ -11,7 +11,7 @@ from models import build_model
 from models.progressive_vae import blend_lower_resolution
 from pipeline.config import ConfigError, load_config
 from pipeline.train.activation import apply_activation_checkpointing
-from pipeline.train.stages import build_stages, count_steps, phase_at, stage_config
+from pipeline.stages import build_stages, count_steps, phase_at, stage_config
 
 
 def _model(stage: int, final: int = 32, alpha: float = 1.0, **kw):

@@ -31,7 +31,7 @@ from PIL import Image
 from pipeline.bench.report import BenchReport, spread
 from pipeline.config import VaepipeConfig
 from pipeline.data import storage
-from pipeline.data.stream import image_pixels
+from pipeline.data.epoch_reader import image_pixels
 
 
 def _train_urls(cfg: VaepipeConfig) -> list[str]:

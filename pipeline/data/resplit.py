@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 from typing import Iterable, Optional
 
+from pipeline.data.epoch_reader import SliceDataset, batches_of_worker
+
 
 def hashed_order(keys: Iterable[str], seed: int, epoch: int) -> list[str]:
     """``keys`` in a seeded pseudo-random order that every rank computes the same."""
@@ -25,14 +27,13 @@ def hashed_order(keys: Iterable[str], seed: int, epoch: int) -> list[str]:
 
 def consumed_keys(stream, epoch: int, segment: dict, remainder: Optional[list[str]]) -> set[str]:
     """Keys the ranks of ``segment`` (``world_size``, ``workers``, ``steps``) handed out in ``epoch``."""
-    from pipeline.data.stream import _SliceDataset, batches_of_worker
 
     nw = max(int(segment["workers"]), 1)
     world, steps, batch = int(segment["world_size"]), int(segment["steps"]), stream.batch_size
     seen: set[str] = set()
     for rank in range(world):
         plan = stream.epoch_plan(epoch, 0, rank=rank, world_size=world, remainder=remainder)
-        dataset = _SliceDataset(plan)
+        dataset = SliceDataset(plan)
         for worker in range(nw):
             n = batches_of_worker(worker, nw, 0, steps) * batch
             for i, sample in enumerate(dataset.raw_for(worker, nw)):

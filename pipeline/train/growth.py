@@ -25,7 +25,7 @@ import torch
 
 from pipeline.train.model_options import apply_model_options
 from pipeline.train.engine import build_engine
-from pipeline.train.stages import Phase, build_stages, phase_at, stage_config
+from pipeline.stages import Phase, build_stages, phase_at, stage_config
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from pipeline.config import VaepipeConfig
+if TYPE_CHECKING:  # annotations only: the config computes max_steps from here, so no import back
+    from pipeline.config import VaepipeConfig
 
 
 @dataclass(frozen=True)
