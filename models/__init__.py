@@ -4,7 +4,7 @@ Importing this package registers every family, so ``build_model(cfg)`` works rig
 ``import models``.
 """
 
-from models.registry import build_model, list_models, objective_name, register_model, resolve_model_config
+from models.registry import build_model, family_default, list_models, objective_name, register_model, resolve_model_config
 from models.likelihoods import LIKELIHOODS, bits_per_dim, build_likelihood
 from models.kl import gaussian_kl, standard_normal_kl
 from models.priors import PRIORS, build_prior
@@ -15,6 +15,7 @@ from models.progressive_vae import ProgressiveVAE
 from models.progressive_ladder_vae import ProgressiveLadderVAE
 from models.vqvae import VQVAE
 from models.vq_prior import VQPrior
+from models.vdvae import VDVAE
 
 __all__ = [
     "ConvVAE",
@@ -24,12 +25,14 @@ __all__ = [
     "ProgressiveLadderVAE",
     "ProgressiveVAE",
     "LadderVAE",
+    "VDVAE",
     "VQPrior",
     "VQVAE",
     "bits_per_dim",
     "build_likelihood",
     "build_model",
     "build_prior",
+    "family_default",
     "gaussian_kl",
     "list_models",
     "permute_dims",

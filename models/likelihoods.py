@@ -7,6 +7,7 @@ declares ``params_per_channel``: the decoder emits that many channels per image 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -144,7 +145,7 @@ class LearnedGaussianLikelihood:
 
 
 class DiscretizedLogisticMixtureLikelihood:
-    """Discretised mixture of logistics for 8-bit images (Salimans et al. 2017, PixelCNN++).
+    """Discretised mixture of logistics for ``bits``-bit images (Salimans et al. 2017, PixelCNN++).
 
     Each pixel *channel* has its own K-component mixture; channels are independent given z
     (PixelCNN++ couples R→G→B linearly because its decoder is autoregressive over channels; a
@@ -152,23 +153,29 @@ class DiscretizedLogisticMixtureLikelihood:
     ``params_per_channel`` to RGB). Layout: decoder outputs [B, 3K·C, H, W] viewed as
     [B, 3, K, C, H, W] = (mixture logits, means, log-scales), means on the [-1, 1] scale.
 
-    Targets in [0, 1] are rounded to the nearest of the 256 levels k/255 and rescaled to
-    v = 2k/255 - 1; the bin of v is [v - 1/255, v + 1/255], except that k = 0 takes all mass
-    below -1 + 1/255 and k = 255 all mass above 1 - 1/255, so the 256 bins cover the real
-    line and ``-log_prob / (#dims · ln 2)`` is bits/dim.
+    With T = 2**bits - 1 (255 for the default 8 bits), targets in [0, 1] are rounded to the
+    nearest of the T + 1 levels k/T and rescaled to v = 2k/T - 1; the bin of v is
+    [v - 1/T, v + 1/T], except that k = 0 takes all mass below -1 + 1/T and k = T all mass
+    above 1 - 1/T, so the bins cover the real line and ``-log_prob / (#dims · ln 2)`` is
+    bits/dim. Fewer bits (VDVAE trains FFHQ-256 at 5) give wider bins: the model is not asked
+    to spend capacity on the low-order bits of each pixel. Data and likelihood must agree.
     """
 
     name = "logistic_mixture"
     _LOG_SCALE_MIN = -7.0  # PixelCNN++'s floor: a scale of e^-7 already puts ~all mass in one bin
-    _HALF_BIN = 1.0 / 255.0
 
-    def __init__(self, components: int = 5) -> None:
+    def __init__(self, components: int = 5, bits: int = 8) -> None:
         if isinstance(components, bool) or not isinstance(components, int) or components < 1:
             raise ValueError(
                 f"model.logistic_components must be a positive integer, got {components!r}"
             )
+        check_bits(bits)
         self.components = components
         self.params_per_channel = 3 * components
+        self.bits = int(bits)
+        # Kept as floats so that bits=8 runs exactly the former ops (x·255, 2k/255 - 1, ±1/255).
+        self._top = float(2 ** self.bits - 1)
+        self._half_bin = 1.0 / self._top
 
     def split(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(log mixture weights, means, log-scales), each [B, K, C, H, W]."""
@@ -187,23 +194,24 @@ class DiscretizedLogisticMixtureLikelihood:
         )
 
     def log_prob_pixels(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """log P(x) per pixel channel, [B, C, H, W], for x in [0, 1] (rounded to 8 bits)."""
+        """log P(x) per pixel channel, [B, C, H, W], for x in [0, 1] (rounded to ``bits`` bits)."""
         log_weights, means, log_scales = self.split(params)
-        levels = torch.round(x.clamp(0.0, 1.0) * 255.0)
-        v = (2.0 * levels / 255.0 - 1.0).unsqueeze(1)  # [B, 1, C, H, W]
+        top, half_bin = self._top, self._half_bin
+        levels = torch.round(x.clamp(0.0, 1.0) * top)
+        v = (2.0 * levels / top - 1.0).unsqueeze(1)  # [B, 1, C, H, W]
         inv_s = torch.exp(-log_scales)
-        plus_in = inv_s * (v - means + self._HALF_BIN)
-        min_in = inv_s * (v - means - self._HALF_BIN)
+        plus_in = inv_s * (v - means + half_bin)
+        min_in = inv_s * (v - means - half_bin)
         # log(σ(a) - σ(b)) = log σ(a) + log σ(-b) + log(1 - e^{-(a-b)}) is exact and never
         # subtracts two nearly equal CDFs, so no PixelCNN++-style pdf fallback is needed.
         log_mid = (
             F.logsigmoid(plus_in) + F.logsigmoid(-min_in)
-            + torch.log(-torch.expm1(-(2.0 * self._HALF_BIN) * inv_s))
+            + torch.log(-torch.expm1(-(2.0 * half_bin) * inv_s))
         )
-        log_low = F.logsigmoid(plus_in)  # k = 0: CDF(-1 + 1/255)
-        log_high = F.logsigmoid(-min_in)  # k = 255: 1 - CDF(1 - 1/255)
+        log_low = F.logsigmoid(plus_in)  # k = 0: CDF(-1 + 1/T)
+        log_high = F.logsigmoid(-min_in)  # k = T: 1 - CDF(1 - 1/T)
         levels = levels.unsqueeze(1)
-        log_bin = torch.where(levels <= 0, log_low, torch.where(levels >= 255, log_high, log_mid))
+        log_bin = torch.where(levels <= 0, log_low, torch.where(levels >= top, log_high, log_mid))
         return torch.logsumexp(log_weights + log_bin, dim=1)
 
     def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -218,7 +226,7 @@ class DiscretizedLogisticMixtureLikelihood:
         """Mixture mean Σ_k π_k μ_k mapped to [0, 1], [B, C, H, W].
 
         This is the mean of the continuous mixture clamped to the pixel range, not the exact mean
-        of the discretised distribution (which would need all 256 bin masses per pixel); the two
+        of the discretised distribution (which would need all 2**bits bin masses per pixel); the two
         differ only where a component has real mass beyond [-1, 1].
         """
         log_weights, means, _ = self.split(params)
@@ -226,7 +234,7 @@ class DiscretizedLogisticMixtureLikelihood:
         return ((m.clamp(-1.0, 1.0) + 1.0) / 2.0)
 
     def sample(self, params: torch.Tensor) -> torch.Tensor:
-        """An 8-bit draw (k/255 in [0, 1]): pick a component, sample its logistic, quantise."""
+        """A ``bits``-bit draw (k/T in [0, 1]): pick a component, sample its logistic, quantise."""
         log_weights, means, log_scales = self.split(params)
         gumbel = -torch.log(-torch.log(torch.rand_like(log_weights).clamp(1e-10, 1.0 - 1e-10)))
         pick = F.one_hot((log_weights + gumbel).argmax(dim=1), self.components)
@@ -234,7 +242,7 @@ class DiscretizedLogisticMixtureLikelihood:
         mu, log_s = (pick * means).sum(1), (pick * log_scales).sum(1)
         u = torch.rand_like(mu).clamp(1e-5, 1.0 - 1e-5)
         v = (mu + torch.exp(log_s) * (torch.log(u) - torch.log1p(-u))).clamp(-1.0, 1.0)
-        return torch.round((v + 1.0) * 127.5) / 255.0
+        return torch.round((v + 1.0) * (self._top / 2.0)) / self._top
 
 
 def bits_per_dim(log_prob: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -245,13 +253,22 @@ def bits_per_dim(log_prob: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 LIKELIHOODS = ("bernoulli", "gaussian", "mse", "gaussian_learned", "logistic_mixture")
 
 
-def build_likelihood(name: str, obs_std: float = 0.1, components: int = 5):
+def check_bits(bits: int) -> None:
+    """Raise naming ``data.bits`` unless ``bits`` is an int in 1..8 (the pixel depth of the data)."""
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= bits <= 8:
+        raise ValueError(f"data.bits must be an integer in 1..8, got {bits!r}")
+
+
+def build_likelihood(name: str, obs_std: float = 0.1, components: int = 5, bits: int = 8):
     """Return the likelihood object for ``name`` (one of ``LIKELIHOODS``).
 
-    ``obs_std`` is only used by ``gaussian``, ``components`` (model.logistic_components) only by
-    ``logistic_mixture``. The decoder must emit ``likelihood.params_per_channel`` channels per
-    image channel. Unknown names raise ValueError.
+    ``obs_std`` is only used by ``gaussian``, ``components`` (model.logistic_components) and
+    ``bits`` (data.bits, the number of pixel levels 2**bits) only by ``logistic_mixture``; the
+    other likelihoods ignore ``bits`` but it is still validated, so a bad value fails the same
+    way for every likelihood. The decoder must emit ``likelihood.params_per_channel`` channels
+    per image channel. Unknown names raise ValueError.
     """
+    check_bits(bits)
     if name == "bernoulli":
         return BernoulliLikelihood()
     if name == "gaussian":
@@ -261,7 +278,7 @@ def build_likelihood(name: str, obs_std: float = 0.1, components: int = 5):
     if name == "gaussian_learned":
         return LearnedGaussianLikelihood()
     if name == "logistic_mixture":
-        return DiscretizedLogisticMixtureLikelihood(components)
+        return DiscretizedLogisticMixtureLikelihood(components, bits=int(bits))
     raise ValueError(
         f"unknown likelihood {name!r} (model.likelihood); choose one of: {', '.join(LIKELIHOODS)}"
     )

@@ -78,6 +78,13 @@ def objective_name(cfg: Any) -> str:
     return rule(resolve_model_config(cfg)) if callable(rule) else "neg_elbo"
 
 
+def family_default(name: str, attribute: str, default: Any) -> Any:
+    """A family's class-level default for a pipeline setting (e.g. ``default_ema_rate``), or
+    ``default`` for families that declare none (and for unknown names, refused elsewhere)."""
+    cls = _REGISTRY.get(name)
+    return getattr(cls, attribute, default) if cls is not None else default
+
+
 def build_model(cfg: Any):
     """Build the model named ``cfg.name`` from a config object.
 

@@ -12,7 +12,7 @@ The tree crosses the Ray boundary as a plain dict (``to_dict``) and is rebuilt w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
@@ -47,6 +47,10 @@ class DataConfig:
     DataLoader's worker processes end with each epoch and would take the cache with them)."""
     val_batches: int = 4
     """Validation batches per rank at each evaluation (0 disables validation)."""
+    bits: int = 8
+    """Bit depth the discretised likelihood models (1-8): 8 for ordinary images, 5 for the 5-bit
+    CelebA-HQ 256 numbers of NVAE/VDVAE. Images are rounded to 2**bits levels by the likelihood
+    itself, so one shard set serves both. Only families whose likelihood takes it accept != 8."""
     binarize: Literal["none", "static", "dynamic"] = "none"
     """Bernoulli binarisation after resize/grayscale, pixel intensity as probability: ``static`` =
     one draw per image fixed by its key (Larochelle), ``dynamic`` = a fresh draw every epoch
@@ -118,28 +122,59 @@ class ARPriorConfig:
 
 
 @dataclass
+class VDVAEConfig:
+    width: Optional[int] = None
+    """Channels of the residual stream (unset: the flavor's)."""
+    widths: Optional[str] = None
+    """Per-resolution width overrides, VDVAE's ``"256:64,128:128"`` ("" = none; unset: the flavor's)."""
+    bottleneck: Optional[float] = None
+    """Middle width of each residual bottleneck block as a fraction of its width (unset: 0.25)."""
+    latent_channels: Optional[int] = None
+    """Channels of every spatial latent group, VDVAE's zdim (unset: the flavor's)."""
+    enc_blocks: Optional[str] = None
+    """Bottom-up layout, VDVAE's string: ``RxN`` N residual blocks at resolution R, ``RdK`` one block
+    then average pooling by K (e.g. ``"32x2,32d2,16x2,16d2,8x2,8d2,4x2,4d4,1x2"``); "" derives one
+    from the resolution and ``blocks_per_resolution``."""
+    dec_blocks: Optional[str] = None
+    """Top-down layout: ``RxN`` N top-down blocks at R, each with its own latent group; ``RmS`` the
+    state upsampled from S to R (e.g. ``"1x1,4m1,4x2,8m4,8x2,16m8,16x2,32m16,32x2"``); "" derives one."""
+    blocks_per_resolution: Optional[int] = None
+    """Blocks per resolution of a derived layout (enc_blocks/dec_blocks "")."""
+    min_std: Optional[float] = None
+    """Floor of every scale, softplus(raw) + min_std: bounded variances (unset: 1e-3)."""
+    group_free_bits: Optional[float] = None
+    """Per-group free bits: each latent group's batch-mean KL counts at least this many nats in the
+    loss (0 = off)."""
+
+
+@dataclass
 class ModelConfig:
     name: str = "conv_vae"
     """Registered model family (``vaepipe models`` lists them)."""
-    flavor: Literal["base", "debug"] = "base"
-    """``debug`` shrinks widths so a CPU test runs in seconds. It fills only the size fields left
-    unset (None); a value you set always wins, even one equal to the base default."""
+    flavor: str = "base"
+    """A preset of the family (``base``, ``debug`` and the family's own, e.g. vdvae's ``mnist``,
+    ``celeba64``, ``celebahq256``); ``debug`` shrinks widths so a CPU test runs in seconds. It fills
+    only the size fields left unset (None); a value you set always wins, even one equal to the
+    base default. An unknown flavor fails naming the family's flavors."""
     latent_dim: Optional[int] = None
     """Latent dimensions of the Gaussian posterior (unset: the flavor's, 128 for base)."""
     in_channels: int = 3
     """Image channels; set from ``data.channels`` by ``validate``."""
     resolution: int = 64
     """Input resolution; set from ``data.resolution`` by ``validate``."""
+    bits: int = 8
+    """Bit depth of the discretised likelihood; set from ``data.bits`` by ``validate``."""
     base_channels: Optional[int] = None
     """Width of the first conv block (unset: the flavor's; 32 is the reference architecture)."""
     hidden_dim: Optional[int] = None
     """Width of the dense layer between the conv stack and the latent (unset: the flavor's, 512 for base)."""
-    likelihood: Literal["bernoulli", "gaussian", "gaussian_learned", "mse", "logistic_mixture"] = "bernoulli"
-    """Decoder likelihood p(x|z); logistic_mixture is the discretised logistic mixture for 8-bit images."""
+    likelihood: Optional[Literal["bernoulli", "gaussian", "gaussian_learned", "mse", "logistic_mixture"]] = None
+    """Decoder likelihood p(x|z); logistic_mixture is the discretised logistic mixture for 8-bit (or
+    ``data.bits``) images (unset: the flavor's, bernoulli for every family's base but vdvae's)."""
     obs_std: float = 0.1
     """Fixed standard deviation of the Gaussian likelihood."""
-    logistic_components: int = 5
-    """Mixture components of the discretised logistic likelihood."""
+    logistic_components: Optional[int] = None
+    """Mixture components of the discretised logistic likelihood (unset: the flavor's, 5; vdvae 10)."""
     beta: float = 1.0
     """Target weight of the KL term (beta-VAE when > 1); annealing multiplies it."""
     prior: Literal["normal", "made", "mog"] = "normal"
@@ -160,6 +195,8 @@ class ModelConfig:
     """VQ-VAE settings (model.name=vqvae)."""
     ar: ARPriorConfig = field(default_factory=ARPriorConfig)
     """Autoregressive code prior settings (model.name=vq_prior)."""
+    vdvae: VDVAEConfig = field(default_factory=VDVAEConfig)
+    """VDVAE-class hierarchical VAE settings (model.name=vdvae): spatial latent groups at every resolution."""
 
 
 @dataclass
@@ -177,6 +214,9 @@ class OptimConfig:
     fused: bool = True
     """torch's fused Adam kernel (one pass over all parameters, CPU and CUDA): measured 1.6x faster
     optimizer steps than the per-parameter loop on the reference VAE here."""
+    skip_threshold: float = 0.0
+    """Skip an update whose global gradient norm (before clipping) exceeds this, on every rank
+    together, and count it (``grad_norm_skips``): VDVAE's gradient skipping. 0 = off."""
     lean_zero_step: bool = True
     """ZeRO-1/2: the clipping norm's all-reduce is the step's only finite check (DeepSpeed also
     scans every gradient and all-reduces a flag first), over the flat gradient partition
@@ -221,6 +261,10 @@ class TrainConfig:
     exact figures need a device sync per phase; on = also on CUDA, with the syncs."""
     seed: int = 0
     """Seed of model init, shuffling and sampling."""
+    ema_rate: Optional[float] = None
+    """Keep an exponential moving average of the weights at this rate; validation, image grids,
+    export and registration use it (``pipeline/train/ema.py``). Unset: the family's default
+    (vdvae 0.9999, as VDVAE; 0 = off for the others)."""
     max_consecutive_skips: int = 50
     """Non-finite losses in a row (all ranks skip each) before the run fails as diverged."""
     log_every: int = 10
@@ -448,6 +492,8 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
     _check(m.obs_std > 0, "model.obs_std", m.obs_std, "must be > 0")
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", o.betas, "must be two values in [0, 1)")
+    _check(o.skip_threshold >= 0, "optim.skip_threshold", o.skip_threshold, "must be >= 0 (0 disables skipping)")
+    _check(1 <= d.bits <= 8, "data.bits", d.bits, "must be between 1 and 8")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
     sc = cfg.schedule
     _check(sc.warmup >= 0, "schedule.warmup", sc.warmup, "must be >= 0")
@@ -480,8 +526,17 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
     _check(not tn.register_best or bool(tn.register_name), "tune.register_best", tn.register_best,
            "needs tune.register_name")
     # The model sees what the data layer produces: derive rather than ask users to repeat it.
-    m.resolution, m.in_channels = res, d.channels
-    materialize_flavor(m)
+    m.resolution, m.in_channels, m.bits = res, d.channels, d.bits
+    resolved = materialize_flavor(m)
+    _check(d.bits == 8 or "bits" in resolved, "data.bits", d.bits,
+           f"model.name={m.name} models 8-bit images only; 5-bit likelihoods: model.name=vdvae")
+    if t.ema_rate is None:
+        from models import family_default
+
+        t.ema_rate = float(family_default(m.name, "default_ema_rate", 0.0))
+    _check(t.ema_rate == 0 or 0 < t.ema_rate < 1, "train.ema_rate", t.ema_rate, "must be in (0, 1), or 0 for no average")
+    _check(t.ema_rate == 0 or not cfg.progressive.enabled, "train.ema_rate", t.ema_rate,
+           "a weight EMA is not carried across progressive growth yet: set it to 0 with progressive.enabled")
     if cfg.progressive.enabled:
         validate_progressive(cfg)
     return cfg
@@ -506,17 +561,18 @@ def validate_progressive(cfg: VaepipeConfig) -> None:
         _check(len(values) >= needed, f"progressive.{key}", values,
                f"needs one entry per resolution 4..{end} ({needed} entries, entry i for 4*2**i)")
         _check(all(v > 0 for v in values), f"progressive.{key}", values, "every entry must be > 0")
-    from pipeline.train.stages import build_stages, count_steps
+    from pipeline.stages import build_stages, count_steps
 
     t = cfg.train
     t.max_steps = count_steps(build_stages(cfg), cfg.dist.num_workers)
 
 
-_FLAVORED = {"": ("latent_dim", "base_channels", "hidden_dim"), "factor": ("disc_hidden", "disc_layers"),
-             "ladder": ("latent_dims", "hidden"), "vq": ("codebook_size", "code_dim"), "ar": ("hidden", "layers", "heads")}
+_FLAVORED = {"": ("latent_dim", "base_channels", "hidden_dim", "likelihood", "logistic_components"), "factor": ("disc_hidden", "disc_layers"),
+             "ladder": ("latent_dims", "hidden"), "vq": ("codebook_size", "code_dim"), "ar": ("hidden", "layers", "heads"),
+             "vdvae": tuple(f.name for f in fields(VDVAEConfig))}
 
 
-def materialize_flavor(m: ModelConfig) -> None:
+def materialize_flavor(m: ModelConfig) -> dict[str, Any]:
     """Write the flavor's sizes into the fields left unset, so the saved config says what was built.
 
     Values the user set are kept (the family's own rule); fields the family does not use stay None.
@@ -533,6 +589,7 @@ def materialize_flavor(m: ModelConfig) -> None:
         for key in keys:
             if getattr(target, key) is None and isinstance(source, dict) and source.get(key) is not None:
                 setattr(target, key, source[key])
+    return resolved
 
 
 def to_dict(cfg: VaepipeConfig) -> dict:

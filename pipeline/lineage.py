@@ -166,6 +166,7 @@ def model_card(name: str, version: int | str, run) -> str:
              f"**Data:** `{redact_text(source)}` (digest `{tags.get('vaepipe.data_digest', '?')}`), "
              f"{profile.get('resolution', params.get('data.resolution', '?'))} px, "
              + ", ".join(f"{s} {n}" for s, n in profile.get("num_samples", {}).items()), "",
+             f"**Weights:** {tags.get('vaepipe.weights', 'the trained weights at the last step')}", "",
              "**Metrics (last logged):** " + (", ".join(f"{k} {metrics[k]:.4g}" for k in CARD_METRICS if k in metrics) or "-"),
              "", f"**Trained by run** `{run.info.run_id}`; config hash `{tags.get('vaepipe.config_hash', '?')[:12]}`, "
              f"code `{tags.get('vaepipe.code_version', '?')}`", "",

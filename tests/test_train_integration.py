@@ -153,6 +153,42 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_session, shards32, tmp_
     assert run.data.tags["vaepipe.resumed_from_step"] == "5"
 
 
+# The resume drills and their uninterrupted twin: the same math (seed, fp32 on every CPU class,
+# checkpoints every 5 steps, validation at 6 and 12), a loss logged at every step.
+RESUME_MATH = {"train.checkpoint_every": 5, "train.log_every": 1, "train.precision": "fp32", "tracking.log_model": False}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, shards32, tmp_path_factory):
+    """The run every resume drill must reproduce: its per-step losses and its final weights."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    result = _train(base_overrides(shards32, tmp, **RESUME_MATH))
+    return {"loss": dict(_metric_steps(_client(result.tracking_uri), result.run_id, "loss")),
+            "weights": _final_weights(Path(result.checkpoint_path))}
+
+
+def _final_weights(ckpt: Path) -> dict:
+    import torch
+
+    from pipeline.train.checkpoint import CKPT_TAG
+
+    return torch.load(ckpt / CKPT_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+
+
+def _assert_resume_reproduces(uninterrupted: dict, result, resumed_from: int) -> None:
+    """Deterministic resume (issue: reliability): from the restore on, the same loss at every step
+    and, at the end, bit for bit the uninterrupted run's weights (CPU, fp32, ZeRO-2)."""
+    import torch
+
+    loss = dict(_metric_steps(_client(result.tracking_uri), result.run_id, "loss"))
+    after = {s: v for s, v in uninterrupted["loss"].items() if s > resumed_from}
+    assert after and {s: loss[s] for s in after} == after
+    weights = _final_weights(Path(result.checkpoint_path))
+    assert weights.keys() == uninterrupted["weights"].keys()
+    for k, v in uninterrupted["weights"].items():
+        assert torch.equal(weights[k], v), k
+
+
 def _kill_when_paused(marker: Path, timeout: float = 600.0) -> threading.Thread:
     """SIGKILL, from outside, the worker that wrote its pid into ``marker`` (a fault drill pause)."""
     def kill() -> None:
@@ -171,7 +207,7 @@ def _kill_when_paused(marker: Path, timeout: float = 600.0) -> threading.Thread:
 
 @pytest.mark.parametrize("where, resumed", [("step:8", "5"), ("checkpoint:10", "5")])
 def test_worker_sigkilled_from_outside_resumes_from_the_last_committed_checkpoint(
-        ray_session, shards32, tmp_path, monkeypatch, where, resumed):
+        ray_session, shards32, tmp_path, monkeypatch, uninterrupted, where, resumed):
     """A preemption: one worker is SIGKILLed mid-epoch (after step 8) or while it writes step 10's
     checkpoint. Ray restarts the group, which restores the newest *committed* checkpoint (step 5:
     step 10's folder is never committed), redoes at most one interval and ends at the step asked."""
@@ -181,8 +217,8 @@ def test_worker_sigkilled_from_outside_resumes_from_the_last_committed_checkpoin
     monkeypatch.setenv("VAEPIPE_FAULT_PAUSE", where)
     monkeypatch.setenv("VAEPIPE_FAULT_MARKER", str(marker))
     killer = _kill_when_paused(marker)
-    result = _train(base_overrides(shards32, tmp_path, **{"dist.max_failures": 1, "train.checkpoint_every": 5,
-                                                            "train.keep_checkpoints": 5, "tracking.log_model": False}))
+    result = _train(base_overrides(shards32, tmp_path, **{**RESUME_MATH, "dist.max_failures": 1,
+                                                            "train.keep_checkpoints": 5}))
     killer.join(timeout=5)
     assert marker.read_text().strip().isdigit(), "no worker paused for the drill"
     assert result.metrics["step"] == 12
@@ -191,17 +227,18 @@ def test_worker_sigkilled_from_outside_resumes_from_the_last_committed_checkpoin
     folders = list(Path(result.run_dir).glob("checkpoint_*"))
     committed = sorted(marker_of(f)["step"] for f in folders if commit_status(f)[0])
     assert committed[-1] == 12 and 5 in committed
+    _assert_resume_reproduces(uninterrupted, result, int(resumed))
 
 
-def test_whole_job_killed_mid_checkpoint_resumes_from_the_last_committed(ray_session, shards32, tmp_path):
+def test_whole_job_killed_mid_checkpoint_resumes_from_the_last_committed(ray_session, shards32, tmp_path,
+                                                                         uninterrupted):
     """Driver and workers killed (SIGKILL of the driver takes its Train controller and workers with
     it) while step 10's checkpoint is being written: ``--resume`` continues from step 5, never
     from the half-written step-10 folder, and ends at the step asked for."""
     import ray
 
     marker = tmp_path / "fault.marker"
-    overrides = base_overrides(shards32, tmp_path, **{"train.checkpoint_every": 5, "train.max_steps": 12,
-                                                       "tracking.log_model": False, "train.run_name": "killed"})
+    overrides = base_overrides(shards32, tmp_path, **{**RESUME_MATH, "train.run_name": "killed"})
     env = {**os.environ, "VAEPIPE_FAULT_PAUSE": "checkpoint:10", "VAEPIPE_FAULT_MARKER": str(marker)}
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", *overrides,
                                f"dist.address={ray.get_runtime_context().gcs_address}"],
@@ -217,6 +254,7 @@ def test_whole_job_killed_mid_checkpoint_resumes_from_the_last_committed(ray_ses
     assert result.metrics["step"] == 12
     run = _client(result.tracking_uri).get_run(result.run_id)
     assert run.data.tags["vaepipe.resumed_from_step"] == "5"
+    _assert_resume_reproduces(uninterrupted, result, 5)
 
 
 def test_manual_resume_continues_step_count(ray_session, shards32, tmp_path):

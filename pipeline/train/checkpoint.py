@@ -29,6 +29,7 @@ import torch
 from pipeline.config import to_dict, to_yaml
 from pipeline.redact import redact_config_dict
 from pipeline.tracking import say
+from pipeline.train import ema, rng_state
 from pipeline.train.collectives import any_rank, gather_objects
 from pipeline.train.faults import maybe_pause
 from pipeline.train.run_storage import (
@@ -68,9 +69,11 @@ def save_checkpoint(w: Any, metrics: dict) -> None:
 
 def write_checkpoint(w: Any, folder: Path) -> None:
     """This rank's part of a checkpoint in ``folder``; rank 0 adds the state and the commit marker."""
+    rng_state.save(folder, w.rank)  # first: nothing below may draw before the state is kept
     saved = {"train_state": w.state.state_dict(), "data_state": w.stream.state_dict(),
              "config": redact_config_dict(to_dict(w.cfg)), "mlflow_run_id": w.log.run_id}
     w.engine.save_checkpoint(str(folder), tag=CKPT_TAG, client_state={"vaepipe": saved, **universal_info()})
+    ema.save(getattr(w, "ema", None), folder, w.rank)
     if w.rank == 0:
         (folder / STATE_FILE).write_text(json.dumps(saved))
         if w.aux is not None:
@@ -266,6 +269,10 @@ def _load_from(w: Any, folder: Location, local: Path, saved_world: int) -> Optio
         _load_engine(w, load_dir, universal=load_dir != local)
         if w.aux is not None and (local / AUX_FILE).exists():
             w.aux.load_state_dict(torch.load(local / AUX_FILE, map_location=w.device, weights_only=True))
+        note = ema.load(getattr(w, "ema", None), local, w.rank, saved_world == w.world_size,
+                        partitioned=w.cfg.dist.zero_stage == 3)
+        if note and w.rank == 0:
+            say(note)
     except Exception as exc:  # a committed file that still does not load: fall back to an older one
         return f"{folder}: loading failed ({type(exc).__name__}: {str(exc)[:200]})"
     # the config's learning rate wins over the one saved with the optimizer state: a PBT
@@ -276,6 +283,9 @@ def _load_from(w: Any, folder: Location, local: Path, saved_world: int) -> Optio
     if getattr(w, "growth", None) is not None:
         w.growth.after_restore(w)
     w.stream.load_state_dict(saved["data_state"])
+    note = rng_state.load(local, w.rank, saved_world == w.world_size, w.cfg.train.seed, w.state.step)
+    if note and w.rank == 0:
+        say(note)
     # the stream owns the data position: after a re-split (another world size) it starts the
     # rest of the epoch at step 0 of the new layout
     w.state.epoch, w.state.step_in_epoch = w.stream.epoch, w.stream.step_in_epoch

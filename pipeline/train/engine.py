@@ -139,11 +139,12 @@ def build_engine(cfg: VaepipeConfig, model: torch.nn.Module, world_size: int, pr
                  ds_config: Optional[dict] = None) -> Any:
     """The training loop's DeepSpeed engine for ``model``: only trainable parameters in Adam,
     gradients summed over ranks (``backward_scale``), and the lean ZeRO-1/2 step where it applies
-    (``optim.lean_zero_step``). ``ds_config``: the one the model was built under, if it was (ZeRO-3's
+    (``optim.lean_zero_step``), and VDVAE's gradient skipping (``optim.skip_threshold``, the gate
+    left on ``engine.vaepipe_grad_gate``). ``ds_config``: the one the model was built under, if it was (ZeRO-3's
     ``zero.Init``); it must come from ``build_deepspeed_config(..., sum_gradients=True)``."""
     import deepspeed
 
-    from pipeline.train import zero_step
+    from pipeline.train import grad_skip, zero_step
 
     match_norm_buffers(model, precision)
     if ds_config is None:
@@ -153,6 +154,8 @@ def build_engine(cfg: VaepipeConfig, model: torch.nn.Module, world_size: int, pr
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     if cfg.optim.lean_zero_step:
         zero_step.install(engine)
+    # after the lean step, so the gate wraps the norm the step really uses
+    engine.vaepipe_grad_gate = grad_skip.install(engine, cfg.optim.skip_threshold)
     return engine
 
 

@@ -44,4 +44,12 @@ def export_model(w: Any) -> None:
                                            **dict(getattr(module, "config", {}) or to_dict(w.cfg)["model"])})
         torch.save(weights_blob(model_config, state, to_dict(w.cfg)), path)
         uri = log_pyfunc(w.log.run_id, path, model_config, to_yaml(w.cfg))
-    w.log.tags({"vaepipe.model_uri": uri})
+    w.log.tags({"vaepipe.model_uri": uri, "vaepipe.weights": weights_kind(w)})
+
+
+def weights_kind(w: Any) -> str:
+    """Which weights the logged model holds, in words for the model card."""
+    ema = getattr(w, "ema", None)
+    if ema is None:
+        return f"the trained weights at step {w.state.step}"
+    return f"the EMA of the weights (rate {ema.rate}, {ema.updates} updates) at step {w.state.step}"

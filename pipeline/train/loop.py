@@ -13,11 +13,12 @@ from typing import Optional
 
 from pipeline.tracking import say
 from pipeline.train.checkpoint import save_checkpoint
+from pipeline.train.ema import ema_weights
 from pipeline.train.export import export_model
 from pipeline.train.faults import maybe_exit, maybe_pause, maybe_slow
 from pipeline.train.progressive_loop import fade_batch, grow_if_due, log_stage_metrics, start_growth
 from pipeline.train.observe import MetricWindow, log_images, log_window, validate
-from pipeline.train.stages import total_images
+from pipeline.stages import total_images
 from pipeline.train.step import train_step
 from pipeline.train.system_metrics import start_system_metrics
 from pipeline.train.timers import phase, timed_iter
@@ -40,7 +41,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if monitor is not None:
             monitor.finish()
     if w.cfg.tracking.log_model and w.state.step == first_step:
-        export_model(w)  # resumed at the end: no step ran, so after_step did not export
+        with ema_weights(w):
+            export_model(w)  # resumed at the end: no step ran, so after_step did not export
     w.log.flush()
 
 
@@ -109,6 +111,8 @@ def on_optimizer_step(w: Worker, loop: LoopState, out: dict, batch: dict) -> boo
     st, cfg = w.state, w.cfg
     st.samples_seen += cfg.data.batch_size * cfg.train.grad_accum_steps * w.world_size
     st.step += 1
+    if w.ema is not None:
+        w.ema.update()
     loop.window.add(out)
     maybe_exit(st.step, w.fault)
     maybe_pause(w, "step")
@@ -127,14 +131,16 @@ def after_step(w: Worker, window: MetricWindow, batch: Optional[dict]) -> None:
         log_window(w, window)
         if w.growth is not None:
             log_stage_metrics(w)
-    if w.cfg.data.val_batches and (step % t.val_every == 0 or last):
-        validate(w)
-    if batch is not None and (step % t.image_every == 0 or last):
-        log_images(w, batch)
-    if last and w.cfg.tracking.log_model:
-        # before the final report: Tune may stop a trial at it (ASHA at max_t), killing the
-        # workers, and a model logged after it would be registered without its files
-        export_model(w)
+    # what a run shows and releases is the weight EMA where it keeps one (train.ema_rate)
+    with ema_weights(w):
+        if w.cfg.data.val_batches and (step % t.val_every == 0 or last):
+            validate(w)
+        if batch is not None and (step % t.image_every == 0 or last):
+            log_images(w, batch)
+        if last and w.cfg.tracking.log_model:
+            # before the final report: Tune may stop a trial at it (ASHA at max_t), killing the
+            # workers, and a model logged after it would be registered without its files
+            export_model(w)
     if step % t.checkpoint_every == 0 or last:
         save_checkpoint(w, window.last_metrics)
 

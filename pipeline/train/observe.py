@@ -80,6 +80,7 @@ def log_window(w: Any, win: MetricWindow) -> None:
         "beta": float(win.sums.get("beta", 0.0)) / n,
         "active_units": float((kl_dims > 0.01).sum()),
         "skipped_steps": float(st.skipped_steps + ds_skipped),
+        "grad_norm_skips": float(st.grad_norm_skips),
         "corrupt_samples": reduced[-1],
         "images_per_sec": win.count * cfg.data.batch_size * cfg.train.grad_accum_steps * w.world_size / max(elapsed, 1e-9),
         "epoch": float(st.epoch),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from pipeline.train.collectives import any_rank
 from pipeline.train.engine import backward_scale, input_dtype
+from pipeline.train.grad_skip import over_threshold
 from pipeline.train.schedules import kl_weight
 from pipeline.train.timers import phase
 
@@ -35,11 +37,31 @@ def train_step(w: Any, batch: dict) -> dict[str, Any]:
     with phase(getattr(w, "clock", None), "backward"):
         scale = backward_scale(w.engine)
         w.engine.backward(loss if scale == 1.0 else loss * scale)
+    gate = getattr(w.engine, "vaepipe_grad_gate", None)
+    skips_before = gate.skips if gate is not None else 0
     with phase(getattr(w, "clock", None), "optimizer"):
-        if boundary and w.cfg.dist.zero_stage == 0:
-            drop_nonfinite_grads(w)
+        optimizer_step(w, boundary)
+    outputs = step_outputs(w, out, beta, boundary)
+    if boundary and gate is not None:
+        w.state.grad_norm_skips += gate.skips - skips_before
+        if math.isfinite(gate.last_norm):
+            outputs["extras"]["grad_norm"] = gate.last_norm
+    return outputs
+
+
+def optimizer_step(w: Any, boundary: bool) -> None:
+    """DeepSpeed's step. Without ZeRO a gradient the loop dropped (non-finite, or over
+    ``optim.skip_threshold``) is stepped with clipping off for that call: DeepSpeed's fp32 clip
+    fails on a model without a single gradient, and there is nothing to clip."""
+    if not (boundary and w.cfg.dist.zero_stage == 0 and drop_nonfinite_grads(w)):
         w.engine.step()
-    return step_outputs(w, out, beta, boundary)
+        return
+    config = w.engine._config
+    clip, config.gradient_clipping = config.gradient_clipping, 0.0
+    try:
+        w.engine.step()
+    finally:
+        config.gradient_clipping = clip
 
 
 def step_outputs(w: Any, out: dict, beta: float, boundary: bool) -> dict[str, Any]:
@@ -71,14 +93,21 @@ def current_kl_weight(w: Any) -> float:
     return kl_weight(w.state.step, sc, w.cfg.model.beta, total_steps)
 
 
-def drop_nonfinite_grads(w: Any) -> None:
-    """Without ZeRO, DeepSpeed applies any gradient: drop a non-finite one so Adam skips the step.
+def drop_nonfinite_grads(w: Any) -> bool:
+    """Without ZeRO, DeepSpeed applies any gradient: drop a non-finite one, or one whose norm is
+    over ``optim.skip_threshold``, so Adam skips the step; True when dropped (and counted).
 
     Every rank holds the same all-reduced gradient here, so every rank decides the same.
     ZeRO 1-3 optimizers check overflow themselves and count it in ``engine.skipped_steps``.
     """
     params = [p for p in w.engine.module.parameters() if p.grad is not None]
-    if params and not all(torch.isfinite(p.grad).all() for p in params):
+    if not params:
+        return False
+    # the gate first: VDVAE's gradient skipping is a skipped update, as DeepSpeed counts it under ZeRO
+    drop = over_threshold(getattr(w.engine, "vaepipe_grad_gate", None), params)
+    if drop or not all(torch.isfinite(p.grad).all() for p in params):
         for p in params:
             p.grad = None
         w.state.skipped_steps += 1
+        return True
+    return False

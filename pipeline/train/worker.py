@@ -16,6 +16,7 @@ from pipeline.config import VaepipeConfig, from_dict
 from pipeline.logger import RankZeroLogger
 from pipeline.train.auxiliary import AuxiliaryTrainer
 from pipeline.train.checkpoint import restore
+from pipeline.train.ema import WeightEMA
 from pipeline.train.model_options import apply_model_options
 from pipeline.train import host_memory, local_allreduce
 from pipeline.train.collectives import sum_over_ranks
@@ -34,6 +35,7 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0
     skipped_steps: int = 0
+    grad_norm_skips: int = 0  # updates over optim.skip_threshold (VDVAE's gradient skipping)
     corrupt_samples: int = 0
     samples_seen: int = 0  # images trained on, summed over ranks (a progressive run's clock)
     stage: int = 0  # progressive growing: stage index, its resolution and alpha after the last step
@@ -68,6 +70,7 @@ class Worker:
     objective: str = "neg_elbo"  # what -elbo is for this family (models.objective_name)
     clock: Optional[PhaseClock] = None  # per-phase step time (train.phase_timers)
     growth: Optional[Any] = None  # a progressive run's stages and engine rebuilds (growth.Growth)
+    ema: Optional[WeightEMA] = None  # the weight EMA that validation, images and export use (train.ema_rate)
 
 
 def build_model_for_rank(cfg: VaepipeConfig, loop_config: dict, ds_config: Optional[dict] = None) -> torch.nn.Module:
@@ -206,7 +209,8 @@ def build_worker(loop_config: dict) -> Worker:
 
     worker = Worker(cfg, engine, stream, TrainState(), log, device, rank, world, precision,
                     fault=loop_config.get("fault", {}), aux=aux, objective=objective_name(cfg.model),
-                    clock=clock_for(cfg.train.phase_timers, use_cuda), growth=growth)
+                    clock=clock_for(cfg.train.phase_timers, use_cuda), growth=growth,
+                    ema=WeightEMA(engine.module, cfg.train.ema_rate) if cfg.train.ema_rate else None)
     activate(worker.clock)
     # what Ray's OMP_NUM_THREADS gave each rank, and whether glibc keeps freed memory
     log.tags({"vaepipe.torch_threads": torch.get_num_threads(), "vaepipe.retain_freed_memory": proc.retained_freed_memory})
