@@ -416,6 +416,7 @@ class VDVAE(nn.Module):
     """Very deep VAE; see the module docstring. One latent group per top-down block."""
 
     default_ema_rate = 0.9999  # the pipeline keeps VDVAE's weight EMA unless train.ema_rate says otherwise
+    samples_at_temperature = True  # sample(n, temperature=...): the pyfunc's temperature param
 
     def __init__(
         self,
@@ -453,8 +454,12 @@ class VDVAE(nn.Module):
 
     @classmethod
     def resolve_config(cls, cfg: Any) -> dict[str, Any]:
-        """Constructor kwargs: base defaults < flavor preset < fields the config sets."""
-        return resolve_family_config(cfg, BASE_DEFAULTS, FLAVORS, "vdvae")
+        """Constructor kwargs: base defaults < flavor preset < fields the config sets. The group and
+        its layout strings are checked here too, so the pipeline's config validation refuses a bad
+        layout before any worker starts."""
+        resolved = resolve_family_config(cfg, BASE_DEFAULTS, FLAVORS, "vdvae")
+        _layouts(_check_group(resolved["vdvae"]), resolved["resolution"])
+        return resolved
 
     @classmethod
     def from_config(cls, cfg: Any) -> VDVAE:

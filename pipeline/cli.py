@@ -182,6 +182,7 @@ def sample(
     n: int = typer.Option(64, help="Number of samples."),
     out: Path = typer.Option(Path("samples.png"), help="PNG grid to write."),
     seed: int = typer.Option(0, help="Sampling seed."),
+    temperature: float = typer.Option(1.0, help="Prior temperature (vdvae: scales every group's prior std)."),
     tracking_uri: Optional[str] = typer.Option(None, help="Default: MLFLOW_TRACKING_URI or sqlite:///mlruns.db."),
 ):
     """Draw samples from a logged or registered model and save them as a PNG grid."""
@@ -210,7 +211,13 @@ def sample(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*type hint.*")
         pyfunc = mlflow.pyfunc.load_model(model)
-    images = pyfunc.predict(np.zeros((1, 1, 1, 1), np.float32), params={"method": "sample", "n": n, "seed": seed})
+    params = {"method": "sample", "n": n, "seed": seed}
+    if temperature != 1.0:  # models logged before the param existed accept the others
+        params["temperature"] = temperature
+    try:
+        images = pyfunc.predict(np.zeros((1, 1, 1, 1), np.float32), params=params)
+    except ValueError as exc:
+        _fail(str(exc))
     Image.fromarray(make_grid(images, nrow=int(math.ceil(math.sqrt(n))))).save(out)
     console.print(f"[green]wrote[/] {n} samples {tuple(images.shape[1:])} to {out}")
 

@@ -8,7 +8,7 @@ outputs are float32 4-D tensors, so one signature fits every family:
 | reconstruct   | images ``[N, C, H, W]`` in [0, 1]        | images ``[N, C, H, W]``     |
 | encode        | images ``[N, C, H, W]``                  | posterior means ``[N, D, 1, 1]`` |
 | decode        | latents ``[N, D, 1, 1]``                 | images                     |
-| sample        | ignored (send ``np.zeros((1,1,1,1))``)   | ``n`` images from the prior (param ``seed``) |
+| sample        | ignored (send ``np.zeros((1,1,1,1))``)   | ``n`` images from the prior (params ``seed``, ``temperature`` for vdvae) |
 
 ```python
 m = mlflow.pyfunc.load_model("models:/vae-celeba@champion")
@@ -66,9 +66,21 @@ class VaePyfunc(_Base):
                 # vector latents travel as [N, D, 1, 1]; grid latents (VQ) as they are
                 out = self.model.decode(x.flatten(1) if x.shape[-2:] == (1, 1) else x)
             else:
-                torch.manual_seed(int(params.get("seed", 0)))
-                out = self.model.sample(int(params.get("n", 16)))
+                out = self._sample(params)
         return out.float().cpu().numpy()
+
+
+    def _sample(self, params: dict):
+        import torch
+
+        temperature = float(params.get("temperature", 1.0))
+        torch.manual_seed(int(params.get("seed", 0)))
+        if temperature == 1.0:
+            return self.model.sample(int(params.get("n", 16)))
+        if not getattr(self.model, "samples_at_temperature", False):
+            raise ValueError(f"params.temperature={temperature}: {type(self.model).__name__} samples at "
+                             "temperature 1 only (families with a temperature: vdvae)")
+        return self.model.sample(int(params.get("n", 16)), temperature=temperature)
 
 
 def check_model_uri(model_uri: str) -> None:
@@ -116,6 +128,7 @@ def model_signature(channels: int, resolution: int):
         ParamSpec("method", "string", "reconstruct"),
         ParamSpec("n", "long", 16),
         ParamSpec("seed", "long", 0),
+        ParamSpec("temperature", "double", 1.0),
     ])
     return ModelSignature(inputs=tensor, outputs=tensor, params=params)
 

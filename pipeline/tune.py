@@ -324,7 +324,7 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
     from ray import tune
 
     from pipeline import tracking
-    from pipeline.train.trainer import _absolute, init_ray, preflight
+    from pipeline.train.trainer import _absolute, has_validation_split, init_ray, preflight
 
     if resume:
         exp_dir = Path(resume)
@@ -336,7 +336,11 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
         cfg = replace(cfg, data=replace(cfg.data, path=_absolute(cfg.data.path)),
                       train=replace(cfg.train, storage_path=_absolute(cfg.train.storage_path)),
                       tracking=replace(cfg.tracking, artifact_location=_absolute(cfg.tracking.artifact_location)))
-        preflight(cfg)
+        manifest = preflight(cfg)
+        if cfg.tune.metric.startswith("val_") and not has_validation_split(manifest):
+            raise ConfigError(f"tune.metric={cfg.tune.metric} needs a 'valid' split, and data.path={cfg.data.path} "
+                              f"has only {', '.join(sorted(manifest['splits']))}: shard with a valid split or "
+                              "search on a training metric (tune.metric=loss)")
     if register_as:
         cfg = replace(cfg, tune=replace(cfg.tune, register_best=True, register_name=register_as))
     uri = tracking.resolve_tracking_uri(cfg)  # before Ray starts: its processes inherit a password-free env

@@ -14,6 +14,7 @@
 | --resume s3:// URL with nothing there       | trainer.find_checkpoint              | test_checkpoint_s3.py::test_resume_from_an_s3_run_folder_* |
 | train.storage_path in a bucket that is not there | trainer.preflight               | test_checkpoint_s3.py::test_a_storage_bucket_* |
 | non-finite training (K in a row)            | loop.check_divergence                | test_tune.py::test_asha_sweep_* (failed trial) |
+| a shard set without a valid split           | trainer.without_missing_validation (trains, says so); a sweep on a val_ metric is refused | test_shards_without_a_valid_split_* |
 """
 
 from __future__ import annotations
@@ -60,6 +61,36 @@ def test_data_path_refused(tmp_path, shards32):
     res = _train(*base_overrides(str(broken), tmp_path))
     text = " ".join(res.output.split())
     assert res.exit_code == 2 and "shards that are not there" in text and first in text
+
+
+def _without_valid(shards32, tmp_path):
+    folder = tmp_path / "no_valid"
+    shutil.copytree(shards32, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["splits"].pop("valid")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return str(folder)
+
+
+def test_shards_without_a_valid_split_train_without_validation_and_say_so(shards32, tmp_path, capsys):
+    from pipeline.config import load_config
+    from pipeline.train.trainer import preflight, without_missing_validation
+
+    cfg = load_config(None, base_overrides(_without_valid(shards32, tmp_path), tmp_path, **{"data.val_batches": 4}))
+    assert without_missing_validation(cfg, preflight(cfg)).data.val_batches == 0
+    said = capsys.readouterr().out
+    assert "no 'valid' split" in said and "data.val_batches=0" in said and len(said.strip().splitlines()) == 1
+    with_valid = load_config(None, base_overrides(shards32, tmp_path))
+    assert without_missing_validation(with_valid, preflight(with_valid)) is with_valid
+
+
+def test_shards_without_a_valid_split_refuse_a_sweep_on_a_validation_metric(shards32, tmp_path):
+    from pipeline.config import ConfigError, load_config
+    from pipeline.tune import run_sweep
+
+    cfg = load_config(None, base_overrides(_without_valid(shards32, tmp_path), tmp_path))
+    with pytest.raises(ConfigError, match="tune.metric=val_neg_elbo needs a 'valid' split"):
+        run_sweep(cfg, {"optim.lr": {"choice": [1e-3]}})
 
 
 @pytest.mark.integration

@@ -71,6 +71,22 @@ def preflight(cfg: VaepipeConfig) -> dict:
     return manifest
 
 
+def has_validation_split(manifest: dict) -> bool:
+    return manifest["splits"].get("valid", {}).get("num_samples", 0) > 0
+
+
+def without_missing_validation(cfg: VaepipeConfig, manifest: dict) -> VaepipeConfig:
+    """A shard set without a ``valid`` split trains without validation, said in one line, rather
+    than failing at its first validation and again after every restart."""
+    if not cfg.data.val_batches or has_validation_split(manifest):
+        return cfg
+    from pipeline.tracking import say
+
+    say(f"data.path={cfg.data.path} has no 'valid' split (it has {', '.join(sorted(manifest['splits']))}): "
+        "training without validation (data.val_batches=0); shard with a valid split to get val_* metrics")
+    return replace(cfg, data=replace(cfg.data, val_batches=0))
+
+
 def find_checkpoint(resume: str, uri: str) -> Location:
     """``--resume`` accepts a checkpoint folder, a Ray run folder (local or ``s3://``), or an MLflow
     run id (its ``vaepipe.run_dir`` tag names the run folder); a folder resolves to its newest
@@ -204,7 +220,7 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
     cfg = replace(cfg, data=replace(cfg.data, path=_absolute(cfg.data.path)),
                   train=replace(cfg.train, storage_path=_absolute(cfg.train.storage_path)),
                   tracking=replace(cfg.tracking, artifact_location=_absolute(cfg.tracking.artifact_location)))
-    preflight(cfg)
+    cfg = without_missing_validation(cfg, preflight(cfg))
     uri = tracking.resolve_tracking_uri(cfg)
     ckpt_dir = find_checkpoint(resume, uri) if resume else None
     parent_state = None
