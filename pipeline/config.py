@@ -218,7 +218,8 @@ class OptimConfig:
     """Skip an update whose global gradient norm (before clipping) exceeds this, on every rank
     together, and count it (``grad_norm_skips``): VDVAE's gradient skipping. 0 = off."""
     lean_zero_step: bool = True
-    """ZeRO-1/2: the clipping norm's all-reduce is the step's only finite check (DeepSpeed also
+    """CPU workers, ZeRO-1/2 (measured there; CUDA keeps DeepSpeed's own step until a GPU
+    measurement says otherwise): the clipping norm's all-reduce is the step's only finite check (DeepSpeed also
     scans every gradient and all-reduces a flag first), over the flat gradient partition
     (``pipeline.train.zero_step``). A non-finite gradient still skips the step on every rank."""
 

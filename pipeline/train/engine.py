@@ -152,11 +152,16 @@ def build_engine(cfg: VaepipeConfig, model: torch.nn.Module, world_size: int, pr
     trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parents stay out of Adam
     ds_config = size_reduce_bucket(ds_config, trainable)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
-    if cfg.optim.lean_zero_step:
+    if cfg.optim.lean_zero_step and not on_cuda(cfg):  # measured on CPUs only: CUDA keeps DeepSpeed's step
         zero_step.install(engine)
     # after the lean step, so the gate wraps the norm the step really uses
     engine.vaepipe_grad_gate = grad_skip.install(engine, cfg.optim.skip_threshold)
     return engine
+
+
+def on_cuda(cfg: VaepipeConfig) -> bool:
+    """Whether this run's ranks train on CUDA (GPUs asked for and present)."""
+    return cfg.dist.gpus_per_worker > 0 and torch.cuda.is_available()
 
 
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
