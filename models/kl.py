@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from models.sums import sum_last
+
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -51,7 +53,7 @@ def diag_gaussian_log_prob(
     mu = torch.as_tensor(mu, dtype=z.dtype, device=z.device)
     logvar = torch.as_tensor(logvar, dtype=z.dtype, device=z.device)
     elementwise = -0.5 * (_LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar))
-    return elementwise.expand_as(z).sum(dim=-1)
+    return sum_last(elementwise.expand_as(z))  # float64 inside models.sums.float64_sums()
 
 
 def free_bits_kl(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tensor:

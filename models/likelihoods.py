@@ -12,6 +12,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from models.sums import sum_per_sample
+
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -20,8 +22,7 @@ def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def _sum_per_sample(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(start_dim=1).sum(dim=1)
+_sum_per_sample = sum_per_sample  # float64 inside models.sums.float64_sums() (evaluation)
 
 
 class BernoulliLikelihood:

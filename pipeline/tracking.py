@@ -8,6 +8,7 @@ workers logs metrics, images and the model into that run through ``RankZeroLogge
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -88,8 +89,13 @@ def start_run(cfg: VaepipeConfig, uri: str, tags: Optional[dict] = None) -> str:
 
 
 def say(message: str) -> None:
-    """The one way vaepipe prints a progress line: prefixed, redacted, flushed."""
-    print(f"[vaepipe] {redact_text(message)}", flush=True)
+    """The one way vaepipe prints a progress line: prefixed, redacted, flushed.
+
+    Written to the stream, not through ``print``: inside a Ray Train worker ``print`` is patched
+    to go to Train's logger *and*, because Ray wraps the worker's stdout, to the stream as well,
+    so every line reached the driver's console twice."""
+    sys.stdout.write(f"[vaepipe] {redact_text(message)}\n")
+    sys.stdout.flush()
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

@@ -119,10 +119,9 @@ def score_partition(blob: dict, data_url: str, spec: EvalSpec, rank: int, world:
     ``feature_net`` replaces the FID Inception (tests, custom feature extractors).
     """
     from pipeline.evaluate.diagnostics import ELBOAccumulator
-    from pipeline.evaluate.likelihood import float64_copy, iwae_log_likelihood
+    from pipeline.evaluate.likelihood import iwae_log_likelihood
 
     model = build_eval_model(blob)
-    model64 = float64_copy(model) if spec.wants_iwae else None  # per-pixel terms summed in float64
     stream = eval_stream(blob, data_url, spec.split, spec.batch_size, rank, world)
     fid = _FIDState.start(spec, feature_net) if "fid" in spec.metrics else None
     acc = ELBOAccumulator(latent_dim=None)
@@ -140,9 +139,9 @@ def score_partition(blob: dict, data_url: str, spec: EvalSpec, rank: int, world:
             if wanted & {"elbo", "au"}:
                 torch.manual_seed(sample_seed(spec.seed, key, SEED_STREAMS["elbo"]))
                 acc.update(model(xi))
-            if model64 is not None:
+            if spec.wants_iwae:  # the network in its own precision, every sum in float64
                 torch.manual_seed(sample_seed(spec.seed, key, SEED_STREAMS["iwae"]))
-                rows["neg_iwae"].append(-float(iwae_log_likelihood(model64, xi.double(), k=spec.k, batch_k=spec.batch_k)[0]))
+                rows["neg_iwae"].append(-float(iwae_log_likelihood(model, xi, k=spec.k, batch_k=spec.batch_k)[0]))
         if fid is not None:
             fid.update(model, x, keys, spec.seed)
     part: dict[str, Any] = {"elbo_state": acc.state_dict() if acc.count else None, "rows": rows}
