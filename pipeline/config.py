@@ -267,7 +267,14 @@ class TrainConfig:
     export and registration use it (``pipeline/train/ema.py``). Unset: the family's default
     (vdvae 0.9999, as VDVAE; 0 = off for the others)."""
     max_consecutive_skips: int = 50
-    """Non-finite losses in a row (all ranks skip each) before the run fails as diverged."""
+    """Non-finite losses in a row (all ranks skip each) before the run counts as diverged."""
+    on_divergence: Literal["fail", "rollback"] = "fail"
+    """A diverged run fails, or restores its newest committed checkpoint with the learning rate
+    scaled by ``rollback_lr_factor`` and trains on (at most ``max_rollbacks`` times)."""
+    rollback_lr_factor: float = 0.5
+    """What each divergence rollback multiplies the learning rate by."""
+    max_rollbacks: int = 3
+    """Divergence rollbacks before the run fails after all."""
     log_every: int = 10
     """Steps between metric logs (and Ray reports)."""
     checkpoint_every: int = 100
@@ -505,6 +512,10 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
     _check(sc.free_bits >= 0, "schedule.free_bits", sc.free_bits, "must be >= 0")
     _check(sc.target_kl >= 0, "schedule.target_kl", sc.target_kl, "must be >= 0")
     _check(t.max_steps >= 1, "train.max_steps", t.max_steps, "must be >= 1")
+    _check(0 < t.rollback_lr_factor <= 1, "train.rollback_lr_factor", t.rollback_lr_factor, "must be in (0, 1]")
+    _check(t.max_rollbacks >= 0, "train.max_rollbacks", t.max_rollbacks, "must be >= 0")
+    _check(t.on_divergence == "fail" or not cfg.progressive.enabled, "train.on_divergence", t.on_divergence,
+           "rollback is not carried across progressive growth yet: use fail with progressive.enabled")
     _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
     for key in ("log_every", "checkpoint_every", "image_every", "val_every", "keep_checkpoints", "max_consecutive_skips"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")

@@ -242,6 +242,12 @@ def _try_load(w: Any, folder: Location) -> Optional[str]:
         return why or _load_from(w, folder, local, marker["world_size"])
 
 
+def apply_lr_scale(w: Any) -> None:
+    """The optimizer's learning rate: the config's, times the divergence rollbacks' scale."""
+    for group in w.engine.optimizer.param_groups:
+        group["lr"] = w.cfg.optim.lr * getattr(w.state, "lr_scale", 1.0)
+
+
 def _local_folder(w: Any, folder: Location, skip: tuple, stack: contextlib.ExitStack) -> tuple[Optional[Path], Optional[str]]:
     """(local folder with ``folder``'s files, None), or (None, why not) agreed by every rank."""
     try:
@@ -275,11 +281,10 @@ def _load_from(w: Any, folder: Location, local: Path, saved_world: int) -> Optio
             say(note)
     except Exception as exc:  # a committed file that still does not load: fall back to an older one
         return f"{folder}: loading failed ({type(exc).__name__}: {str(exc)[:200]})"
-    # the config's learning rate wins over the one saved with the optimizer state: a PBT
-    # exploit or a resumed run with a new optim.lr continues with the new value
-    for group in w.engine.optimizer.param_groups:
-        group["lr"] = w.cfg.optim.lr
     w.state.load_state_dict(saved["train_state"])
+    # the config's learning rate wins over the one saved with the optimizer state (a PBT exploit or
+    # a resumed run with a new optim.lr continues with the new value), times a rollback's scale
+    apply_lr_scale(w)
     if getattr(w, "growth", None) is not None:
         w.growth.after_restore(w)
     w.stream.load_state_dict(saved["data_state"])

@@ -13,6 +13,7 @@ from typing import Optional
 
 from pipeline.tracking import say
 from pipeline.train.checkpoint import save_checkpoint
+from pipeline.train.divergence import RolledBack, on_divergence
 from pipeline.train.ema import ema_weights
 from pipeline.train.export import export_model
 from pipeline.train.faults import maybe_exit, maybe_pause, maybe_slow
@@ -68,7 +69,12 @@ def run_steps(w: Worker) -> None:
     if w.growth is not None:
         start_growth(w)
     while not finished(w):
-        if run_epoch(w, loop):
+        try:
+            ran_out = run_epoch(w, loop)
+        except RolledBack:  # train.on_divergence=rollback: go on from the restored position
+            loop.consecutive_skips, loop.window = 0, MetricWindow()
+            continue
+        if ran_out:
             w.state.epoch, w.state.step_in_epoch = w.state.epoch + 1, 0
 
 
@@ -146,10 +152,7 @@ def after_step(w: Worker, window: MetricWindow, batch: Optional[dict]) -> None:
 
 
 def check_divergence(w: Worker, consecutive_skips: int) -> None:
-    """Fail the run once ``train.max_consecutive_skips`` steps in a row were not finite."""
-    cfg = w.cfg
-    if consecutive_skips >= cfg.train.max_consecutive_skips:
-        raise FloatingPointError(
-            f"diverged: {consecutive_skips} consecutive non-finite losses at step {w.state.step} "
-            f"(train.max_consecutive_skips): lower optim.lr (now {cfg.optim.lr}) "
-            f"or check the data at {cfg.data.path}")
+    """Once ``train.max_consecutive_skips`` steps in a row were not finite: fail, or roll back
+    (``train.on_divergence``, ``divergence.py``)."""
+    if consecutive_skips >= w.cfg.train.max_consecutive_skips:
+        on_divergence(w, consecutive_skips)

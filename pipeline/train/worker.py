@@ -36,6 +36,8 @@ class TrainState:
     step_in_epoch: int = 0
     skipped_steps: int = 0
     grad_norm_skips: int = 0  # updates over optim.skip_threshold (VDVAE's gradient skipping)
+    lr_scale: float = 1.0  # times optim.lr: halved (train.rollback_lr_factor) at each divergence rollback
+    rollbacks: int = 0  # train.on_divergence=rollback restores so far
     corrupt_samples: int = 0
     samples_seen: int = 0  # images trained on, summed over ranks (a progressive run's clock)
     stage: int = 0  # progressive growing: stage index, its resolution and alpha after the last step
@@ -71,6 +73,7 @@ class Worker:
     clock: Optional[PhaseClock] = None  # per-phase step time (train.phase_timers)
     growth: Optional[Any] = None  # a progressive run's stages and engine rebuilds (growth.Growth)
     ema: Optional[WeightEMA] = None  # the weight EMA that validation, images and export use (train.ema_rate)
+    run_dir: Optional[str] = None  # the run folder (local or s3://): where a divergence rollback looks
 
 
 def build_model_for_rank(cfg: VaepipeConfig, loop_config: dict, ds_config: Optional[dict] = None) -> torch.nn.Module:
@@ -210,7 +213,8 @@ def build_worker(loop_config: dict) -> Worker:
     worker = Worker(cfg, engine, stream, TrainState(), log, device, rank, world, precision,
                     fault=loop_config.get("fault", {}), aux=aux, objective=objective_name(cfg.model),
                     clock=clock_for(cfg.train.phase_timers, use_cuda), growth=growth,
-                    ema=WeightEMA(engine.module, cfg.train.ema_rate) if cfg.train.ema_rate else None)
+                    ema=WeightEMA(engine.module, cfg.train.ema_rate) if cfg.train.ema_rate else None,
+                    run_dir=loop_config.get("run_dir"))
     activate(worker.clock)
     # what Ray's OMP_NUM_THREADS gave each rank, and whether glibc keeps freed memory
     log.tags({"vaepipe.torch_threads": torch.get_num_threads(), "vaepipe.retain_freed_memory": proc.retained_freed_memory})
