@@ -603,6 +603,10 @@ class VDVAE(nn.Module):
         """Likelihood parameters [B, C·params_per_channel, R, R] in at least float32."""
         return at_least_float32(self.out_conv(state))
 
+    def _mean_image(self, state: torch.Tensor) -> torch.Tensor:
+        """The likelihood's mean image in [0, 1], in the model's dtype (as every family returns it)."""
+        return self.likelihood.mean(self.decode_params(state)).to(state.dtype)
+
     # -- protocol ---------------------------------------------------------------------------
 
     def encode_groups(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -622,13 +626,13 @@ class VDVAE(nn.Module):
         """Mean image in [0, 1] for flat latents [B, latent_dim] or a list of group tensors."""
         groups = self._as_groups(z)
         state, _ = self._top_down(groups[0].shape[0], z_given=groups)
-        return self.likelihood.mean(self.decode_params(state))
+        return self._mean_image(state)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The mean image at the posterior means (= decode(encode(x)[0]), in one pass)."""
         state, _ = self._top_down(x.shape[0], self._activations(x))
-        return self.likelihood.mean(self.decode_params(state))
+        return self._mean_image(state)
 
     @torch.no_grad()
     def sample_prior_latents(
@@ -646,7 +650,7 @@ class VDVAE(nn.Module):
     ) -> torch.Tensor:
         """n mean images in [0, 1] from ancestral sampling at ``temperature`` (no gradient)."""
         state, _ = self._top_down(n, noise=self._noise(n, self._temperatures(temperature)))
-        images = self.likelihood.mean(self.decode_params(state))
+        images = self._mean_image(state)
         return images if device is None else images.to(device)
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ def _like_deepspeed_bf16(model):
 CASES = [
     ["model.name=conv_vae"], ["model.name=conv_vae", "model.prior=made"], ["model.name=conv_vae", "model.prior=mog"],
     ["model.name=conv_vae", "model.skip_connections=true"], ["model.name=factor_vae"], ["model.name=ladder_vae"],
-    ["model.name=vqvae"],
+    ["model.name=vqvae"], ["model.name=vdvae"],
 ]
 
 
