@@ -24,10 +24,22 @@ def _vq_rank(rank: int, world: int) -> dict:
     return {"codebook": q.codebook.clone(), "size": q.ema_cluster_size.clone()}
 
 
-def test_vq_statistics_summed_over_two_ranks_equal_one_process_on_both_halves():
+def _every_case(rank: int, world: int) -> dict:
+    """Every test's ranks in one pair of processes (a spawn costs seconds), in the order the tests
+    run. Each case seeds torch itself and builds its own quantizer or engine."""
+    return {"vq": _vq_rank(rank, world), "finite": _finite_agreement_rank(rank, world),
+            "z0": _partition_rank(rank, world, 0), "z3": _partition_rank(rank, world, 3)}
+
+
+@pytest.fixture(scope="module")
+def runs() -> list[dict]:
+    return run_ranks(_every_case)
+
+
+def test_vq_statistics_summed_over_two_ranks_equal_one_process_on_both_halves(runs):
     from models.vqvae import VectorQuantizer
 
-    ranks = run_ranks(_vq_rank)
+    ranks = [r["vq"] for r in runs]
     torch.manual_seed(0)
     single = VectorQuantizer(8, 4, ema_decay=0.5, dead_code_threshold=0.0)
     both = torch.randn(2, 40, 4, generator=torch.Generator().manual_seed(1)).reshape(80, 4)
@@ -80,8 +92,8 @@ def _finite_agreement_rank(rank: int, world: int) -> dict:
             "weights": after_step}
 
 
-def test_nan_on_one_rank_skips_the_step_on_both_and_both_step_next():
-    r0, r1 = run_ranks(_finite_agreement_rank)
+def test_nan_on_one_rank_skips_the_step_on_both_and_both_step_next(runs):
+    r0, r1 = (r["finite"] for r in runs)
     assert r0["skipped"] == r1["skipped"] == 1.0  # rank 0's loss was finite, it skipped too
     assert r0["unchanged"] and r1["unchanged"]
     assert r0["stepped"] == r1["stepped"] == 0.0 and r0["moved"] and r1["moved"]
@@ -100,9 +112,9 @@ def _partition_rank(rank: int, world: int, zero_stage: int) -> dict:
                                                            if k in dict(engine.module.named_parameters()))}
 
 
-def test_zero3_holds_about_half_the_parameters_per_rank_and_gathers_them_all():
-    z0 = run_ranks(_partition_rank, args=(0,))
-    z3 = run_ranks(_partition_rank, args=(3,))
+def test_zero3_holds_about_half_the_parameters_per_rank_and_gathers_them_all(runs):
+    z0 = [r["z0"] for r in runs]
+    z3 = [r["z3"] for r in runs]
     total = z0[0]["total"]
     assert all(r["held"] == total for r in z0)  # stage 0 replicates
     for r in z3:

@@ -9,15 +9,28 @@ import torch
 from dist_helpers import run_ranks
 
 
+_PATCHED: list = []  # per process: each spawned rank imports this module afresh
+
+
+def _patch_collectives_once() -> None:
+    """``timers.patch_collectives`` wraps the collectives again on every call: once per process,
+    as the worker does, however many configurations the process trains."""
+    from pipeline.train.timers import patch_collectives
+
+    if not _PATCHED:
+        patch_collectives()
+        _PATCHED.append(True)
+
+
 def _train(rank: int, world: int, shm: bool, zero_stage: int, room_on_rank1: bool = True) -> dict:
     import os
 
     import torch
 
     from pipeline.train import local_allreduce
-    from pipeline.train.timers import PhaseClock, activate, patch_collectives
+    from pipeline.train.timers import PhaseClock, activate
 
-    patch_collectives()  # as the worker does, before DeepSpeed's backend keeps its all-gather
+    _patch_collectives_once()  # as the worker does, before DeepSpeed's backend keeps its all-gather
 
     if rank == 1 and not room_on_rank1:
         local_allreduce.shm_room = lambda world: False  # as if this rank's /dev/shm were full
@@ -78,11 +91,38 @@ def _no_room() -> bool:
     return not shm_room(2)
 
 
+def _gloo_rank(rank: int, world: int) -> dict:
+    """Every configuration that keeps gloo, in one pair of processes (a spawn costs seconds). First
+    the one where rank 1 lacks room: it asks for the kernel before DeepSpeed creates its comm
+    backend, as in a process of its own; both ranks refuse it and nothing process-wide is installed
+    (its fake ``shm_room`` is put back after). Then the plain gloo runs under ZeRO 0 and 2 on that
+    backend. Each builds its own model from ``manual_seed(0)``.
+
+    The shared-memory runs cannot join them, nor each other: the kernel is set up when DeepSpeed
+    creates its comm backend, once per process and only if ``LOCAL_SIZE`` was set before it (the
+    gloo runs' backend has none); ``install`` then reroutes that backend's collectives and the
+    loop's ``any_rank`` for the rest of the process, and unlinks the rank's /dev/shm segment, so
+    a second shm run in the process could not see its segment made."""
+    from pipeline.train import local_allreduce
+
+    real_room = local_allreduce.shm_room
+    try:
+        runs = {"no_room_on_rank1": _train(rank, world, True, 0, False)}
+    finally:
+        local_allreduce.shm_room = real_room
+    return {**runs, **{("gloo", stage): _train(rank, world, False, stage) for stage in (0, 2)}}
+
+
+@pytest.fixture(scope="module")
+def gloo_runs() -> list[dict]:
+    return run_ranks(_gloo_rank)
+
+
 @pytest.mark.skipif(_no_room(), reason="this machine's /dev/shm cannot hold two 67 MiB segments (training keeps gloo here)")
 @pytest.mark.parametrize("zero_stage", [0, 2])
-def test_shm_allreduce_trains_to_the_same_weights_as_gloo(zero_stage):
-    gloo = run_ranks(_train, args=(False, zero_stage))
-    shm = run_ranks(_train, args=(True, zero_stage))
+def test_shm_allreduce_trains_to_the_same_weights_as_gloo(gloo_runs, zero_stage):
+    gloo = [r[("gloo", zero_stage)] for r in gloo_runs]
+    shm = run_ranks(_train, args=(True, zero_stage))  # its own processes: see _gloo_rank
     assert shm[0]["routed"] and not gloo[0]["routed"]
     for k, v in gloo[0]["weights"].items():
         torch.testing.assert_close(shm[0]["weights"][k], v, rtol=1e-5, atol=1e-6)  # sum order may differ
@@ -103,10 +143,10 @@ def test_shm_allreduce_trains_to_the_same_weights_as_gloo(zero_stage):
     assert not any(r["segment_made"] for r in gloo)
 
 
-def test_ranks_agree_on_gloo_when_one_rank_lacks_room_in_dev_shm():
+def test_ranks_agree_on_gloo_when_one_rank_lacks_room_in_dev_shm(gloo_runs):
     """Rank 1's /dev/shm is 'full': both ranks keep gloo (had only rank 0 taken the kernel, it
     would wait forever for rank 1's segment), no segment is made, and training still runs."""
-    runs = run_ranks(_train, args=(True, 0, False))
+    runs = [r["no_room_on_rank1"] for r in gloo_runs]
     assert [r["routed"] for r in runs] == [False, False] and all(r["local_size"] is None for r in runs)
     assert not any(r["segment_made"] for r in runs)
     for k, v in runs[0]["weights"].items():

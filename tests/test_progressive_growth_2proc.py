@@ -41,12 +41,24 @@ def _switch_rank(rank: int, world: int, zero_stage: int, carry: bool, precision:
     return {"before": before, "after": after, "shapes": shapes, "finite": bool(torch.isfinite(loss))}
 
 
-@pytest.mark.parametrize("zero_stage, carry, precision",
-                         [(0, True, "fp32"), (2, False, "fp32"), (3, True, "fp32"), (2, True, "bf16"),
-                          (3, False, "bf16")])
-def test_stage_switch_keeps_old_parameters_and_carried_moments(zero_stage, carry, precision):
+CASES = [(0, True, "fp32"), (2, False, "fp32"), (3, True, "fp32"), (2, True, "bf16"), (3, False, "bf16")]
+
+
+def _every_case(rank: int, world: int) -> dict:
+    """Every case in one pair of processes (a spawn costs seconds): each builds its own Growth and
+    engines, its weights from the config's seed and its noise from ``manual_seed(rank)``."""
+    return {case: _switch_rank(rank, world, *case) for case in CASES}
+
+
+@pytest.fixture(scope="module")
+def switched() -> list[dict]:
+    return run_ranks(_every_case)
+
+
+@pytest.mark.parametrize("zero_stage, carry, precision", CASES)
+def test_stage_switch_keeps_old_parameters_and_carried_moments(switched, zero_stage, carry, precision):
     """Under bf16 too: the fp32 masters are carried exactly, not rebuilt from bf16 copies."""
-    for r in run_ranks(_switch_rank, args=(zero_stage, carry, precision)):
+    for r in (ranks[(zero_stage, carry, precision)] for ranks in switched):
         before, after = r["before"], r["after"]
         assert r["shapes"] == [(8, 4)] and r["finite"]
         new = set(after) - set(before)

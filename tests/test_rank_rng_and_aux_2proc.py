@@ -43,8 +43,19 @@ def _disc_rank(rank: int, world: int) -> dict:
             "skipped": skipped, "stepped": stepped, "adam_state_after_skip": adam_state_after_skip}
 
 
-def test_nan_in_one_ranks_discriminator_loss_skips_on_both_and_the_next_step_agrees():
-    r0, r1 = run_ranks(_disc_rank, timeout=90.0)  # before the agreement, rank 0 hung in all_reduce
+def _both_rank(rank: int, world: int) -> dict:
+    """Both cases in one pair of processes (a spawn costs seconds); each builds its modules from
+    the shared seed (``build_rank_modules``), so neither sees the other's RNG or weights."""
+    return {"disc": _disc_rank(rank, world), "noise": _noise_rank(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def both() -> list[dict]:
+    return run_ranks(_both_rank, timeout=150.0)  # short: before the agreement, rank 0 hung in all_reduce
+
+
+def test_nan_in_one_ranks_discriminator_loss_skips_on_both_and_the_next_step_agrees(both):
+    r0, r1 = (r["disc"] for r in both)
     for r in (r0, r1):
         assert r["skipped"] == {"disc_skipped": 1.0}  # rank 0's loss was finite, it skipped too
         assert r["adam_state_after_skip"] == 0  # Adam never stepped
@@ -69,8 +80,8 @@ def _noise_rank(rank: int, world: int) -> dict:
             "z": first["z"].detach(), "z_again": again["z"].detach()}
 
 
-def test_ranks_share_initial_weights_but_draw_their_own_noise():
-    r0, r1 = run_ranks(_noise_rank)
+def test_ranks_share_initial_weights_but_draw_their_own_noise(both):
+    r0, r1 = (r["noise"] for r in both)
     for k in r0["weights"]:
         assert torch.equal(r0["weights"][k], r1["weights"][k]), k
     for k in r0["disc"]:

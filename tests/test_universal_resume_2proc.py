@@ -80,16 +80,55 @@ def _resume_rank(rank, world, shards, folder, zero_stage):
     return {"loss": loss, "keys": keys, "step": w.state.step, "resumed": w.resumed_from}
 
 
-@pytest.mark.parametrize("zero_stage, before, after", [(1, 2, 1), (2, 2, 1), (3, 2, 1), (2, 1, 2), (3, 1, 2)])
-def test_resume_on_another_world_size(shards32, tmp_path, zero_stage, before, after):
-    from pipeline.data.stream import ShardStream
-    from pipeline.train.checkpoint import UNIVERSAL_DIR, commit_status
+def _phase_rank(rank, world, shards, saves, resumes):
+    """One call's share of the cases, on ``world`` ranks: ``saves`` and ``resumes`` are lists of
+    (case, folder, zero_stage). Each case builds its own engine and stream (the model from its
+    ``train.seed``, the fixed loss from ``manual_seed(5)``) and writes only its own folder."""
+    return {"saved": {case: _save_rank(rank, world, shards, folder, zero_stage, 3)
+                      for case, folder, zero_stage in saves},
+            "resumed": {case: _resume_rank(rank, world, shards, folder, zero_stage)
+                        for case, folder, zero_stage in resumes}}
 
-    folder = tmp_path / "checkpoint_x"
-    folder.mkdir()
-    saved = run_ranks(_save_rank, world=before, args=(shards32, str(folder), zero_stage, 3))
-    assert commit_status(folder)[0]
-    resumed = run_ranks(_resume_rank, world=after, args=(shards32, str(folder), zero_stage))
+
+CASES = [(1, 2, 1), (2, 2, 1), (3, 2, 1), (2, 1, 2), (3, 1, 2)]  # (zero_stage, before, after)
+
+
+@pytest.fixture(scope="module")
+def runs(shards32, tmp_path_factory) -> dict:
+    """Every case's save and resume, one spawn per world size and phase instead of two per case:
+    the 1-rank saves, then the 2-rank saves with the 1 -> 2 resumes, then the 2 -> 1 resumes.
+    A case's resume always runs in a later call than its save, and its folder's commit status is
+    read between the two, as the test read it."""
+    from pipeline.train.checkpoint import commit_status
+
+    folders = {}
+    for case in CASES:
+        folders[case] = tmp_path_factory.mktemp("resume") / "checkpoint_x"
+        folders[case].mkdir()
+    saved, committed, resumed = {}, {}, {}
+    for world in (1, 2, 1):
+        saves = [c for c in CASES if c[1] == world and c not in saved]
+        resumes = [c for c in CASES if c[2] == world and c in saved and c not in resumed]
+        out = run_ranks(_phase_rank, world=world, timeout=600.0,
+                        args=(shards32, [(c, str(folders[c]), c[0]) for c in saves],
+                              [(c, str(folders[c]), c[0]) for c in resumes]))
+        for c in saves:
+            saved[c], committed[c] = [r["saved"][c] for r in out], commit_status(folders[c])
+        for c in resumes:
+            resumed[c] = [r["resumed"][c] for r in out]
+    return {c: SimpleNamespace(folder=folders[c], saved=saved[c], committed=committed[c], resumed=resumed[c])
+            for c in CASES}
+
+
+@pytest.mark.parametrize("zero_stage, before, after", CASES)
+def test_resume_on_another_world_size(shards32, runs, zero_stage, before, after):
+    from pipeline.data.stream import ShardStream
+    from pipeline.train.checkpoint import UNIVERSAL_DIR
+
+    run = runs[(zero_stage, before, after)]
+    folder, saved, resumed = run.folder, run.saved, run.resumed
+    assert len(saved) == before and len(resumed) == after
+    assert run.committed[0]  # read right after the save, before the resume
     assert (folder / UNIVERSAL_DIR / "latest_universal").is_file()
     for r in resumed:
         assert r["resumed"] == 3

@@ -52,10 +52,37 @@ def _train(rank: int, world: int, lean: bool, zero_stage: int, precision: str, s
             "before_nan": snapshots[2], "after_nan": snapshots[3], "final": snapshots[4]}
 
 
+# (lean, zero_stage, precision, summed, sized_bucket): every configuration a test below compares,
+# each trained once (one that two tests use is the same deterministic run for both)
+CONFIGS = list(dict.fromkeys([
+    *((lean, stage, "fp32", False, False) for stage in (1, 2) for lean in (False, True)),
+    (False, 2, "bf16", False, False), (True, 2, "bf16", False, False),
+    *((True, stage, "fp32", summed, False) for stage in (0, 2) for summed in (False, True)),
+    *((True, stage, "fp32", False, True) for stage in (1, 2))]))
+
+
+def _every_config(rank: int, world: int) -> dict:
+    """All of them in one pair of processes (a spawn costs seconds). Each builds its own model
+    (``manual_seed(0)``) and engine; ``_train`` puts back the all-reduce it wraps, and
+    ``zero_step.install`` patches only its own engine's optimizer."""
+    return {config: _train(rank, world, *config) for config in CONFIGS}
+
+
+@pytest.fixture(scope="module")
+def trained() -> list[dict]:
+    return run_ranks(_every_config, timeout=600.0)
+
+
+def _runs(trained: list[dict], lean: bool, zero_stage: int, precision: str, summed: bool = False,
+          sized_bucket: bool = False) -> list[dict]:
+    """Both ranks' results of what ``_train(rank, world, lean, zero_stage, ...)`` returned."""
+    return [r[(lean, zero_stage, precision, summed, sized_bucket)] for r in trained]
+
+
 @pytest.mark.parametrize("zero_stage", [1, 2])
-def test_lean_step_trains_like_deepspeeds_in_fp32(zero_stage):
-    ds = run_ranks(_train, args=(False, zero_stage, "fp32"))
-    lean = run_ranks(_train, args=(True, zero_stage, "fp32"))
+def test_lean_step_trains_like_deepspeeds_in_fp32(trained, zero_stage):
+    ds = _runs(trained, False, zero_stage, "fp32")
+    lean = _runs(trained, True, zero_stage, "fp32")
     assert all(r["installed"] for r in lean) and not any(r["installed"] for r in ds)
     for k, v in ds[0]["final"].items():
         torch.testing.assert_close(lean[0]["final"][k], v, rtol=1e-5, atol=1e-6)  # fp32 vs fp64 norm sums
@@ -66,9 +93,9 @@ def test_lean_step_trains_like_deepspeeds_in_fp32(zero_stage):
     _assert_nan_step_skipped_on_both(ds)
 
 
-def test_lean_step_drops_the_bf16_overflow_collective_and_still_skips_a_poisoned_step():
-    ds = run_ranks(_train, args=(False, 2, "bf16"))
-    lean = run_ranks(_train, args=(True, 2, "bf16"))
+def test_lean_step_drops_the_bf16_overflow_collective_and_still_skips_a_poisoned_step(trained):
+    ds = _runs(trained, False, 2, "bf16")
+    lean = _runs(trained, True, 2, "bf16")
     assert all(r["installed"] for r in lean)
     # DeepSpeed's bf16 step all-reduces a MAX overflow flag besides the norm's SUM; the lean one only the SUM
     assert any("MAX" in op for op in ds[0]["step_ops"]) and not any("MAX" in op for op in lean[0]["step_ops"])
@@ -97,11 +124,11 @@ def _assert_nan_step_skipped_on_both(ranks: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
-def test_summed_gradients_of_prescaled_losses_train_like_deepspeeds_mean(zero_stage):
+def test_summed_gradients_of_prescaled_losses_train_like_deepspeeds_mean(trained, zero_stage):
     """The loop's engines sum gradients over ranks and divide each loss by the world size first:
     the same weights as DeepSpeed dividing the summed gradients, without its pass over them."""
-    mean = run_ranks(_train, args=(True, zero_stage, "fp32", False))
-    summed = run_ranks(_train, args=(True, zero_stage, "fp32", True))
+    mean = _runs(trained, True, zero_stage, "fp32", False)
+    summed = _runs(trained, True, zero_stage, "fp32", True)
     assert mean[0]["scale"] == 1.0 and summed[0]["scale"] == 0.5
     for k, v in mean[0]["final"].items():
         torch.testing.assert_close(summed[0]["final"][k], v, rtol=1e-5, atol=1e-6)
@@ -114,9 +141,9 @@ def test_summed_gradients_of_prescaled_losses_train_like_deepspeeds_mean(zero_st
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
-def test_a_bucket_the_size_of_the_model_trains_to_the_same_weights(zero_stage):
-    default = run_ranks(_train, args=(True, zero_stage, "fp32"))
-    sized = run_ranks(_train, args=(True, zero_stage, "fp32", False, True))
+def test_a_bucket_the_size_of_the_model_trains_to_the_same_weights(trained, zero_stage):
+    default = _runs(trained, True, zero_stage, "fp32")
+    sized = _runs(trained, True, zero_stage, "fp32", False, True)
     assert default[0]["bucket"] == 500_000_000 and sized[0]["bucket"] == sized[0]["numel"]  # 2 MB, not 2 GB
     for k, v in default[0]["final"].items():
         assert torch.equal(sized[0]["final"][k], v), k  # the same gradients, reduced in the same one call
