@@ -90,7 +90,7 @@ def _phase_rank(rank, world, shards, saves, resumes):
                         for case, folder, zero_stage in resumes}}
 
 
-CASES = [(1, 2, 1), (2, 2, 1), (3, 2, 1), (2, 1, 2), (3, 1, 2)]  # (zero_stage, before, after)
+CASES = [(1, 2, 1), (2, 2, 1), (3, 2, 1), (1, 1, 2), (2, 1, 2), (3, 1, 2)]  # (zero_stage, before, after)
 
 
 @pytest.fixture(scope="module")
