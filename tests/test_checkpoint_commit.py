@@ -82,7 +82,8 @@ class _Engine:
 def _worker(broken=(), world=2):
     stream = SimpleNamespace(state=None, epoch=0, step_in_epoch=0)
     stream.load_state_dict = lambda s: setattr(stream, "state", s)
-    cfg = SimpleNamespace(optim=SimpleNamespace(lr=1e-3))
+    # what a restore reads of the config: the lr, the seed (RNG re-seeding), the ZeRO stage (weight EMA)
+    cfg = SimpleNamespace(optim=SimpleNamespace(lr=1e-3), train=SimpleNamespace(seed=0), dist=SimpleNamespace(zero_stage=2))
     return SimpleNamespace(engine=_Engine(set(broken)), state=TrainState(), stream=stream, aux=None, cfg=cfg,
                            device=torch.device("cpu"), world_size=world, rank=0, resumed_from=None)
 
