@@ -14,6 +14,15 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray Train's controller polls its workers every 2 s by default, and a fit ends only at the poll
+# after the one that takes the last report: 2-4 s of every fit was spent waiting for it, and a
+# second ray.train.report within 2 s of the first waited in its 1-slot queue. Train hands these
+# variables from the driver to its controller and workers (ENV_VARS_TO_PROPAGATE), so processes
+# started by the tests (elastic_job.py, s3_job.py, the CLI) inherit them too.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Train's preemption watcher (one more actor process per fit) watches for nodes being drained;
+# nothing here drains a node (the fault drills kill processes and remove nodes outright).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def free_port() -> int:
@@ -171,8 +180,38 @@ def mlflow_server(tmp_path_factory):
         stop_process(proc)
 
 
+_MLFLOW_DB_TEMPLATE: Path | None = None
+
+
+def fresh_sqlite_store(db: Path) -> str:
+    """``sqlite:///<db>``, an empty MLflow store there unless ``db`` exists already (a resumed run
+    keeps its store). Every store starts as a copy of one this process created once: MLflow builds
+    a new SQLite store by running all its schema migrations, ~4 s of each test's fit here."""
+    global _MLFLOW_DB_TEMPLATE
+    import shutil
+
+    if not db.exists():
+        if _MLFLOW_DB_TEMPLATE is None:
+            import atexit
+            import tempfile
+
+            from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            folder = Path(tempfile.mkdtemp(prefix="vaepipe-mlflow-template-"))
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            template = folder / "mlruns.db"
+            # the artifact root MLflow gives a store it creates itself (the Default experiment's)
+            SqlAlchemyStore(f"sqlite:///{template}", DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH).engine.dispose()
+            _MLFLOW_DB_TEMPLATE = template
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_MLFLOW_DB_TEMPLATE, db)
+    return f"sqlite:///{db}"
+
+
 def base_overrides(shards: str, tmp: Path, tracking_uri: str | None = None, **extra) -> list[str]:
-    """A short debug-model job on the test shards, everything written under ``tmp``."""
+    """A short debug-model job on the test shards, everything written under ``tmp``; tracked in
+    ``tmp/mlruns.db`` (``fresh_sqlite_store``) unless ``tracking_uri`` names another store."""
     values = {
         "data.path": shards, "data.resolution": 32, "data.batch_size": 8, "data.loader_workers": 0,
         "data.val_batches": 1, "data.shuffle_buffer": 64,
@@ -180,7 +219,7 @@ def base_overrides(shards: str, tmp: Path, tracking_uri: str | None = None, **ex
         "train.max_steps": 12, "train.log_every": 3, "train.val_every": 6, "train.image_every": 12,
         "train.checkpoint_every": 6, "train.storage_path": str(tmp / "runs"),
         "dist.num_workers": 2, "dist.max_failures": 0,
-        "tracking.tracking_uri": tracking_uri or f"sqlite:///{tmp / 'mlruns.db'}",
+        "tracking.tracking_uri": tracking_uri or fresh_sqlite_store(tmp / "mlruns.db"),
         "tracking.artifact_location": str(tmp / "mlartifacts"), "tracking.image_grid_size": 2,
     }
     values.update(extra)
