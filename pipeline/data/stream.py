@@ -41,6 +41,7 @@ from pipeline.data import storage
 from pipeline.data.binarize import check_mode, for_eval
 from pipeline.data.epoch_reader import DecodedCache, SliceDataset, iter_shard_or_skip, shard_order
 from pipeline.data.shards import read_manifest
+from pipeline.seeds import mixed_seeds
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,8 @@ class ShardStream:
             return iter(dataset)
         # its own generator: a DataLoader draws its workers' base seed from torch's global RNG at
         # every iterator, which would shift the training noise after a mid-epoch resume
-        generator = torch.Generator().manual_seed(hash((self.seed, plan["epoch"], plan["rank"], split_code(plan["split"]))) % 2**63)
+        (loader_seed,) = mixed_seeds(self.seed, plan["epoch"], plan["rank"], split_code(plan["split"]))
+        generator = torch.Generator().manual_seed(loader_seed)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                                multiprocessing_context=self.mp_context, generator=generator))
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.seeds import mixed_seeds
+
 RNG_DIR = "rng"
 
 
@@ -65,7 +67,7 @@ def load(folder: Path, rank: int, same_world: bool, seed: int, step: int) -> str
 
 
 def reseed(seed: int, rank: int, step: int) -> None:
-    mixed = np.random.SeedSequence([seed % 2**63, rank, step]).generate_state(2, np.uint64)
-    torch.manual_seed(int(mixed[0]))
-    np.random.seed(int(mixed[1] % 2**32))
-    random.seed(int(mixed[1]))
+    torch_seed, other = mixed_seeds(seed, rank, step, n=2)
+    torch.manual_seed(torch_seed)
+    np.random.seed(other % 2**32)
+    random.seed(other)

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from pipeline.config import VaepipeConfig, from_dict
 from pipeline.logger import RankZeroLogger
+from pipeline.seeds import mixed_seeds
 from pipeline.train.auxiliary import AuxiliaryTrainer
 from pipeline.train.checkpoint import restore
 from pipeline.train.ema import WeightEMA
@@ -103,9 +103,10 @@ def seed_rank(seed: int, rank: int) -> int:
     rank): from here reparameterisation noise, dropout masks and Factor-VAE's permutations are
     independent across ranks instead of N copies of one draw. Data order is not affected:
     ShardStream seeds its own ``random.Random`` instances from ``cfg.train.seed``. SeedSequence
-    mixes (seed, rank), so no rank of one run replays another run's seed (``seed + rank`` would).
+    mixes (seed, rank) (``pipeline.seeds``), so no rank of one run replays another run's seed
+    (``seed + rank`` would).
     """
-    rank_seed = int(np.random.SeedSequence([seed % 2**63, rank]).generate_state(1, np.uint64)[0])
+    (rank_seed,) = mixed_seeds(seed, rank)
     torch.manual_seed(rank_seed)
     return rank_seed
 
