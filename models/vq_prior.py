@@ -163,6 +163,8 @@ FLAVORS: dict[str, dict[str, Any]] = {
 class VQPrior(nn.Module):
     """Autoregressive code prior with its frozen parent VQ-VAE; see the module docstring."""
 
+    latent_kind = "codes"  # the parent's code grid (see VQVAE.latent_kind)
+
     def __init__(self, ar: dict[str, Any] | None = None) -> None:
         super().__init__()
         ar = {**BASE_DEFAULTS["ar"], **(to_plain(ar) or {})}
@@ -230,6 +232,10 @@ class VQPrior(nn.Module):
         """−log p(codes) per image, [B], in nats."""
         nll = F.cross_entropy(self.prior_logits(codes).float(), codes.long(), reduction="none")
         return nll.flatten(1).sum(1)
+
+    def sample_posterior(self, x: torch.Tensor) -> torch.Tensor:
+        """A draw of the parent's one-hot posterior: x's own codes [B, h, w]."""
+        return self.parent.encode_codes(x)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The parent's code grid [B, h, w] (no gradient)."""

@@ -182,6 +182,10 @@ FLAVORS: dict[str, dict[str, Any]] = {
 class VQVAE(nn.Module):
     """VQ-VAE; see the module docstring. ``encoder_blocks`` / ``decoder_blocks`` are checkpointable."""
 
+    # A grid of discrete codes, not a Gaussian vector: evaluation draws the posterior with
+    # ``sample_posterior`` and leaves out the per-unit metrics (active units, MIG, SAP, traversals).
+    latent_kind = "codes"
+
     def __init__(
         self,
         in_channels: int = 3,
@@ -307,6 +311,10 @@ class VQVAE(nn.Module):
         if codes.dtype not in (torch.int64, torch.int32) or codes.dim() != 3:
             raise ValueError(f"vqvae.decode_codes expects integer codes [B, h, w], got {codes.dtype} {list(codes.shape)}")
         return self.likelihood.mean(self.decode_logits(self.quantizer.lookup(codes.long())))
+
+    def sample_posterior(self, x: torch.Tensor) -> torch.Tensor:
+        """A draw of q(z|x): the posterior is one-hot, so every draw is x's own codes [B, h, w]."""
+        return self.encode_codes(x)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Quantised latent grid z_q [B, code_dim, h, w] (what ``decode`` takes)."""

@@ -72,6 +72,24 @@ def test_vqvae_elbo_has_no_units_and_no_collapse_verdict(shards32):
     assert "collapse" not in res and res["active_units_kl"] == 0
 
 
+def test_vqvae_default_metrics_bound_with_its_one_hot_posterior_and_name_the_unit_metrics_left_out(shards32):
+    """``vaepipe evaluate``'s default metrics (nll, elbo, au) on a VQ-VAE: q(z|x) is one-hot at x's
+    own codes, so every importance sample is that code grid and the bound is log p(x|z*) + log p(z*)
+    exactly, the ELBO of the same image; au has no units to count and says so."""
+    cfg = load_config(None, ["model.name=vqvae", "model.flavor=debug", "data.resolution=32"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    blob = {"model_config": {"name": "vqvae", **model.config}, "state_dict": model.state_dict()}
+    res = evaluate(blob, shards32, EvalSpec(metrics=["nll", "elbo", "au"], split="test", k=3, batch_k=3,
+                                            batch_size=8, max_samples=8), workers=1)
+    assert res["num_samples"] == 8 and "active_units_cov" not in res
+    assert "au" in res["unit_metrics_not_shown"] and "discrete codes" in res["unit_metrics_not_shown"]
+    assert res["unit_metrics_not_shown"] in result_notes(res)  # printed under the table
+    bound = res["neg_iwae_nats_per_sample"]
+    assert np.isfinite(bound).all()
+    assert res["neg_iwae_nats"] == pytest.approx(-res["elbo"], rel=1e-5)  # one-hot q: the k draws are one
+
+
 def test_second_stage_models_read_their_parents_input_shape():
     from pipeline.evaluate.runner import model_input_shape
 

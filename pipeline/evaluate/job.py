@@ -28,7 +28,7 @@ def _model_version(client, model_uri: str):
 def log_visuals(logger, model: torch.nn.Module, blob: dict, data_url: str, split: str, results: dict, seed: int) -> None:
     """Sample and reconstruction grids, traversals, interpolations and the per-dimension KL plot,
     as MLflow images at step 0 under the keys training uses (so runs compare in the UI)."""
-    from pipeline.evaluate.runner import eval_stream
+    from pipeline.evaluate.runner import has_gaussian_latent, eval_stream
     from pipeline.evaluate.visualize import interpolate, kl_bar_plot, latent_traversals, make_grid
 
     stream = eval_stream(blob, data_url, split, 8, 0, 1)
@@ -38,7 +38,7 @@ def log_visuals(logger, model: torch.nn.Module, blob: dict, data_url: str, split
         logger.image(make_grid(model.sample(64), nrow=8), "samples", 0)
         pairs = torch.stack([x, model.reconstruct(x)], dim=1).flatten(0, 1)
         logger.image(make_grid(pairs, nrow=8), "reconstructions", 0)
-    if hasattr(model, "encode") and "kl_per_dim" in results:
+    if has_gaussian_latent(model) and "kl_per_dim" in results:  # traversals walk a Gaussian vector's units
         kl = results["kl_per_dim"]
         top = torch.argsort(torch.as_tensor(kl), descending=True)[:10].tolist()  # the most informative units
         logger.image(make_grid(latent_traversals(model, x[0], dims=top, steps=9)), "traversals", 0)
@@ -112,10 +112,13 @@ def scalar_metrics(results: dict) -> dict[str, float]:
 
 
 def result_notes(results: dict) -> list[str]:
-    """One line per caveat of a result: why nll is not shown, why FID is not comparable."""
+    """One line per caveat of a result: why nll is not shown, why unit metrics are not, why FID
+    is not comparable."""
     notes = []
     if "nll_not_shown" in results and "neg_iwae_nats" in results:
         notes.append(results["nll_not_shown"])
+    if results.get("unit_metrics_not_shown"):
+        notes.append(results["unit_metrics_not_shown"])
     if results.get("fid_warning"):
         notes.append(f"fid warning: {results['fid_warning']}")
     return notes

@@ -70,8 +70,14 @@ def sample_seed(seed: int, key: str, stream: int = 0) -> int:
     return ((seed * len(SEED_STREAMS) + stream) * 1_000_003 + zlib.crc32(key.encode())) % (2**63)
 
 
-def _has_gaussian_latent(model: torch.nn.Module) -> bool:
-    return hasattr(model, "log_likelihood_terms") and hasattr(model, "encode")
+def latent_kind(model: torch.nn.Module) -> str:
+    """What a family declares its latent to be: ``gaussian`` (a diagonal-Gaussian posterior whose
+    ``encode`` gives (mu, logvar), the default) or ``codes`` (a grid of discrete codes: VQ-VAE)."""
+    return getattr(type(model), "latent_kind", "gaussian")
+
+
+def has_gaussian_latent(model: torch.nn.Module) -> bool:
+    return latent_kind(model) == "gaussian" and hasattr(model, "log_likelihood_terms") and hasattr(model, "encode")
 
 
 def eval_stream(blob: dict, data_url: str, split: str, batch_size: int, rank: int, world: int):
@@ -130,7 +136,7 @@ def score_partition(blob: dict, data_url: str, spec: EvalSpec, rank: int, world:
     quota = None if spec.max_samples is None else math.ceil(spec.max_samples / world)
     for x, keys, factors in _partition_batches(stream, spec, quota):
         rows["key"] += keys
-        if wanted & {"mig", "sap", "au"} and _has_gaussian_latent(model):
+        if wanted & {"mig", "sap", "au"} and has_gaussian_latent(model):
             rows["codes"].append(model.encode(x)[0].double().numpy())
             if factors is not None:
                 rows["factors"].append(factors)
@@ -199,6 +205,10 @@ def merge_partitions(parts: list[dict], spec: EvalSpec) -> dict:
         results[IWAE_METRIC] = float(neg_iwae.mean())
         results[f"{IWAE_METRIC}_per_sample"] = neg_iwae[order]
     results.update(_merge_codes(parts, spec, keys, order))
+    unit_metrics = sorted({"au", "mig", "sap"} & set(spec.metrics))
+    if unit_metrics and not any(p["rows"]["codes"] for p in parts):
+        results["unit_metrics_not_shown"] = (f"{', '.join(unit_metrics)}: the model's latent is not a Gaussian vector "
+                                             "(a grid of discrete codes), so it has no units to count or score")
     if "fid" in spec.metrics:
         results.update(_merge_fid(parts))
     return results
