@@ -1,5 +1,7 @@
-"""Every family runs with bf16 weights (what precision=auto gives on AMX CPUs and Ampere+ GPUs):
-sampling and reconstruction used to draw float32 latents into a bf16 decoder and fail."""
+"""Models run with bf16 weights (what precision=auto gives on AMX CPUs and Ampere+ GPUs):
+sampling and reconstruction used to draw float32 latents into a bf16 decoder and fail. Every
+family's debug flavor is checked in tests/test_family_contract.py; here the conv VAE's options
+and the BatchNorm blocks at 64 px."""
 
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ def _like_deepspeed_bf16(model):
     return model
 
 
+# Every family's plain debug flavor is cast the same way in tests/test_family_contract.py; these
+# are the conv VAE's options that change its sampling and loss paths.
 CASES = [
-    ["model.name=conv_vae"], ["model.name=conv_vae", "model.prior=made"], ["model.name=conv_vae", "model.prior=mog"],
-    ["model.name=conv_vae", "model.skip_connections=true"], ["model.name=factor_vae"], ["model.name=ladder_vae"],
-    ["model.name=vqvae"], ["model.name=vdvae"],
+    ["model.name=conv_vae", "model.prior=made"], ["model.name=conv_vae", "model.prior=mog"],
+    ["model.name=conv_vae", "model.skip_connections=true"],
 ]
 
 
@@ -40,24 +43,6 @@ def test_bf16_model_samples_reconstructs_and_trains(extra):
     assert samples.shape == (3, 3, 32, 32) and recon.shape == x.shape
     assert samples.dtype == torch.bfloat16 and torch.isfinite(samples.float()).all()
     assert float(samples.float().min()) >= 0.0 and float(samples.float().max()) <= 1.0
-
-
-def test_bf16_vq_prior_samples_and_reconstructs():
-    from models import build_model as build
-
-    parent_cfg = load_config(None, ["model.name=vqvae", "model.flavor=debug", "data.resolution=32"]).model
-    parent = build(parent_cfg)
-    cfg = load_config(None, ["model.name=vq_prior", "model.flavor=debug", "data.resolution=32"])
-    from dataclasses import replace
-
-    ar = replace(cfg.model.ar, parent_config={"name": "vqvae", **parent.config})
-    model = _like_deepspeed_bf16(build(replace(cfg.model, ar=ar)))
-    model.parent.load_state_dict(parent.state_dict())
-    x = torch.rand(2, 3, 32, 32).to(torch.bfloat16)
-    out = model(x)
-    assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
-    model.eval()
-    assert model.sample(2).shape == (2, 3, 32, 32) and model.reconstruct(x).shape == x.shape
 
 
 @pytest.mark.parametrize("name", ["conv_vae", "ladder_vae"])

@@ -1,9 +1,10 @@
-"""VDVAE family: protocol, KL bookkeeping, layouts, density terms, checkpointing, bf16, sizes.
+"""VDVAE family: protocol, KL bookkeeping, layouts, density terms, sizes.
 
 Models are the ``debug`` flavor at 8-32 px so the whole file runs in well under a minute on CPU.
+Activation checkpointing and the bf16 cast are checked with every family in
+tests/test_family_contract.py.
 """
 
-import copy
 import math
 
 import pytest
@@ -13,7 +14,6 @@ from omegaconf import OmegaConf
 import models
 from models.likelihoods import build_likelihood
 from models.vdvae import VDVAE, derived_layout, parse_dec_blocks, parse_enc_blocks
-from pipeline.train.activation import apply_activation_checkpointing
 
 try:
     from tests.model_helpers import rectangles
@@ -249,32 +249,7 @@ def test_bad_layouts_and_sizes_raise_naming_the_key(vdvae, key):
     assert repr(bad) in str(info.value) or str(bad) in str(info.value)
 
 
-# ----------------------------------------------------------------------------- training modes
-
-
-def test_activation_checkpointing_gives_identical_loss_and_grads():
-    model = build(resolution=16)
-    x = images(4, resolution=16)
-    ckpt = copy.deepcopy(model)
-    assert apply_activation_checkpointing(ckpt) == len(model.enc_blocks) + len(model.dec_blocks)
-    results = []
-    for m in (model, ckpt):
-        torch.manual_seed(5)
-        out = m(x)
-        out["loss"].backward()
-        results.append((out["loss"].detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    assert torch.equal(loss_a, loss_b)
-    for name, grad in grads_a.items():
-        torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-6, msg=name)
-
-
-def test_bf16_model_gives_a_finite_loss():
-    model = build(resolution=16).to(torch.bfloat16)
-    out = model(images(4, resolution=16).to(torch.bfloat16))
-    assert torch.isfinite(out["loss"]) and out["recon"].dtype == torch.float32
-    out["loss"].backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+# ----------------------------------------------------------------------------- round trip
 
 
 def test_round_trip_config_and_state_dict():
