@@ -118,16 +118,19 @@ def _cli(*args):
     return proc.stdout
 
 
-def test_zero2_over_mlflow_server_register_and_load(ray_session, shards32, tmp_path, mlflow_server):
+def test_zero2_over_mlflow_server_register_load_and_resume(uninterrupted):
+    """The uninterrupted twin of the resume drills is also the ZeRO-2 run over a real MLflow
+    server: its run is recorded, its model registers and loads, and ``--resume <run id>``
+    continues the same MLflow run and step count."""
     import mlflow.pyfunc
 
     from pipeline.tracking import register_model
 
-    result = _train(base_overrides(shards32, tmp_path, tracking_uri=mlflow_server, **{"dist.zero_stage": 2}))
-    assert result.tracking_uri == mlflow_server
-    client = _client(mlflow_server)
+    result, overrides = uninterrupted["result"], uninterrupted["overrides"]
+    assert result.tracking_uri == uninterrupted["server"]
+    client = _client(result.tracking_uri)
     _assert_run_recorded(client, result.run_id, 12)
-    version = register_model(mlflow_server, result.run_id, "vae-test", "champion")
+    version = register_model(result.tracking_uri, result.run_id, "vae-test", "champion")
     assert client.get_model_version_by_alias("vae-test", "champion").version == str(version)
     model = mlflow.pyfunc.load_model("models:/vae-test@champion")
     images = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)
@@ -139,6 +142,16 @@ def test_zero2_over_mlflow_server_register_and_load(ray_session, shards32, tmp_p
     np.testing.assert_allclose(decoded, recon, atol=1e-5)  # reconstruct == decode(encode mean)
     samples = model.predict(np.zeros((1, 1, 1, 1), np.float32), params={"method": "sample", "n": 5})
     assert samples.shape == (5, 3, 32, 32)
+
+    # a manual resume by MLflow run id: the same run goes on from step 12 to 14
+    second = _train(overrides + ["train.max_steps=14", "tracking.log_model=false"], resume=result.run_id)
+    assert second.run_id == result.run_id  # same MLflow run continues
+    assert second.metrics["step"] == 14
+    saved = json.loads((Path(second.checkpoint_path) / "vaepipe_state.json").read_text())
+    assert saved["train_state"]["step"] == 14
+    steps = [s for s, _ in _metric_steps(client, second.run_id, "loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 14 and 12 in steps
+    assert client.get_run(second.run_id).data.tags["vaepipe.resumed_from_step"] == "12"
 
 
 def test_killed_worker_restarts_from_last_checkpoint(ray_session, shards32, tmp_path, monkeypatch):
@@ -159,12 +172,16 @@ RESUME_MATH = {"train.checkpoint_every": 5, "train.log_every": 1, "train.precisi
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ray_session, shards32, tmp_path_factory):
-    """The run every resume drill must reproduce: its per-step losses and its final weights."""
+def uninterrupted(ray_session, shards32, tmp_path_factory, mlflow_server):
+    """The run every resume drill must reproduce (its per-step losses and final weights), trained
+    under ZeRO-2 into the real MLflow server with its model logged: the server test reads it too."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    result = _train(base_overrides(shards32, tmp, **RESUME_MATH))
+    overrides = base_overrides(shards32, tmp, tracking_uri=mlflow_server,
+                               **{**RESUME_MATH, "dist.zero_stage": 2, "tracking.log_model": True})
+    result = _train(overrides)
     return {"loss": dict(_metric_steps(_client(result.tracking_uri), result.run_id, "loss")),
-            "weights": _final_weights(Path(result.checkpoint_path))}
+            "weights": _final_weights(Path(result.checkpoint_path)),
+            "result": result, "overrides": overrides, "server": mlflow_server}
 
 
 def _final_weights(ckpt: Path) -> dict:
@@ -255,21 +272,6 @@ def test_whole_job_killed_mid_checkpoint_resumes_from_the_last_committed(ray_ses
     run = _client(result.tracking_uri).get_run(result.run_id)
     assert run.data.tags["vaepipe.resumed_from_step"] == "5"
     _assert_resume_reproduces(uninterrupted, result, 5)
-
-
-def test_manual_resume_continues_step_count(ray_session, shards32, tmp_path):
-    first = _train(base_overrides(shards32, tmp_path, **{"train.max_steps": 6, "tracking.log_model": False}))
-    assert first.metrics["step"] == 6
-    second = _train(base_overrides(shards32, tmp_path, **{"train.max_steps": 9, "tracking.log_model": False}),
-                    resume=first.run_id)
-    assert second.run_id == first.run_id  # same MLflow run continues
-    assert second.metrics["step"] == 9
-    saved = json.loads((Path(second.checkpoint_path) / "vaepipe_state.json").read_text())
-    assert saved["train_state"]["step"] == 9
-    client = _client(second.tracking_uri)
-    steps = [s for s, _ in _metric_steps(client, second.run_id, "loss")]
-    assert steps == sorted(set(steps)) and steps[-1] == 9 and 6 in steps
-    assert client.get_run(second.run_id).data.tags["vaepipe.resumed_from_step"] == "6"
 
 
 def test_corrupt_jpeg_is_skipped_and_counted(ray_session, corrupt_shards32, tmp_path):
