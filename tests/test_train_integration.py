@@ -113,9 +113,15 @@ def test_train_zero_stage_local_mlflow(ray_session, shards32, tmp_path, stage):
 
 
 def _cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+    """A ``vaepipe`` command in this process (the entry point itself is run as a process in
+    test_bad_config_fails_before_workers_start): ~5 s of interpreter and import start-up less each."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
 
 
 def test_zero2_over_mlflow_server_register_load_and_resume(uninterrupted):
