@@ -323,6 +323,13 @@ class DistConfig:
     """Ray cluster address; None = RAY_ADDRESS or a local Ray started for this run."""
     max_failures: int = 1
     """Worker-group restarts from the latest checkpoint before the run fails."""
+    max_preemption_failures: int = -1
+    """Restarts after a node's announced preemption (Ray Train's FailureConfig), counted apart
+    from ``max_failures``; -1 = no limit (a spot fleet may be reclaimed any number of times)."""
+    preemption_check_every: int = 10
+    """Optimizer steps between asks for a preemption notice (``ray.train.get_preemption_info``,
+    a barrier across ranks); on the first notice every rank checkpoints at that step and
+    training goes on until Ray Train restarts it. 0 = never ask."""
     start_retries: int = 2
     """Times a worker group whose workers cannot be placed is retried (each waits
     ``start_timeout_s``) before the run fails naming the resources; -1 waits forever (an
@@ -525,6 +532,10 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
     _check(s.resize_interval_s >= 0, "dist.resize_interval_s", s.resize_interval_s, "must be >= 0")
     _check(s.zero_stage in (0, 1, 2, 3), "dist.zero_stage", s.zero_stage, "must be 0, 1, 2 or 3")
     _check(s.start_retries >= -1, "dist.start_retries", s.start_retries, "must be >= -1 (-1 retries forever)")
+    _check(s.max_preemption_failures >= -1, "dist.max_preemption_failures", s.max_preemption_failures,
+           "must be >= -1 (-1 restarts after every preemption)")
+    _check(s.preemption_check_every >= 0, "dist.preemption_check_every", s.preemption_check_every,
+           "must be >= 0 (0 never asks)")
     _check(s.start_timeout_s > 0, "dist.start_timeout_s", s.start_timeout_s, "must be > 0")
     _check(not s.offload_params or s.zero_stage == 3, "dist.offload_params", s.offload_params, "needs dist.zero_stage=3")
     _check(not s.offload_optimizer or s.zero_stage >= 1, "dist.offload_optimizer", s.offload_optimizer, "needs dist.zero_stage >= 1")

@@ -31,14 +31,36 @@ def _wait_for_commit(run_dir: Path, world: int, timeout: float = 300) -> None:
     raise TimeoutError(f"no committed {world}-rank checkpoint in {run_dir}")
 
 
-def _chaos(cluster, workers: list, run_dir: Path, events: list, returning: list) -> None:
+def _preemption_checkpoint(run_dir: Path, uri: str, timeout: float = 120) -> int:
+    """The step of the just-in-time checkpoint once it is committed (its MLflow tag names it)."""
+    from pipeline.tracking import make_client
+    from pipeline.train.checkpoint import commit_status, marker_of
+
+    client, deadline = make_client(uri), time.time() + timeout
+    while time.time() < deadline:
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        step = runs[0].data.tags.get("vaepipe.preemption_checkpoint_step") if runs else None
+        if step is not None and any(commit_status(d)[0] and marker_of(d)["step"] == int(step)
+                                    for d in run_dir.glob("checkpoint_*")):
+            return int(step)
+        time.sleep(0.5)
+    raise TimeoutError(f"no just-in-time checkpoint committed in {run_dir} after the preemption notice")
+
+
+def _chaos(cluster, workers: list, run_dir: Path, uri: str, events: list, returning: list) -> None:
     try:
         _wait_for_commit(run_dir, 2)
-        cluster.remove_node(workers[0], allow_graceful=False)  # a node lost, as a preemption does
+        # a spot reclaim: the node is announced (drained with a deadline), then it goes
+        ray_cli = str(Path(sys.executable).with_name("ray"))
+        subprocess.run([ray_cli, "drain-node", "--address", cluster.address, "--node-id", workers[0].node_id,
+                        "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (drill)",
+                        "--deadline-remaining-seconds", "20"], check=True, capture_output=True)
+        events.append(("preemption_notice", time.time()))
+        events.append((f"preemption_checkpoint:{_preemption_checkpoint(run_dir, uri)}", time.time()))
+        cluster.remove_node(workers[0], allow_graceful=False)  # the node is reclaimed
         events.append(("removed_node", time.time()))
         _wait_for_commit(run_dir, 1)  # the survivors trained on and checkpointed
         # resources come back: a node joins (Cluster.add_node only works from the main thread)
-        ray_cli = str(Path(sys.executable).with_name("ray"))
         returning.append(subprocess.Popen([ray_cli, "start", "--address", cluster.address, "--num-cpus", "1", "--block"],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         events.append(("added_node", time.time()))
@@ -59,15 +81,17 @@ def main(shards: str, work: str) -> None:
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     os.environ["VAEPIPE_FAULT_STEP_SLEEP"] = "0.4"  # long enough for the node to go and come back
+    os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1"  # the drill announces the node's reclaim
+    os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.5"
     cfg = load_config(None, base_overrides(shards, work_dir, **{
         "dist.address": cluster.address, "dist.num_workers": 2, "dist.min_workers": 1, "dist.resize_interval_s": 3, "dist.start_timeout_s": 15, "dist.start_retries": 6,
-        "dist.max_failures": 3, "train.max_steps": 60, "train.checkpoint_every": 4, "train.keep_checkpoints": 20,
+        "dist.max_failures": 3, "dist.preemption_check_every": 1, "train.max_steps": 60, "train.checkpoint_every": 4, "train.keep_checkpoints": 20,
         "train.log_every": 2, "train.val_every": 60, "train.image_every": 60, "train.run_name": "elastic",
         "tracking.log_model": False}))
     events: list = []
     returning: list = []
-    chaos = threading.Thread(target=_chaos, args=(cluster, workers, work_dir / "runs" / "elastic", events, returning),
-                             daemon=True)
+    chaos = threading.Thread(target=_chaos, args=(cluster, workers, work_dir / "runs" / "elastic", cfg.tracking.tracking_uri,
+                                                  events, returning), daemon=True)
     chaos.start()
     result = run_training(cfg)
     client = make_client(result.tracking_uri)

@@ -19,6 +19,7 @@ from pipeline.train.export import export_model
 from pipeline.train.faults import maybe_exit, maybe_pause, maybe_slow
 from pipeline.train.progressive_loop import fade_batch, grow_if_due, log_stage_metrics, start_growth
 from pipeline.train.observe import MetricWindow, log_images, log_window, validate
+from pipeline.train.preemption import notice_due
 from pipeline.stages import total_images
 from pipeline.train.step import train_step
 from pipeline.train.system_metrics import start_system_metrics
@@ -54,6 +55,7 @@ class LoopState:
     window: MetricWindow = field(default_factory=MetricWindow)
     consecutive_skips: int = 0
     untrained: bool = False  # a fresh run draws the untrained model at step 0, where the UI's image slider starts
+    preemption_saved: bool = False  # this segment took its just-in-time checkpoint (preemption.py)
 
 
 def finished(w: Worker) -> bool:
@@ -126,7 +128,16 @@ def on_optimizer_step(w: Worker, loop: LoopState, out: dict, batch: dict) -> boo
     grew = w.growth is not None and grow_if_due(w, batch)
     with phase(w.clock, "observe"):
         after_step(w, loop.window, None if grew else batch)  # the batch is the old stage's after growing
+        if notice_due(w, loop.preemption_saved):
+            loop.preemption_saved = True
+            if not checkpoint_due(w):  # else after_step has just saved this step
+                save_checkpoint(w, loop.window.last_metrics)
     return grew
+
+
+def checkpoint_due(w: Worker) -> bool:
+    """A periodic checkpoint at this step: every ``train.checkpoint_every`` steps and the last."""
+    return w.state.step % w.cfg.train.checkpoint_every == 0 or finished(w)
 
 
 def after_step(w: Worker, window: MetricWindow, batch: Optional[dict]) -> None:
@@ -147,7 +158,7 @@ def after_step(w: Worker, window: MetricWindow, batch: Optional[dict]) -> None:
             # before the final report: Tune may stop a trial at it (ASHA at max_t), killing the
             # workers, and a model logged after it would be registered without its files
             export_model(w)
-    if step % t.checkpoint_every == 0 or last:
+    if checkpoint_due(w):
         save_checkpoint(w, window.last_metrics)
 
 

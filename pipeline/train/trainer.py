@@ -294,6 +294,7 @@ def build_trainer(cfg: VaepipeConfig, loop_config: dict, name: str, callbacks: t
             name=name,
             storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.dist.max_failures,
+                                         max_preemption_failures=cfg.dist.max_preemption_failures,
                                          controller_failure_limit=cfg.dist.start_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=list(callbacks),
