@@ -61,6 +61,26 @@ class JobSpec:
         return {"vaepipe.kind": self.kind, "vaepipe.config": str(config_path), "vaepipe.experiment": self.experiment}
 
 
+# A job runs ``vaepipe`` from the PATH of the process that started the Ray head. A head started
+# from an environment that was never activated has none, and the job would end in
+# "/bin/sh: 1: vaepipe: not found"; the guard says what is wrong and how to mend it instead.
+_GUARD = ("command -v vaepipe >/dev/null 2>&1 || {{ echo 'vaepipe is not on the PATH of the Ray head running "
+          "this job: start the head (ray start --head) from the environment vaepipe is installed in "
+          "(for example after source .venv/bin/activate), or install vaepipe in the image the head runs' >&2; "
+          "exit 127; }}; {command}")
+
+
+def guarded(command: str) -> str:
+    """The shell line Ray runs for ``command``: the vaepipe check above, then the command."""
+    return _GUARD.format(command=command)
+
+
+def command_of(shell_line: str) -> str:
+    """The vaepipe command of a submitted shell line (the line itself for jobs vaepipe did not guard)."""
+    prefix = _GUARD.format(command="")
+    return shell_line[len(prefix):] if shell_line.startswith(prefix) else shell_line
+
+
 def is_sweep_file(path: Path) -> bool:
     """A sweep file is a YAML mapping with a ``space:`` section."""
     try:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from pipeline.job_spec import JobSpec, staged_working_dir, upload_excludes
+from pipeline.job_spec import JobSpec, command_of, guarded, staged_working_dir, upload_excludes
 from pipeline.redact import redact_text
 
 TOKEN_HELP = ("set RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a file holding it, "
@@ -94,7 +94,7 @@ def submit(client, spec: JobSpec, config_path: Path, root: Path) -> str:
     excludes = upload_excludes(root)
     with staged_working_dir(root, spec.files, excludes) as stage, cluster_errors(client.get_address()):
         runtime_env = {"working_dir": str(stage), "excludes": excludes, "env_vars": spec.env_vars}
-        return client.submit_job(entrypoint=spec.entrypoint, submission_id=spec.submission_id,
+        return client.submit_job(entrypoint=guarded(spec.entrypoint), submission_id=spec.submission_id,
                                  runtime_env=runtime_env, metadata=spec.metadata(config_path))
 
 
@@ -147,7 +147,7 @@ def job_rows(client) -> list[dict]:
     """Every job of the cluster, oldest first, as plain rows for a table."""
     with cluster_errors(client.get_address()):
         jobs = client.list_jobs()
-    rows = [{"id": j.submission_id or j.job_id, "status": str(j.status.value), "entrypoint": j.entrypoint,
+    rows = [{"id": j.submission_id or j.job_id, "status": str(j.status.value), "entrypoint": command_of(j.entrypoint),
              "experiment": (j.metadata or {}).get("vaepipe.experiment", "-"), "start": j.start_time or 0} for j in jobs]
     return sorted(rows, key=lambda r: r["start"])
 

@@ -143,3 +143,20 @@ def test_followed_logs_end_with_what_the_stream_did_not_carry(monkeypatch):
     out = "".join(written)
     assert out.count("MLflow experiment: x") == 1 and "[vaepipe] step 1" in out and out.endswith("SUCCEEDED\n")
     assert "hunter2" not in out and "MLFLOW_TRACKING_PASSWORD=***" in out
+
+
+def test_a_head_without_vaepipe_on_its_path_says_so_instead_of_a_shell_error(tmp_path):
+    import subprocess
+
+    from pipeline.job_spec import command_of, guarded
+
+    line = guarded("vaepipe train --config .vaepipe_submit/x.yaml")
+    assert command_of(line) == "vaepipe train --config .vaepipe_submit/x.yaml"
+    bare = subprocess.run(["/bin/sh", "-c", line], env={"PATH": str(tmp_path)}, capture_output=True, text=True)
+    assert bare.returncode == 127 and "vaepipe is not on the PATH of the Ray head" in bare.stderr
+    assert "source .venv/bin/activate" in bare.stderr and "not found" not in bare.stderr
+    fake = tmp_path / "vaepipe"  # a head whose environment has vaepipe runs the command itself
+    fake.write_text('#!/bin/sh\necho "ran $*"\n')
+    fake.chmod(0o755)
+    ran = subprocess.run(["/bin/sh", "-c", line], env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, capture_output=True, text=True)
+    assert ran.returncode == 0 and ran.stdout.strip() == "ran train --config .vaepipe_submit/x.yaml"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.job_spec import guarded
 from tests.conftest import base_overrides, free_port
 
 pytestmark = pytest.mark.integration
@@ -152,7 +153,7 @@ def test_submit_wait_trains_into_mlflow(ray_head, shards32, mlflow_server, tmp_p
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.metrics["loss"] > 0
     assert runs[0].data.params["train.max_steps"] == "12"
     info = job_json(ray_head, job_id)
-    assert info["entrypoint"] == f"vaepipe train --config .vaepipe_submit/{job_id}.yaml"
+    assert info["entrypoint"] == guarded(f"vaepipe train --config .vaepipe_submit/{job_id}.yaml")
     assert info["runtime_env"]["env_vars"] == {"MLFLOW_TRACKING_URI": mlflow_server}
     assert ray_head.token not in json.dumps(info) + out + json.dumps(runs[0].data.params)
 
