@@ -86,11 +86,10 @@ def test_asha_sweep_of_distributed_trials(ray_session, shards32, tmp_path, secon
     from pipeline.tracking import make_client
     from pipeline.tune import load_sweep, run_sweep
 
-    # The trials run one at a time, in grid order. The first reaches every rung alone, so it goes
-    # on; lr 1e-5 barely moves in 12 steps: it trails 1e-2 at the first rung and gets stopped.
+    # lr 1e-5 barely moves in 12 steps: those trials trail at the first rung and get stopped.
     # lr 1e3 diverges after its first step (a bad region): that trial fails and the sweep goes on.
     path = _sweep_file(
-        tmp_path, shards32, {"optim.lr": {"grid": [1e-2, 1e-5, 1e3, 3e-3]}},
+        tmp_path, shards32, {"optim.lr": {"grid": [1e-5, 1e-2, 1e3, 1e-2, 1e-5, 3e-3]}},
         train={"max_steps": 12, "checkpoint_every": 3, "val_every": 3, "image_every": 12, "max_consecutive_skips": 3},
         tune={"num_samples": 1, "scheduler": "asha", "grace_period": 3, "reduction_factor": 2,
               "register_best": True, "register_name": "vae-sweep", "storage_path": str(tmp_path / "tune")},
@@ -98,9 +97,9 @@ def test_asha_sweep_of_distributed_trials(ray_session, shards32, tmp_path, secon
     cfg, space = load_sweep(path)
     t0 = time.perf_counter()
     summary = run_sweep(cfg, space)
-    print(f"4-trial sweep wall time {time.perf_counter() - t0:.0f} s; stopped early: "
+    print(f"6-trial sweep wall time {time.perf_counter() - t0:.0f} s; stopped early: "
           f"{[(r['trial_id'], r['last_step']) for r in summary['trials'] if r['status'] == 'stopped']}")
-    assert len(summary["trials"]) == 4
+    assert len(summary["trials"]) == 6
     assert summary["stopped_early"] >= 1
     assert summary["failed"] == 1
     assert [r["optim.lr"] for r in summary["trials"] if r["status"] == "failed"] == [1e3]
@@ -108,7 +107,7 @@ def test_asha_sweep_of_distributed_trials(ray_session, shards32, tmp_path, secon
     parent = client.get_run(summary["parent_run_id"])
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert len(children) == 4
+    assert len(children) == 6
     assert {c.data.tags["vaepipe.trial_status"] for c in children} >= {"finished", "stopped", "failed"}
     assert parent.data.metrics["trials_stopped_early"] == summary["stopped_early"]
     assert parent.data.metrics["trials_failed"] == 1
