@@ -417,6 +417,10 @@ class VDVAE(nn.Module):
 
     default_ema_rate = 0.9999  # the pipeline keeps VDVAE's weight EMA unless train.ema_rate says otherwise
     samples_at_temperature = True  # sample(n, temperature=...): the pyfunc's temperature param
+    # Spatial Gaussian groups, each conditioned on the ones above: encode's flat vector has one
+    # element per position and channel of every group, and kl_per_dim one entry per channel of
+    # each group, so evaluation counts and traverses no per-element units (sample_posterior draws).
+    latent_kind = "groups"
 
     def __init__(
         self,

@@ -90,6 +90,16 @@ def test_vqvae_default_metrics_bound_with_its_one_hot_posterior_and_name_the_uni
     assert res["neg_iwae_nats"] == pytest.approx(-res["elbo"], rel=1e-5)  # one-hot q: the k draws are one
 
 
+def test_vdvae_groups_are_scored_without_per_element_units_and_the_result_says_why(shards32):
+    cfg = load_config(None, ["model.name=vdvae", "model.flavor=debug", "data.resolution=32"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    blob = {"model_config": {"name": "vdvae", **model.config}, "state_dict": model.state_dict()}
+    res = evaluate(blob, shards32, EvalSpec(metrics=["elbo", "au"], split="test", batch_size=4, max_samples=4), workers=1)
+    assert np.isfinite(res["elbo"]) and "active_units_cov" not in res and "num_units" not in res
+    assert "spatial Gaussian groups" in res["unit_metrics_not_shown"]
+
+
 def test_second_stage_models_read_their_parents_input_shape():
     from pipeline.evaluate.runner import model_input_shape
 

@@ -21,11 +21,9 @@ options, overfitting.
 6. what the pipeline probes with hasattr/getattr behaves as the pipeline uses it:
    ``checkpoint_blocks`` (activation checkpointing), ``build_auxiliary`` (second optimizer),
    ``set_stat_reducer`` (statistics summed over ranks), ``encode`` + ``log_likelihood_terms``
-   (evaluation's codes, traversals, IWAE), ``default_ema_rate`` / ``samples_at_temperature``
-   (config, serving), ``set_alpha`` / ``new_parameter_names`` (progressive growth).
-
-Where the pipeline breaks on a family today the case is a strict xfail naming the bug: it fails
-as soon as the bug is fixed, so the entry has to go with the fix.
+   and ``latent_kind`` (evaluation's IWAE, units, traversals), ``default_ema_rate`` /
+   ``samples_at_temperature`` (config, serving), ``set_alpha`` / ``new_parameter_names``
+   (progressive growth).
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ import models
 from pipeline.config import PROGRESSIVE_FAMILIES, load_config, to_dict
 from pipeline.evaluate.diagnostics import ELBOAccumulator
 from pipeline.evaluate.likelihood import iwae_log_likelihood
-from pipeline.evaluate.runner import has_gaussian_latent, model_input_shape
+from pipeline.evaluate.runner import LATENT_KINDS, has_gaussian_latent, model_input_shape
 from pipeline.evaluate.visualize import interpolate, latent_traversals
 from pipeline.train.activation import apply_activation_checkpointing
 from pipeline.train.auxiliary import AuxiliaryTrainer
@@ -55,20 +53,6 @@ BATCH = 4
 FADE_ALPHA = 0.5  # a growing family mid-fade: the new block and the upsampled lower stage both run
 SCALARS = ("loss", "recon", "kl", "elbo")
 OBJECTIVES = ("neg_elbo", "neg_objective", "code_nll")
-
-# VDVAE's kl_per_dim has one entry per latent channel of each group (its docstring says why),
-# while encode gives every latent element: job.log_visuals traverses the flat elements whose
-# indices are the channels with the largest KL, and the runner's active-unit counts compare
-# channels (active_units_kl) with elements (active_units_cov, num_units).
-UNIT_BUGS = {"vdvae": "pipeline.evaluate reads kl_per_dim entry i as latent dim i of encode; "
-                      "vdvae's kl_per_dim is per channel of each group"}
-
-
-def _known(bugs: dict[str, str]) -> list:
-    """FAMILIES, with the ones in ``bugs`` as strict xfails carrying the bug's description."""
-    return [pytest.param(n, marks=pytest.mark.xfail(reason=bugs[n], strict=True)) if n in bugs else n
-            for n in FAMILIES]
-
 
 @pytest.fixture(autouse=True)
 def _seed_and_one_thread():
@@ -424,8 +408,9 @@ def test_evaluation_bounds_every_family_with_iwae(name):
 def test_evaluation_reads_codes_traversals_and_interpolations_of_the_latent(name):
     model = build(name).eval()
     if not has_gaussian_latent(model):
-        assert models.family_default(name, "latent_kind", "gaussian") == "codes"  # declared, not missing
-        pytest.skip(f"{name}'s latent is a grid of discrete codes: evaluation reads no units from it")
+        kind = models.family_default(name, "latent_kind", "gaussian")
+        assert kind in LATENT_KINDS and kind != "gaussian"  # declared, not missing
+        pytest.skip(f"{name}'s latent is {LATENT_KINDS[kind]}: evaluation reads no units from it")
     x = images(model)
     with torch.no_grad():
         codes = model.encode(x)[0]  # runner.score_partition: one row of codes per image
@@ -439,10 +424,13 @@ def test_evaluation_reads_codes_traversals_and_interpolations_of_the_latent(name
     assert path.shape == (3, *x.shape[1:]) and 0 <= path.min() and path.max() <= 1
 
 
-@pytest.mark.parametrize("name", _known(UNIT_BUGS))
+@pytest.mark.parametrize("name", FAMILIES)
 def test_kl_per_dim_has_one_entry_per_latent_unit(name):
-    """Evaluation ranks units by ``kl_per_dim`` and traverses those dims of encode's mu."""
+    """Evaluation ranks units by ``kl_per_dim`` and traverses those dims of encode's mu, for the
+    families whose latent is one Gaussian vector (the others declare what theirs is)."""
     model = build(name).eval()
+    if not has_gaussian_latent(model):
+        pytest.skip(f"{name}'s latent is {LATENT_KINDS[models.family_default(name, 'latent_kind', 'gaussian')]}")
     x = images(model)
     with torch.no_grad():
         torch.manual_seed(1)

@@ -70,10 +70,21 @@ def sample_seed(seed: int, key: str, stream: int = 0) -> int:
     return ((seed * len(SEED_STREAMS) + stream) * 1_000_003 + zlib.crc32(key.encode())) % (2**63)
 
 
+# What a family may declare its latent to be (``latent_kind``), and why the per-unit metrics
+# (active units, MIG, SAP) and traversals are not computed for the kinds other than ``gaussian``.
+LATENT_KINDS = {
+    "gaussian": "",  # one diagonal-Gaussian vector: encode gives (mu, logvar), one unit per element
+    "codes": "a grid of discrete codes",
+    "groups": "a hierarchy of spatial Gaussian groups, each conditioned on the ones above",
+}
+
+
 def latent_kind(model: torch.nn.Module) -> str:
-    """What a family declares its latent to be: ``gaussian`` (a diagonal-Gaussian posterior whose
-    ``encode`` gives (mu, logvar), the default) or ``codes`` (a grid of discrete codes: VQ-VAE)."""
-    return getattr(type(model), "latent_kind", "gaussian")
+    """What a family declares its latent to be (``LATENT_KINDS``; ``gaussian`` unless it says)."""
+    kind = getattr(type(model), "latent_kind", "gaussian")
+    if kind not in LATENT_KINDS:
+        raise ValueError(f"{type(model).__name__}.latent_kind={kind!r} is not one of {sorted(LATENT_KINDS)}")
+    return kind
 
 
 def has_gaussian_latent(model: torch.nn.Module) -> bool:
@@ -150,7 +161,8 @@ def score_partition(blob: dict, data_url: str, spec: EvalSpec, rank: int, world:
                 rows["neg_iwae"].append(-float(iwae_log_likelihood(model, xi, k=spec.k, batch_k=spec.batch_k)[0]))
         if fid is not None:
             fid.update(model, x, keys, spec.seed)
-    part: dict[str, Any] = {"elbo_state": acc.state_dict() if acc.count else None, "rows": rows}
+    part: dict[str, Any] = {"elbo_state": acc.state_dict() if acc.count else None, "rows": rows,
+                            "latent_kind": latent_kind(model)}
     if fid is not None:
         part["fid"] = fid.moments()
     return part
@@ -206,9 +218,10 @@ def merge_partitions(parts: list[dict], spec: EvalSpec) -> dict:
         results[f"{IWAE_METRIC}_per_sample"] = neg_iwae[order]
     results.update(_merge_codes(parts, spec, keys, order))
     unit_metrics = sorted({"au", "mig", "sap"} & set(spec.metrics))
-    if unit_metrics and not any(p["rows"]["codes"] for p in parts):
-        results["unit_metrics_not_shown"] = (f"{', '.join(unit_metrics)}: the model's latent is not a Gaussian vector "
-                                             "(a grid of discrete codes), so it has no units to count or score")
+    if unit_metrics and parts and parts[0].get("latent_kind", "gaussian") != "gaussian":
+        results["unit_metrics_not_shown"] = (f"{', '.join(unit_metrics)}: the model's latent is "
+                                             f"{LATENT_KINDS[parts[0]['latent_kind']]}, not one Gaussian vector, "
+                                             "so it has no units to count or score")
     if "fid" in spec.metrics:
         results.update(_merge_fid(parts))
     return results
