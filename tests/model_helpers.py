@@ -13,3 +13,10 @@ def rectangles(n: int, channels: int = 1, resolution: int = 32) -> torch.Tensor:
         height, width = torch.randint(6, resolution // 2, (2,)).tolist()
         x[i, :, top:top + height, left:left + width] = 1.0
     return x
+
+
+def like_deepspeed_bf16(model: torch.nn.Module) -> torch.nn.Module:
+    """What a bf16 DeepSpeed engine does: parameters to bf16, buffers (masks, codebooks) left as they are."""
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return model

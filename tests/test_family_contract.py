@@ -44,6 +44,7 @@ from pipeline.evaluate.runner import LATENT_KINDS, has_gaussian_latent, model_in
 from pipeline.evaluate.visualize import interpolate, latent_traversals
 from pipeline.train.activation import apply_activation_checkpointing
 from pipeline.train.auxiliary import AuxiliaryTrainer
+from model_helpers import like_deepspeed_bf16
 
 FAMILIES = models.list_models()
 RESOLUTION = 32
@@ -157,13 +158,6 @@ def statistics(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: b.detach().clone() for n, b in model.named_buffers() if n not in norm}
 
 
-def like_deepspeed_bf16(model: nn.Module) -> nn.Module:
-    """What a bf16 DeepSpeed engine does: parameters to bf16, buffers (masks, codebooks) left as they are."""
-    for p in model.parameters():
-        p.data = p.data.to(torch.bfloat16)
-    return model
-
-
 def assert_images(t: torch.Tensor, shape: tuple, dtype: torch.dtype | None = None) -> None:
     assert tuple(t.shape) == tuple(shape), (tuple(t.shape), tuple(shape))
     assert t.is_floating_point() and not t.requires_grad
@@ -173,15 +167,13 @@ def assert_images(t: torch.Tensor, shape: tuple, dtype: torch.dtype | None = Non
 
 
 def posterior_latent(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """One z ~ q(z|x) in the form the family's ``log_likelihood_terms`` takes: its own draw
-    (``sample_posterior``), mu + σ·ε from encode's (mu, logvar), or the codes of a discrete latent."""
+    """One z ~ q(z|x) in the form the family's ``log_likelihood_terms`` takes, drawn as evaluation
+    draws it (``likelihood._draw_posterior``): the family's own ``sample_posterior`` (vdvae's
+    groups, the VQ families' codes) or mu + σ·ε from encode's (mu, logvar)."""
     if hasattr(model, "sample_posterior"):
         return model.sample_posterior(x)
-    encoded = model.encode(x)
-    if isinstance(encoded, tuple):
-        mu, logvar = encoded
-        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-    return model.encode_codes(x) if hasattr(model, "encode_codes") else encoded
+    mu, logvar = model.encode(x)
+    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
 
 # ----------------------------------------------------------------------------- 1-5: the protocol

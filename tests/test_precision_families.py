@@ -9,13 +9,9 @@ import pytest
 import torch
 
 from models import build_model
+from model_helpers import like_deepspeed_bf16
 from pipeline.config import load_config
 
-def _like_deepspeed_bf16(model):
-    """What a bf16 DeepSpeed engine does: parameters to bf16, buffers (masks, codebooks) left as they are."""
-    for p in model.parameters():
-        p.data = p.data.to(torch.bfloat16)
-    return model
 
 
 # Every family's plain debug flavor is cast the same way in tests/test_family_contract.py; these
@@ -30,7 +26,7 @@ CASES = [
 def test_bf16_model_samples_reconstructs_and_trains(extra):
     cfg = load_config(None, ["model.flavor=debug", "data.resolution=32", *extra])
     torch.manual_seed(0)
-    model = _like_deepspeed_bf16(build_model(cfg.model))
+    model = like_deepspeed_bf16(build_model(cfg.model))
     x = torch.rand(4, 3, 32, 32).to(torch.bfloat16)
     out = model(x)
     assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
@@ -53,10 +49,10 @@ def test_batchnorm_blocks_train_in_bf16_once_their_statistics_follow(name):
 
     cfg = load_config(None, [f"model.name={name}", "model.flavor=debug", "data.resolution=64"])
     x = torch.rand(2, 3, 64, 64).to(torch.bfloat16)
-    broken = _like_deepspeed_bf16(build_model(cfg.model))
+    broken = like_deepspeed_bf16(build_model(cfg.model))
     with pytest.raises(RuntimeError, match="expected scalar type BFloat16|same dtype|should be the same"):
         broken(x)
-    model = _like_deepspeed_bf16(build_model(cfg.model))
+    model = like_deepspeed_bf16(build_model(cfg.model))
     assert match_norm_buffers(model, "bf16") > 0
     out = model(x)
     assert torch.isfinite(out["loss"])

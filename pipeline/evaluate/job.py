@@ -28,7 +28,7 @@ def _model_version(client, model_uri: str):
 def log_visuals(logger, model: torch.nn.Module, blob: dict, data_url: str, split: str, results: dict, seed: int) -> None:
     """Sample and reconstruction grids, traversals, interpolations and the per-dimension KL plot,
     as MLflow images at step 0 under the keys training uses (so runs compare in the UI)."""
-    from pipeline.evaluate.runner import has_gaussian_latent, eval_stream
+    from pipeline.evaluate.runner import eval_stream, has_gaussian_latent
     from pipeline.evaluate.visualize import interpolate, kl_bar_plot, latent_traversals, make_grid
 
     stream = eval_stream(blob, data_url, split, 8, 0, 1)

@@ -218,10 +218,10 @@ def merge_partitions(parts: list[dict], spec: EvalSpec) -> dict:
         results[f"{IWAE_METRIC}_per_sample"] = neg_iwae[order]
     results.update(_merge_codes(parts, spec, keys, order))
     unit_metrics = sorted({"au", "mig", "sap"} & set(spec.metrics))
-    if unit_metrics and parts and parts[0].get("latent_kind", "gaussian") != "gaussian":
-        results["unit_metrics_not_shown"] = (f"{', '.join(unit_metrics)}: the model's latent is "
-                                             f"{LATENT_KINDS[parts[0]['latent_kind']]}, not one Gaussian vector, "
-                                             "so it has no units to count or score")
+    kind = parts[0]["latent_kind"] if parts else "gaussian"  # one model: every part says the same
+    if unit_metrics and kind != "gaussian":
+        results["unit_metrics_not_shown"] = (f"{', '.join(unit_metrics)}: the model's latent is {LATENT_KINDS[kind]}, "
+                                             "not one Gaussian vector, so it has no units to count or score")
     if "fid" in spec.metrics:
         results.update(_merge_fid(parts))
     return results
