@@ -21,8 +21,27 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # started by the tests (elastic_job.py, s3_job.py, the CLI) inherit them too.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Train's preemption watcher (one more actor process per fit) watches for nodes being drained;
-# nothing here drains a node (the fault drills kill processes and remove nodes outright).
+# only the elastic drill drains a node, and it turns the watcher on for its own cluster.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# xdist's worker processes start with COLUMNS=80 and LINES=24 set; a rich Console built while
+# COLUMNS is set keeps that width for good, so the CLI tests' own COLUMNS (CliRunner's env) would
+# not reach `vaepipe`'s console. Unset, rich reads the variable each time it prints.
+for _var in ("COLUMNS", "LINES"):
+    os.environ.pop(_var, None)
+
+# The fixtures that start a real service: every test that uses one, directly or through another
+# fixture, runs in the one xdist process that owns them (`make test` runs `-n 2 --dist loadgroup`),
+# so no service starts twice and no two Ray clusters train at once. A test that starts a cluster
+# of its own (test_elastic.py) joins the group by its mark. Every other test, the 2-process
+# DeepSpeed ones included, runs wherever a process is free.
+SERVICE_FIXTURES = {"ray_session", "second_local_ray", "mlflow_server", "s3_endpoint", "ray_head"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks into the node ids
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVICE_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.xdist_group("services"))
 
 
 def free_port() -> int:
@@ -51,8 +70,13 @@ def ray_session():
     """One local Ray for every integration test: a 2-worker fit costs ~30 s of start-up."""
     import ray
 
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
     from pipeline.ray_local import start_local_ray
 
+    # A test that ran earlier in this process (`jobs` token handling, Ray's packager) can leave
+    # Ray's cached auth mode and token from its own environment; the new cluster's must be read.
+    reset_auth_token_state()
     # 4 logical CPUs on a 2-core machine: 2 training workers plus Train's controller. Addressed
     # explicitly, so a vaepipe job running beside the suite cannot confuse either.
     start_local_ray(num_cpus=4)

@@ -1,8 +1,8 @@
 """`vaepipe submit` and `vaepipe jobs` against a real Ray head with token auth, on loopback.
 
 The head is `ray start --head --block` in its own temp dir (its address file stays there, so
-no other `ray.init()` on the machine finds it) and is stopped by terminating that process:
-never `ray stop`, which would kill every Ray instance on the machine.
+no other `ray.init()` on the machine finds it), in a process group of its own, and is stopped
+by killing that group: never `ray stop`, which would kill every Ray instance on the machine.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -81,19 +82,26 @@ def ray_head():
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
            "--num-cpus", "4", "--temp-dir", temp_dir, "--disable-usage-stats", "--block", *map(str, ports)]
     log = open(Path(temp_dir) / "head.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_head_env(token))
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_head_env(token), start_new_session=True)
     head = Head(f"http://127.0.0.1:{dash}", token, temp_dir)
     try:
         _wait_jobs_api(head, proc)
         yield head
     finally:
-        proc.terminate()  # `ray start --block` stops its own processes on SIGTERM
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop_head(proc)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_head(proc: subprocess.Popen) -> None:
+    """SIGKILL to the head's process group: every process of this test's own cluster, nothing
+    else. `ray start --block` on SIGTERM stops them one after another with a grace period each
+    (30 s here), and with SIGTERM sent to the whole group it did not exit within a minute."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def client_env(token: str | None, home: Path | None = None) -> dict:
