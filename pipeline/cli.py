@@ -128,9 +128,10 @@ def train(
     ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, help="Job YAML (e.g. jobs/quickstart.yaml)."),
     resume: Optional[str] = typer.Option(None, help="Checkpoint folder, Ray run folder (local or s3://) or MLflow run id to continue."),
+    verbose: bool = typer.Option(False, "--verbose", help="Also print Ray Train's report dumps and MLflow's progress bars (tracking.verbose=true)."),
 ):
     """Train on Ray Train + DeepSpeed; extra args are dotted overrides (model.latent_dim=64)."""
-    cfg = _load(config, ctx.args)
+    cfg = _load(config, [*ctx.args, *(["tracking.verbose=true"] if verbose else [])])
     from pipeline.config import ConfigError
     from pipeline.train.trainer import run_training
 
@@ -151,7 +152,18 @@ def train(
             table.add_row(k, f"{result.metrics[k]:.4g}")
     table.add_row("wall time", f"{result.wall_s:.0f} s")
     console.print(table)
-    console.print(f"images, system metrics and the data set input: run {result.run_id} in `mlflow ui --backend-store-uri {uri}`")
+    console.print(f"images, system metrics and the data set input: {_where_to_look(uri, result.run_id)}")
+
+
+def _where_to_look(uri: str, run_id: str) -> str:
+    """A tracking server serves its own UI: the run's page there. A database or folder store
+    has none: the `mlflow ui` command that opens one on it."""
+    if uri.startswith(("http://", "https://")):
+        from pipeline.tracking import make_client
+
+        experiment_id = make_client(uri).get_run(run_id).info.experiment_id
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"run {run_id} in `mlflow ui --backend-store-uri {uri}`"
 
 
 @app.command()

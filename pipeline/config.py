@@ -365,6 +365,10 @@ class TrackingConfig:
     named ``system/rank<r>-<node ip>/...``."""
     system_metrics_interval_s: float = 10.0
     """Seconds between two system-metrics samples of a rank."""
+    verbose: bool = False
+    """Also print what Ray Train and MLflow say on every report and checkpoint of every rank (the
+    ``TrainingReport`` dumps, checkpoint paths, download bars; ``vaepipe train --verbose``). Off:
+    vaepipe's own lines, and every warning and error."""
 
 
 @dataclass

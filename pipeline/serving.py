@@ -20,7 +20,9 @@ faces = m.predict(np.zeros((1, 1, 1, 1), np.float32), params={"method": "sample"
 
 from __future__ import annotations
 
+import logging
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,7 +49,9 @@ class VaePyfunc(_Base):
         self.model.load_state_dict(blob["state_dict"])
         self.model.eval()
 
-    def predict(self, context, model_input, params: Optional[dict[str, Any]] = None) -> np.ndarray:
+    # The hints say what the explicit tensor signature says (MLflow warns at class definition
+    # when predict has none, and infers nothing from an ndarray hint).
+    def predict(self, context, model_input: np.ndarray, params: Optional[dict[str, Any]] = None) -> np.ndarray:
         import torch
 
         params = params or {}
@@ -133,6 +137,18 @@ def model_signature(channels: int, resolution: int):
     return ModelSignature(inputs=tensor, outputs=tensor, params=params)
 
 
+@contextmanager
+def _quiet(logger: str):
+    """``logger`` says only errors inside the block."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def log_pyfunc(run_id: str, weights_path: Path, model_config: dict, config_yaml: str) -> str:
     """Log the model into ``run_id`` as a pyfunc; returns its model URI."""
     import mlflow
@@ -141,11 +157,11 @@ def log_pyfunc(run_id: str, weights_path: Path, model_config: dict, config_yaml:
     repo = Path(__file__).resolve().parents[1]
     res, ch = model_config.get("resolution", 64), model_config.get("in_channels", 3)
     example = np.random.default_rng(0).random((2, ch, res, res), dtype=np.float32)
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # The signature below is explicit; MLflow's nudge towards type-hint inference is noise here.
-        warnings.filterwarnings("ignore", message=".*type hint.*")
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings(), _quiet("mlflow.pyfunc"):
+        # The signature below is explicit; MLflow's nudge towards an input example is noise here, and
+        # so is its warning (a log line) that a python_model object is serialised with CloudPickle:
+        # the class is ours, and its code travels with it (code_paths).
         warnings.filterwarnings("ignore", message=".*input example.*")
-        warnings.filterwarnings("ignore", message=".*CloudPickle.*")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=VaePyfunc(),

@@ -148,6 +148,16 @@ def test_zero2_over_mlflow_server_register_load_and_resume(uninterrupted):
     np.testing.assert_allclose(decoded, recon, atol=1e-5)  # reconstruct == decode(encode mean)
     samples = model.predict(np.zeros((1, 1, 1, 1), np.float32), params={"method": "sample", "n": 5})
     assert samples.shape == (5, 3, 32, 32)
+    # `vaepipe train` ends by naming the run's page in the server's own UI, which the server serves
+    from urllib.request import urlopen
+
+    from pipeline.cli import _where_to_look
+
+    page = _where_to_look(result.tracking_uri, result.run_id)
+    experiment_id = client.get_run(result.run_id).info.experiment_id
+    assert page == f"{result.tracking_uri}/#/experiments/{experiment_id}/runs/{result.run_id}"
+    with urlopen(page.split("#")[0], timeout=30) as ui:
+        assert ui.status == 200 and b"<html" in ui.read().lower()
 
     # a manual resume by MLflow run id: the same run goes on from step 12 to 14
     second = _train(overrides + ["train.max_steps=14", "tracking.log_model=false"], resume=result.run_id)

@@ -13,6 +13,7 @@ from typing import Optional
 
 from pipeline.tracking import say
 from pipeline.train.checkpoint import save_checkpoint
+from pipeline.train.console import quiet_rank
 from pipeline.train.divergence import RolledBack, on_divergence
 from pipeline.train.ema import ema_weights
 from pipeline.train.export import export_model
@@ -31,6 +32,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Entry point of every Ray Train worker. ``loop_config`` is a plain dict (see trainer)."""
     # torch.distributed warns on every ZeRO collective that DeepSpeed still uses the old names.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    quiet_rank(loop_config["config"]["tracking"]["verbose"])
     w = build_worker(loop_config)
     if w.rank == 0 and w.resumed_from is not None:
         say(f"resumed from step {w.resumed_from}")
