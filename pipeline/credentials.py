@@ -10,12 +10,32 @@ configs, params and checkpoints never hold them.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                   "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_CLIENT_CERT_PATH", "MLFLOW_TRACKING_SERVER_CERT_PATH")
 """What a worker needs to reach the tracking server the driver reached."""
+
+AWS_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+"""The driver's AWS credentials, which Ray Tune hands to every trial. Tune does it by copying
+them into each trial actor's ``runtime_env`` env_vars, and Ray's runtime-env agent writes those
+in clear into the session's ``runtime_env_agent.log``; a sweep hands them over in a
+``WorkerEnv`` instead (``kept_out_of_environ`` while Tune launches trials)."""
+
+SWEEP_CREDENTIAL_ENV = CREDENTIAL_ENV + AWS_CREDENTIAL_ENV
+"""What a sweep's trial, and the Train workers it starts, get from the sweep's driver."""
+
+
+@contextmanager
+def kept_out_of_environ(names: Sequence[str]) -> Iterator[None]:
+    """``names`` are unset inside the block and restored after it."""
+    saved = {k: os.environ.pop(k) for k in names if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def split_userinfo(uri: str) -> tuple[str, Optional[str], Optional[str]]:
@@ -53,10 +73,10 @@ class WorkerEnv:
         self._values = dict(values)
 
     @classmethod
-    def capture(cls, tracking_uri: str) -> "WorkerEnv":
-        """The driver's credential vars, and ``tracking_uri`` as the actor's MLFLOW_TRACKING_URI
-        (a database URI keeps its password: it goes here, not into the config)."""
-        return cls({**{k: os.environ[k] for k in CREDENTIAL_ENV if os.environ.get(k)}, "MLFLOW_TRACKING_URI": tracking_uri})
+    def capture(cls, tracking_uri: str, names: Sequence[str] = CREDENTIAL_ENV) -> "WorkerEnv":
+        """The driver's credential vars ``names``, and ``tracking_uri`` as the actor's
+        MLFLOW_TRACKING_URI (a database URI keeps its password: it goes here, not into the config)."""
+        return cls({**{k: os.environ[k] for k in names if os.environ.get(k)}, "MLFLOW_TRACKING_URI": tracking_uri})
 
     @property
     def tracking_uri(self) -> str:

@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from pipeline.config import ConfigError, VaepipeConfig, apply_overrides, from_dict, known_keys, load_config, to_dict
-from pipeline.credentials import WorkerEnv
+from pipeline.credentials import AWS_CREDENTIAL_ENV, SWEEP_CREDENTIAL_ENV, WorkerEnv, kept_out_of_environ
 from pipeline.redact import redact_config_dict, redact_text
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
@@ -211,7 +211,22 @@ def _trial(params: dict, base: dict, parent_run_id: str, env: WorkerEnv) -> None
     if cfg.tune.scheduler == "pbt":
         _pbt_trial(cfg, parent_run_id, tags)
         return
-    run_training(cfg, parent_run_id=parent_run_id, callbacks=(TuneReportCallback(),), run_tags=tags)
+    _close_dead_trial_runs(cfg, parent_run_id, trial_id)
+    run_training(cfg, parent_run_id=parent_run_id, callbacks=(TuneReportCallback(),), run_tags=tags,
+                 credential_env=SWEEP_CREDENTIAL_ENV)
+
+
+def _close_dead_trial_runs(cfg: VaepipeConfig, parent_run_id: str, trial_id: str) -> None:
+    """A trial started again (its sweep's driver was killed and ``tune --resume`` re-runs it from
+    the start) trains into a new child run; the one the dead driver left RUNNING is ended KILLED."""
+    from pipeline import tracking
+
+    uri = tracking.resolve_tracking_uri(cfg)
+    client = tracking.make_client(uri)
+    for run in _trial_runs(uri, parent_run_id, trial_id):
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "vaepipe.trial_status", "restarted")
+            client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _pbt_trial(cfg: VaepipeConfig, parent_run_id: str, tags: dict) -> None:
@@ -240,7 +255,8 @@ def _pbt_trial(cfg: VaepipeConfig, parent_run_id: str, tags: dict) -> None:
         target = min(total, (step // interval + 1) * interval)
         seg = replace(cfg, train=replace(cfg.train, max_steps=target, run_name=f"{cfg.train.run_name}-{target}"),
                       tracking=replace(cfg.tracking, log_model=cfg.tracking.log_model and target == total))
-        result = run_training(seg, resume=resume, parent_run_id=parent_run_id, run_tags=tags, mlflow_run_id=run_id)
+        result = run_training(seg, resume=resume, parent_run_id=parent_run_id, run_tags=tags, mlflow_run_id=run_id,
+                              credential_env=SWEEP_CREDENTIAL_ENV)
         if checkpoint is not None and step == restored_step:
             # restarted by PBT with another trial's checkpoint (or by a resumed sweep)
             tracking.make_client(uri).set_tag(result.run_id, "vaepipe.pbt_restored_step", str(restored_step))
@@ -248,14 +264,19 @@ def _pbt_trial(cfg: VaepipeConfig, parent_run_id: str, tags: dict) -> None:
         tune.report({**result.metrics, "step": step}, checkpoint=tune.Checkpoint.from_directory(resume))
 
 
-def _trial_run_id(uri: str, parent_run_id: str, trial_id: str) -> Optional[str]:
-    """The MLflow child run of ``trial_id`` if an earlier segment made one."""
+def _trial_runs(uri: str, parent_run_id: str, trial_id: str) -> list:
+    """The MLflow child runs of ``trial_id`` under the sweep's parent run."""
     from pipeline import tracking
 
     client = tracking.make_client(uri)
     exp_id = client.get_run(parent_run_id).info.experiment_id
-    runs = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
+    return client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
                                                       f"and tags.`vaepipe.trial_id` = '{trial_id}'")
+
+
+def _trial_run_id(uri: str, parent_run_id: str, trial_id: str) -> Optional[str]:
+    """The MLflow child run of ``trial_id`` if an earlier segment made one."""
+    runs = _trial_runs(uri, parent_run_id, trial_id)
     return runs[0].info.run_id if runs else None
 
 
@@ -299,7 +320,11 @@ def concurrency_cap(cfg: VaepipeConfig) -> int:
         raise ConfigError(f"a trial needs dist.num_workers*dist.cpus_per_worker = {per_trial} CPUs plus {DRIVER_CPU} for its "
                           f"driver, but the Ray cluster has {res.get('CPU', 0)}: lower dist.num_workers or dist.cpus_per_worker")
     if cfg.dist.gpus_per_worker:
-        fit = min(fit, int(res.get("GPU", 0) // (cfg.dist.num_workers * cfg.dist.gpus_per_worker)))
+        per_trial_gpus = cfg.dist.num_workers * cfg.dist.gpus_per_worker
+        fit = min(fit, int(res.get("GPU", 0) // per_trial_gpus))
+        if fit < 1:  # a trial that can never be placed would wait for ever, pending
+            raise ConfigError(f"a trial needs dist.num_workers*dist.gpus_per_worker = {per_trial_gpus:g} GPUs, but the Ray "
+                              f"cluster has {res.get('GPU', 0):g}: lower dist.num_workers or dist.gpus_per_worker")
     return max(1, min(cfg.tune.max_concurrent, fit))
 
 
@@ -353,15 +378,15 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
         parent = state["parent_run_id"]
         tracking.make_client(uri).update_run(parent, status="RUNNING")
     else:
+        cap = concurrency_cap(cfg)  # a sweep that cannot be placed fails here, before anything is written
         exp_dir = Path(storage) / name
         parent = tracking.start_run(replace(cfg, tracking=replace(cfg.tracking, run_name=name)), uri,
                                     {"vaepipe.sweep": name})
     trainable = tune.with_resources(tune.with_parameters(_trial, base=redact_config_dict(to_dict(cfg)), parent_run_id=parent,
-                                                         env=WorkerEnv.capture(tracking_uri=uri)), {"CPU": DRIVER_CPU})
+                                                         env=WorkerEnv.capture(uri, SWEEP_CREDENTIAL_ENV)), {"CPU": DRIVER_CPU})
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=False, restart_errored=False)
     else:
-        cap = concurrency_cap(cfg)
         tuner = tune.Tuner(
             trainable,
             param_space=build_param_space(space, grid_as_choice=points is not None),
@@ -374,12 +399,25 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
         exp_dir.mkdir(parents=True, exist_ok=True)
         state = {"config": to_dict(cfg), "space": space, "parent_run_id": parent}
         (exp_dir / SWEEP_STATE).write_text(json.dumps(redact_config_dict(state)))
-    grid = tuner.fit()
+    with _credentials_held_back(storage):
+        grid = tuner.fit()
     try:
         return summarize(cfg, space, grid, parent, uri, exp_dir)
     except Exception:
         tracking.end_run(uri, parent, "FAILED")  # `vaepipe tune --resume` summarizes again
         raise
+
+
+def _credentials_held_back(storage: str):
+    """While Tune launches trials, the AWS credentials are not in this process's environment:
+    Tune would copy them into each trial's ``runtime_env``, which Ray logs in clear. The trials
+    get them in their ``WorkerEnv``. A sweep whose Tune storage is on S3 keeps them: its driver
+    syncs the experiment there from its own environment."""
+    from contextlib import nullcontext
+
+    from pipeline.data import storage as data_storage
+
+    return nullcontext() if data_storage.is_s3(storage) else kept_out_of_environ(AWS_CREDENTIAL_ENV)
 
 
 def ran_to_the_end(cfg: VaepipeConfig, space: dict, result) -> bool:
@@ -401,8 +439,10 @@ def summarize(cfg: VaepipeConfig, space: dict, grid, parent: str, uri: str, exp_
 
     client = tracking.make_client(uri)
     exp_id = client.get_run(parent).info.experiment_id
-    children = {r.data.tags.get("vaepipe.trial_id"): r for r in
-                client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=10000)}
+    children: dict = {}  # a trial re-run by `tune --resume` has two runs: its newest one counts
+    for r in client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=10000,
+                                order_by=["attributes.start_time DESC"]):
+        children.setdefault(r.data.tags.get("vaepipe.trial_id"), r)
     rows, early, failed = [], 0, 0
     for result in grid:
         trial_id = (result.metrics or {}).get("trial_id") or _trial_id_in_path(result.path, children)

@@ -9,6 +9,7 @@
 | model name not in the registry              | config.validate (flavor resolution)  | CONFIG_CASES |
 | data path missing / without shards          | trainer.preflight (CLI exit 2)       | test_data_path_refused |
 | more workers than the cluster's CPUs        | trainer.check_fits_cluster           | test_more_workers_than_cluster_cpus |
+| sweep trials that cannot be placed (CPU, GPU) | tune.concurrency_cap, before the parent run | test_a_sweep_whose_trials_cannot_be_placed_* |
 | an alias that does not exist                | serving.check_model_uri (CLI exit 2) | test_missing_alias_named |
 | --resume target that is not committed       | trainer.find_checkpoint              | test_checkpoint_commit.py::test_resume_refuses_* |
 | --resume s3:// URL with nothing there       | trainer.find_checkpoint              | test_checkpoint_s3.py::test_resume_from_an_s3_run_folder_* |
@@ -139,3 +140,23 @@ def test_workers_that_cannot_be_placed_fail_with_the_resources_named(ray_session
             run_training(cfg)
     finally:
         remove_placement_group(held)
+
+
+@pytest.mark.integration
+def test_a_sweep_whose_trials_cannot_be_placed_fails_before_anything_is_written(ray_session, shards32, tmp_path):
+    """Tune would leave such trials pending for ever: the sweep is refused, naming what to lower,
+    before its parent run or its folder exist."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.tracking import make_client
+    from pipeline.tune import run_sweep
+
+    space = {"optim.lr": {"grid": [1e-3]}}
+    cpu = r"dist.num_workers\*dist.cpus_per_worker = 4(\.0)? CPUs plus 0.01 for its driver, but the Ray cluster has 4"
+    gpu = r"dist.num_workers\*dist.gpus_per_worker = 2 GPUs, but the Ray cluster has 0"
+    for extra, named in (({"dist.num_workers": 4}, cpu), ({"dist.gpus_per_worker": 1}, gpu)):
+        cfg = load_config(None, base_overrides(shards32, tmp_path, **{**extra, "tune.storage_path": str(tmp_path / "tune")}))
+        with pytest.raises(ConfigError, match=named):
+            run_sweep(cfg, space)
+    client = make_client(cfg.tracking.tracking_uri)
+    assert all(not client.search_runs([e.experiment_id]) for e in client.search_experiments())  # no parent run opened
+    assert not (tmp_path / "tune").exists()

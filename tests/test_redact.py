@@ -128,6 +128,27 @@ def test_worker_env_prints_no_value_and_applies(clean_env):
     assert env.tracking_uri == os.environ["MLFLOW_TRACKING_URI"] == "postgresql://u:DBPASS99@db/m"
 
 
+def test_a_sweep_hands_aws_credentials_over_in_its_worker_env_and_not_to_tune(clean_env):
+    """Tune copies the driver's AWS variables into each trial's runtime_env, which Ray's runtime-env
+    agent logs in clear: while Tune launches trials they are out of the environment, and the
+    trials get them in their WorkerEnv (which a plain training run does not ship)."""
+    from pipeline.credentials import AWS_CREDENTIAL_ENV, SWEEP_CREDENTIAL_ENV, kept_out_of_environ
+    from pipeline.tune import _credentials_held_back
+
+    clean_env.setenv("AWS_SECRET_ACCESS_KEY", "SECRETAWS")
+    assert "SECRETAWS" not in repr(WorkerEnv.capture("http://h", SWEEP_CREDENTIAL_ENV))  # names, not values
+    swept = WorkerEnv.capture("http://h", SWEEP_CREDENTIAL_ENV)._values
+    assert swept["AWS_SECRET_ACCESS_KEY"] == "SECRETAWS"
+    assert "AWS_SECRET_ACCESS_KEY" not in WorkerEnv.capture("http://h")._values
+    with kept_out_of_environ(AWS_CREDENTIAL_ENV):
+        assert "AWS_SECRET_ACCESS_KEY" not in os.environ
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == "SECRETAWS"
+    with _credentials_held_back("/local/tune"):
+        assert "AWS_SECRET_ACCESS_KEY" not in os.environ
+    with _credentials_held_back("s3://bucket/tune"):  # the driver syncs the experiment there itself
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] == "SECRETAWS"
+
+
 def test_init_ray_takes_a_redacted_address_from_the_environment(clean_env):
     import ray
 

@@ -12,12 +12,13 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from pipeline.config import ConfigError, VaepipeConfig, to_dict
-from pipeline.credentials import WorkerEnv
+from pipeline.credentials import CREDENTIAL_ENV, WorkerEnv
 from pipeline.redact import is_redacted, redact_config_dict, redact_text
 from pipeline.train.checkpoint import MARKER_FILE, STATE_FILE, commit_status, committed_checkpoints, read_state
+from pipeline.train.console import quiet_driver
 from pipeline.train.loop import train_loop_per_worker
 from pipeline.train.run_storage import Location, checkpoint_location, child, exists, location, ray_storage
 
@@ -205,14 +206,15 @@ def _raise_if_unplaceable(exc: BaseException, cfg: VaepipeConfig) -> None:
 
 def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id: Optional[str] = None,
                  callbacks: tuple = (), run_tags: Optional[dict] = None,
-                 mlflow_run_id: Optional[str] = None) -> TrainResult:
+                 mlflow_run_id: Optional[str] = None, credential_env: Sequence[str] = CREDENTIAL_ENV) -> TrainResult:
     """Train ``cfg`` on Ray Train + DeepSpeed, tracked in MLflow; optionally resume a run.
 
     Everything that can be refused (data, resume target, parent model, cluster size) is checked
     before the MLflow run is opened and before any worker starts. ``parent_run_id`` makes the
     MLflow run a child (a sweep's trial); ``callbacks`` are Ray Train ``UserCallback``s (a sweep
     passes Tune's ``TuneReportCallback``); ``mlflow_run_id`` continues that run instead of the
-    one the resumed checkpoint names (PBT segments).
+    one the resumed checkpoint names (PBT segments); ``credential_env`` names the variables the
+    workers get from this process (a sweep's trial adds the AWS ones Tune used to hand over).
     """
     from pipeline import tracking
 
@@ -234,7 +236,7 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
     tracking.make_client(uri).set_tag(run_id, "vaepipe.run_dir", run_dir)
     loop_config = {
         "config": redact_config_dict(to_dict(cfg)), "run_id": run_id, "run_dir": run_dir,
-        "env": WorkerEnv.capture(tracking_uri=uri),  # live URI and credentials, never written anywhere
+        "env": WorkerEnv.capture(tracking_uri=uri, names=credential_env),  # live URI and credentials, never written anywhere
         # Train V2 dropped resume_from_checkpoint: the workers load this folder themselves
         "resume_from": str(ckpt_dir) if ckpt_dir else None,
         "parent_state": parent_state,
@@ -285,6 +287,7 @@ def build_trainer(cfg: VaepipeConfig, loop_config: dict, name: str, callbacks: t
     if not _START_TIMEOUT_SET_BY_USER:  # Ray Train reads it in the driver and hands it to its controller
         os.environ[_START_TIMEOUT_VAR] = str(cfg.dist.start_timeout_s)
         os.environ[_START_TIMEOUT_MARK] = "1"
+    quiet_driver(cfg.tracking.verbose)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
