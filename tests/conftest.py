@@ -37,11 +37,11 @@ for _var in ("COLUMNS", "LINES"):
 SERVICE_FIXTURES = {"ray_session", "second_local_ray", "mlflow_server", "s3_endpoint", "ray_head"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks into the node ids
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if SERVICE_FIXTURES & set(item.fixturenames):
-            item.add_marker(pytest.mark.xdist_group("services"))
+def pytest_itemcollected(item):
+    # as each test is collected, before any collection_modifyitems hook: xdist's reads the marks
+    # there into the node ids (`<id>@services`) that its scheduler groups by
+    if SERVICE_FIXTURES & set(item.fixturenames):
+        item.add_marker(pytest.mark.xdist_group("services"))
 
 
 def free_port() -> int:
