@@ -44,12 +44,11 @@ bench-data: install
 	$(VAEPIPE) data shard --source data/synth-bench --out data/shards/synth32 --resolution 32 --shard-size 512
 	$(VAEPIPE) data shard --source data/synth-bench --out data/shards/synth64 --resolution 64 --shard-size 512
 
-# Two pytest processes: the tests of the real services (one Ray, one MLflow server, one S3
-# server) in one, in order; the rest (the 2-process DeepSpeed tests among them) in the other,
-# in the CPU time the first leaves idle while its services start, poll and wait.
+# Two pytest processes, each taking whole test modules, costliest first (tests/conftest.py);
+# each process starts its own services (Ray, MLflow server, moto) when a module first needs them.
 TEST_PROCS ?= 2
 test: install
-	$(PY) -m pytest -q -n $(TEST_PROCS) --dist loadgroup
+	$(PY) -m pytest -q -n $(TEST_PROCS) --dist loadscope --no-loadscope-reorder
 
 clean:
 	rm -rf data runs mlruns.db mlartifacts quickstart_samples.png

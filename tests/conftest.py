@@ -3,6 +3,7 @@ and one small synthetic shard set. Services are started here and stopped at the 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -29,19 +30,45 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 for _var in ("COLUMNS", "LINES"):
     os.environ.pop(_var, None)
 
-# The fixtures that start a real service: every test that uses one, directly or through another
-# fixture, runs in the one xdist process that owns them (`make test` runs `-n 2 --dist loadgroup`),
-# so no service starts twice and no two Ray clusters train at once. A test that starts a cluster
-# of its own (test_elastic.py) joins the group by its mark. Every other test, the 2-process
-# DeepSpeed ones included, runs wherever a process is free.
-SERVICE_FIXTURES = {"ray_session", "second_local_ray", "mlflow_server", "s3_endpoint", "ray_head"}
+# `make test` runs two pytest processes (`-n 2 --dist loadscope --no-loadscope-reorder`): each
+# test module goes whole to one process, so a module's fixtures run once, and each process starts
+# the session's services (Ray, MLflow, moto) for itself when its first module asks. Modules are
+# handed out costliest first, from the seconds each took in a measured run (MODULE_SECONDS,
+# rewritten by `pytest --store-module-seconds`), so that no long module starts last and runs
+# alone. A module that is not in the file yet goes last.
+MODULE_SECONDS = Path(__file__).with_name("module_seconds.json")
+_measured: dict[str, float] = {}
 
 
-def pytest_itemcollected(item):
-    # as each test is collected, before any collection_modifyitems hook: xdist's reads the marks
-    # there into the node ids (`<id>@services`) that its scheduler groups by
-    if SERVICE_FIXTURES & set(item.fixturenames):
-        item.add_marker(pytest.mark.xdist_group("services"))
+def pytest_addoption(parser):
+    parser.addoption("--store-module-seconds", action="store_true",
+                     help=f"record each module's seconds (setup, call, teardown) in {MODULE_SECONDS.name}")
+
+
+def _module_seconds() -> dict[str, float]:
+    return json.loads(MODULE_SECONDS.read_text()) if MODULE_SECONDS.exists() else {}
+
+
+def pytest_collection_modifyitems(config, items):
+    seconds = _module_seconds()
+    items.sort(key=lambda item: -seconds.get(_module_of(item.nodeid), 0.0))  # stable: a module keeps its order
+
+
+def _module_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+def pytest_runtest_logreport(report):
+    _measured[_module_of(report.nodeid)] = _measured.get(_module_of(report.nodeid), 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    # under xdist the controller sees every process's reports; only it writes the file
+    if session.config.getoption("--store-module-seconds") and not hasattr(session.config, "workerinput"):
+        seconds = _module_seconds()
+        seconds.update(_measured)  # a run of some modules refreshes theirs and keeps the others'
+        ranked = sorted(seconds.items(), key=lambda kv: -kv[1])
+        MODULE_SECONDS.write_text(json.dumps({m: round(s, 1) for m, s in ranked}, indent=1) + "\n")
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("services")]  # its own Ray cluster
+pytestmark = pytest.mark.integration  # its own Ray cluster
 
 
 def test_node_lost_then_back(shards32, tmp_path):
