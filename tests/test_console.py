@@ -18,7 +18,7 @@ def fresh_levels(monkeypatch):
     saved = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.NOTSET)
-    for var in (PRINT_PATCH_VAR, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+    for var in (PRINT_PATCH_VAR, "VAEPIPE_SET_PRINT_PATCH", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
         monkeypatch.delenv(var, raising=False)
     yield loggers
     for lg, level in zip(loggers, saved):
@@ -52,8 +52,12 @@ def test_the_driver_turns_trains_print_patch_off_unless_verbose_or_set(fresh_lev
     assert PRINT_PATCH_VAR not in os.environ
     quiet_driver(verbose=False)
     assert os.environ[PRINT_PATCH_VAR] == "0"
-    monkeypatch.setenv(PRINT_PATCH_VAR, "1")  # the user's own choice stands
+    quiet_driver(verbose=True)  # a verbose run after a quiet one in the same process: patched again
+    assert PRINT_PATCH_VAR not in os.environ
+    monkeypatch.setenv(PRINT_PATCH_VAR, "1")  # the user's own choice stands, quiet or verbose
     quiet_driver(verbose=False)
+    assert os.environ[PRINT_PATCH_VAR] == "1"
+    quiet_driver(verbose=True)
     assert os.environ[PRINT_PATCH_VAR] == "1"
 
 

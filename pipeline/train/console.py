@@ -15,6 +15,7 @@ import os
 
 # Train hands it from the driver to its controller and workers (ENV_VARS_TO_PROPAGATE).
 PRINT_PATCH_VAR = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+_SET_BY_VAEPIPE = "VAEPIPE_SET_PRINT_PATCH"
 
 
 def chatty_loggers() -> list[str]:
@@ -29,9 +30,13 @@ def chatty_loggers() -> list[str]:
 
 
 def quiet_driver(verbose: bool) -> None:
-    """In the driver, before ``fit()``: the workers Train starts print each line once."""
-    if not verbose:
-        os.environ.setdefault(PRINT_PATCH_VAR, "0")
+    """In the driver, before ``fit()``: the workers Train starts print each line once. A value
+    the user set stands; the one an earlier quiet run in this process set is decided anew."""
+    if os.environ.pop(_SET_BY_VAEPIPE, None):
+        os.environ.pop(PRINT_PATCH_VAR, None)
+    if not verbose and PRINT_PATCH_VAR not in os.environ:
+        os.environ[PRINT_PATCH_VAR] = "0"
+        os.environ[_SET_BY_VAEPIPE] = "1"
 
 
 def quiet_rank(verbose: bool) -> None:
