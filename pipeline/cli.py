@@ -133,11 +133,12 @@ def train(
     """Train on Ray Train + DeepSpeed; extra args are dotted overrides (model.latent_dim=64)."""
     cfg = _load(config, [*ctx.args, *(["tracking.verbose=true"] if verbose else [])])
     from pipeline.config import ConfigError
+    from pipeline.train.failures import NotRetried
     from pipeline.train.trainer import run_training
 
     try:
         result = run_training(cfg, resume=resume)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, NotRetried) as exc:
         _fail(str(exc))
     from pipeline.redact import redact_text
 

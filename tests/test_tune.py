@@ -90,9 +90,10 @@ def test_asha_sweep_of_distributed_trials(ray_session, shards32, tmp_path, secon
     # first and sets its cutoff (its loss spikes over steps 3-6, then falls far below lr 1e-5's by
     # step 9); lr 1e-5 barely moves, trails there and is stopped with 36 of its 48 steps to go, so
     # the stop lands long before it could finish. lr 1e3 diverges after its first step (a bad
-    # region): that trial fails and the sweep goes on.
+    # region): that trial fails, once although dist.max_failures allows a restart (a restart
+    # would diverge again), and the sweep goes on.
     path = _sweep_file(
-        tmp_path, shards32, {"optim.lr": {"grid": [1e-2, 1e-5, 1e3]}},
+        tmp_path, shards32, {"optim.lr": {"grid": [1e-2, 1e-5, 1e3]}}, dist={"max_failures": 1},
         train={"max_steps": 48, "checkpoint_every": 12, "val_every": 6, "image_every": 48, "max_consecutive_skips": 3},
         tune={"num_samples": 1, "scheduler": "asha", "grace_period": 12, "reduction_factor": 2, "max_concurrent": 1,
               "register_best": True, "register_name": "vae-sweep", "storage_path": str(tmp_path / "tune")},
@@ -117,6 +118,7 @@ def test_asha_sweep_of_distributed_trials(ray_session, shards32, tmp_path, secon
     assert parent.data.metrics["trials_failed"] == 1
     failed = [c for c in children if c.data.tags["vaepipe.trial_status"] == "failed"]
     assert failed[0].info.status == "FAILED" and "diverged" in failed[0].data.tags["vaepipe.error"]
+    assert "not retried" in failed[0].data.tags["vaepipe.error"]  # failures.FailOnce: no restart spent on it
     assert any(a.path == "sweep/trials.csv" for a in client.list_artifacts(parent.info.run_id, "sweep"))
     best = client.get_model_version_by_alias("vae-sweep", "challenger")
     assert best.tags["vaepipe.run_id"] == summary["best"]["run_id"]

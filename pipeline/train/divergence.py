@@ -23,6 +23,11 @@ class RolledBack(Exception):
     """Raised out of the epoch after a rollback: the loop restarts from the restored position."""
 
 
+class Diverged(FloatingPointError):
+    """The run diverged past its skips and rollbacks. A restart would diverge again at the same
+    step (resume is deterministic), so it is not retried (``failures.FailOnce``)."""
+
+
 def diverged_message(w: Any, consecutive_skips: int) -> str:
     cfg = w.cfg
     return (f"diverged: {consecutive_skips} consecutive non-finite losses at step {w.state.step} "
@@ -35,7 +40,7 @@ def on_divergence(w: Any, consecutive_skips: int) -> None:
     t = w.cfg.train
     if t.on_divergence == "fail" or w.state.rollbacks >= t.max_rollbacks:
         suffix = f" after {w.state.rollbacks} rollback(s)" if w.state.rollbacks else ""
-        raise FloatingPointError(diverged_message(w, consecutive_skips) + suffix)
+        raise Diverged(diverged_message(w, consecutive_skips) + suffix)
     roll_back(w, consecutive_skips)
     raise RolledBack()
 
@@ -46,11 +51,11 @@ def roll_back(w: Any, consecutive_skips: int) -> None:
     rollbacks, at_step = w.state.rollbacks + 1, w.state.step
     candidates = committed_checkpoints(location(w.run_dir)) if w.run_dir else []
     if not candidates:
-        raise FloatingPointError(diverged_message(w, consecutive_skips) + ": no committed checkpoint to roll back to")
+        raise Diverged(diverged_message(w, consecutive_skips) + ": no committed checkpoint to roll back to")
     try:
         restore_newest(w, candidates)
     except CheckpointError as exc:
-        raise FloatingPointError(f"{diverged_message(w, consecutive_skips)}; rollback failed: {exc}") from None
+        raise Diverged(f"{diverged_message(w, consecutive_skips)}; rollback failed: {exc}") from None
     w.state.lr_scale, w.state.rollbacks = scale, rollbacks
     apply_lr_scale(w)
     if w.rank == 0:

@@ -19,6 +19,7 @@ from pipeline.credentials import CREDENTIAL_ENV, WorkerEnv
 from pipeline.redact import is_redacted, redact_config_dict, redact_text
 from pipeline.train.checkpoint import MARKER_FILE, STATE_FILE, commit_status, committed_checkpoints, read_state
 from pipeline.train.console import quiet_driver
+from pipeline.train.failures import fail_once, not_retried
 from pipeline.train.loop import train_loop_per_worker
 from pipeline.train.run_storage import Location, checkpoint_location, child, exists, location, ray_storage
 
@@ -300,7 +301,7 @@ def build_trainer(cfg: VaepipeConfig, loop_config: dict, name: str, callbacks: t
                                          max_preemption_failures=cfg.dist.max_preemption_failures,
                                          controller_failure_limit=cfg.dist.start_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            callbacks=list(callbacks),
+            callbacks=[fail_once(), *callbacks],
         ),
     )
 
@@ -314,6 +315,9 @@ def _fit(trainer, cfg: VaepipeConfig, uri: str, run_id: str):
     except BaseException as exc:
         tracking.end_run(uri, run_id, "FAILED")
         _raise_if_unplaceable(exc, cfg)
+        failure = not_retried(exc)
+        if failure is not None:
+            raise failure from None
         raise
     tracking.end_run(uri, run_id, "FINISHED")
     return result
