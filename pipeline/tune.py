@@ -52,9 +52,19 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Vaepipe
     flat = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in _flatten(doc).items()]
     cfg = apply_overrides(cfg, flat, f"sweep file '{path}'")
     cfg = apply_overrides(cfg, list(overrides), "command-line override")
+    check_trial_workers(cfg, space)
     validate_space(space, cfg)
     check_comparable(space, cfg)
     return cfg, space
+
+
+def check_trial_workers(cfg: VaepipeConfig, space: dict) -> None:
+    """A trial is a Ray Train run that Tune follows through its callbacks: local mode runs none."""
+    spec = space.get("dist.num_workers")
+    searched = next(iter(spec.values()), []) if isinstance(spec, dict) else []
+    if cfg.dist.num_workers == 0 or 0 in searched:
+        raise ConfigError("dist.num_workers=0 (Ray Train's local mode) runs no Ray Train callbacks, so Tune could not "
+                          "follow a trial: sweep with dist.num_workers >= 1")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

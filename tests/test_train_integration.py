@@ -290,12 +290,14 @@ def test_whole_job_killed_mid_checkpoint_resumes_from_the_last_committed(ray_ses
     _assert_resume_reproduces(uninterrupted, result, 5)
 
 
-def test_corrupt_jpeg_is_skipped_and_counted(ray_session, corrupt_shards32, tmp_path):
-    # 2 ranks x batch 8 x 4 steps = 64 samples = the whole tiny train split, so the corrupt one is met
-    result = _train(base_overrides(corrupt_shards32, tmp_path, **{"train.max_steps": 4, "train.log_every": 4,
-                                                                   "train.checkpoint_every": 4, "train.image_every": 4,
-                                                                   "data.val_batches": 0, "tracking.log_model": False}))
-    assert result.metrics["step"] == 4
+def test_corrupt_jpeg_is_skipped_and_counted(corrupt_shards32, tmp_path):
+    # one rank (local mode: the reader is the subject, not distribution) x batch 8 x 8 steps = 64
+    # samples = the whole tiny train split, so the corrupt one is met
+    result = _train(base_overrides(corrupt_shards32, tmp_path, **{"dist.num_workers": 0, "train.max_steps": 8,
+                                                                   "train.log_every": 4, "train.checkpoint_every": 8,
+                                                                   "train.image_every": 8, "data.val_batches": 0,
+                                                                   "tracking.log_model": False}))
+    assert result.metrics["step"] == 8
     assert result.metrics["corrupt_samples"] == 1
 
 

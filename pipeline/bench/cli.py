@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pipeline.cli_common import console, fail as _fail, load as _load
+from pipeline.cli_common import console, fail as _fail, load
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks, each against a baseline measured in the same run.")
 
@@ -22,6 +22,14 @@ def _publish(report, out: Path, cfg, mlflow: bool) -> None:
     from pipeline.tracking import resolve_tracking_uri
 
     publish(report, out, resolve_tracking_uri(cfg) if mlflow else None, console)
+
+
+def _load(config: Path, args: list):
+    """The job a benchmark measures: it times Ray Train workers, so local mode is refused."""
+    cfg = load(config, args)
+    if cfg.dist.num_workers == 0:
+        _fail("dist.num_workers=0 (local mode) starts no Ray Train workers to measure: give dist.num_workers >= 1")
+    return cfg
 
 
 def _zero_stages(stages: str) -> tuple[int, ...]:

@@ -29,11 +29,11 @@ import torch
 from pipeline.config import to_dict, to_yaml
 from pipeline.redact import redact_config_dict
 from pipeline.tracking import say
-from pipeline.train import ema, rng_state
+from pipeline.train import ema, local_mode, rng_state
 from pipeline.train.collectives import any_rank, gather_objects
 from pipeline.train.faults import maybe_pause
 from pipeline.train.run_storage import (
-    Location, child, download, file_sizes, find_folders, is_remote, local_copy, location, read_text, upload,
+    Location, as_checkpoint, child, download, file_sizes, find_folders, is_remote, local_copy, location, read_text, upload,
 )
 
 STATE_FILE = "vaepipe_state.json"
@@ -64,7 +64,17 @@ def save_checkpoint(w: Any, metrics: dict) -> None:
         report = {**metrics, **w.last_val, "step": w.state.step, "images_seen": w.state.samples_seen}
         if getattr(w, "growth", None) is not None:  # Tune compares val metrics only at equal resolution
             report["resolution"] = w.state.resolution
-        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        ray.train.report(report, checkpoint=_reported(w, Path(tmp)))
+
+
+def _reported(w: Any, tmp: Path):
+    """The checkpoint to report: the folder for Ray to persist, or in local mode (which keeps
+    none) the copy vaepipe put in the run folder (``local_mode``)."""
+    import ray.train
+
+    if not local_mode.is_local(w.cfg):
+        return ray.train.Checkpoint.from_directory(tmp)
+    return as_checkpoint(local_mode.persist(tmp, w.run_dir, w.cfg.train.keep_checkpoints, committed_checkpoints))
 
 
 def write_checkpoint(w: Any, folder: Path) -> None:

@@ -12,6 +12,7 @@ inside functions because it must only be imported in Ray workers, after
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -157,6 +158,22 @@ def build_engine(cfg: VaepipeConfig, model: torch.nn.Module, world_size: int, pr
     # after the lean step, so the gate wraps the norm the step really uses
     engine.vaepipe_grad_gate = grad_skip.install(engine, cfg.optim.skip_threshold)
     return engine
+
+
+def destroy_process_group() -> None:
+    """End this process's process group with DeepSpeed's own ``destroy_process_group``, which also
+    drops the groups DeepSpeed cloned from it: a later engine in the same process (local mode's
+    next run) must not reach a destroyed group through them."""
+    import torch.distributed as dist
+
+    if "deepspeed" in sys.modules:
+        import deepspeed.comm
+
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()
+            return
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def on_cuda(cfg: VaepipeConfig) -> bool:

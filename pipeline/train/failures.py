@@ -43,6 +43,9 @@ def fail_once():
 
 
 def not_retried(exc: BaseException) -> Optional[NotRetried]:
-    """The ``NotRetried`` that ended a fit, from the ``ControllerError`` Train raised for it."""
+    """The ``NotRetried`` that ended a fit, from the ``ControllerError`` Train raised for it, or
+    the rank's own recurring error in local mode (which never retries: it comes out of ``fit``)."""
+    if isinstance(exc, RECURRING):
+        return NotRetried(f"rank 0: {exc}")
     failure = getattr(exc, "controller_failure", None)
     return failure if isinstance(failure, NotRetried) else None

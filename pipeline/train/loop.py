@@ -18,6 +18,7 @@ from pipeline.train.divergence import RolledBack, on_divergence
 from pipeline.train.ema import ema_weights
 from pipeline.train.export import export_model
 from pipeline.train.faults import maybe_exit, maybe_pause, maybe_slow
+from pipeline.train.local_mode import one_rank_group
 from pipeline.train.progressive_loop import fade_batch, grow_if_due, log_stage_metrics, start_growth
 from pipeline.train.observe import MetricWindow, log_images, log_window, validate
 from pipeline.train.preemption import notice_due
@@ -33,6 +34,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # torch.distributed warns on every ZeRO collective that DeepSpeed still uses the old names.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     quiet_rank(loop_config["config"]["tracking"]["verbose"])
+    with one_rank_group(loop_config["config"]["dist"]["num_workers"] == 0):  # local mode's process group
+        train_rank(loop_config)
+
+
+def train_rank(loop_config: dict) -> None:
+    """Set this rank up, run its steps, export a resumed-at-the-end model, flush its logs."""
     w = build_worker(loop_config)
     if w.rank == 0 and w.resumed_from is not None:
         say(f"resumed from step {w.resumed_from}")

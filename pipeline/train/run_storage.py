@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -70,6 +71,16 @@ def checkpoint_location(checkpoint) -> Optional[Location]:
     if checkpoint.filesystem.type_name == "s3":
         return "s3://" + checkpoint.path.lstrip("/")
     return None
+
+
+def as_checkpoint(loc: Location):
+    """The ``ray.train.Checkpoint`` of a checkpoint folder, on its own filesystem (the inverse of
+    ``checkpoint_location``)."""
+    from ray.train import Checkpoint
+
+    if is_remote(loc):
+        return Checkpoint(_fs_path(loc), filesystem=s3_filesystem())
+    return Checkpoint.from_directory(str(loc))
 
 
 def check_bucket(url: str) -> Optional[str]:
@@ -148,6 +159,14 @@ def upload(local: Path, url: str) -> None:
 
     fs.copy_files(str(local), _fs_path(url), source_filesystem=fs.LocalFileSystem(),
                   destination_filesystem=s3_filesystem())
+
+
+def remove(loc: Location) -> None:
+    """Delete the folder ``loc`` and everything under it."""
+    if not is_remote(loc):
+        shutil.rmtree(loc)
+        return
+    s3_filesystem().delete_dir(_fs_path(loc))
 
 
 @contextlib.contextmanager

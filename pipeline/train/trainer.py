@@ -20,6 +20,7 @@ from pipeline.redact import is_redacted, redact_config_dict, redact_text
 from pipeline.train.checkpoint import MARKER_FILE, STATE_FILE, commit_status, committed_checkpoints, read_state
 from pipeline.train.console import quiet_driver
 from pipeline.train.failures import fail_once, not_retried
+from pipeline.train.local_mode import is_local
 from pipeline.train.loop import train_loop_per_worker
 from pipeline.train.run_storage import Location, checkpoint_location, child, exists, location, ray_storage
 
@@ -60,10 +61,10 @@ def preflight(cfg: VaepipeConfig) -> dict:
         raise ConfigError(f"data.resolution={cfg.data.resolution} is larger than the shards' stored resolution "
                           f"{stored} at {cfg.data.path}; re-shard at a higher resolution or lower data.resolution")
     n_train = manifest["splits"].get("train", {}).get("num_samples", 0)
-    needed = cfg.data.batch_size * cfg.dist.num_workers
+    needed = cfg.data.batch_size * cfg.dist.world_size
     if n_train < needed:
         raise ConfigError(f"data.path={cfg.data.path} has {n_train} training samples, fewer than one global batch "
-                          f"(data.batch_size={cfg.data.batch_size} x dist.num_workers={cfg.dist.num_workers})")
+                          f"(data.batch_size={cfg.data.batch_size} x {cfg.dist.world_size} ranks, dist.num_workers={cfg.dist.num_workers})")
     if storage.is_s3(cfg.train.storage_path):
         from pipeline.train.run_storage import check_bucket
 
@@ -229,8 +230,11 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
     parent_state = None
     if cfg.model.ar.parent_uri:
         cfg, parent_state = attach_parent(cfg, uri)
-    init_ray(cfg)
-    check_fits_cluster(cfg)
+    if is_local(cfg):
+        tracking.say("dist.num_workers=0: training in this process (Ray Train's local mode: one rank, no restarts)")
+    else:
+        init_ray(cfg)
+        check_fits_cluster(cfg)
     run_id = _open_run(cfg, uri, ckpt_dir, mlflow_run_id, _child_tags(parent_run_id, run_tags))
     name = cfg.train.run_name or f"vaepipe-{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}"
     run_dir = str(child(location(cfg.train.storage_path), name))

@@ -177,10 +177,18 @@ def prepare_rank_process(cfg: VaepipeConfig, use_cuda: bool, world: int, local_w
     return RankProcess(retained, shm)
 
 
+def rank_cuda_device(cfg: VaepipeConfig) -> torch.device:
+    """The GPU Ray gave this rank; in local mode (no Ray resources) the current CUDA device."""
+    import ray.train.torch
+
+    if cfg.dist.num_workers == 0:
+        return torch.device("cuda", torch.cuda.current_device())
+    return ray.train.torch.get_device()
+
+
 def build_worker(loop_config: dict) -> Worker:
     """Set up one rank: typed config, model, DeepSpeed engine, data stream, resume state."""
     import ray.train
-    import ray.train.torch
 
     loop_config["env"].apply()  # MLflow's URI and credentials, kept out of the (redacted) config
     cfg = from_dict(loop_config["config"])
@@ -193,7 +201,7 @@ def build_worker(loop_config: dict) -> Worker:
 
     if not use_cuda:  # one torch thread per reserved CPU, whatever OMP_NUM_THREADS the driver's env passed on
         torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
-    device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
+    device = torch.device("cpu") if not use_cuda else rank_cuda_device(cfg)
     precision = resolve_precision(cfg.train.precision, DeviceFacts.detect(use_cuda))
     if cfg.progressive.enabled:
         cfg, engine, aux, growth = build_progressive_engine(cfg, rank, world, precision)
