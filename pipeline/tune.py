@@ -59,12 +59,13 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Vaepipe
 
 
 def check_trial_workers(cfg: VaepipeConfig, space: dict) -> None:
-    """A trial is a Ray Train run that Tune follows through its callbacks: local mode runs none."""
+    """Ray Train's local mode cannot run inside a Tune trial: Ray 2.60 refuses ``ray.train``'s
+    context, report and checkpoint calls in a Tune session, and runs no Train callbacks."""
     spec = space.get("dist.num_workers")
     searched = next(iter(spec.values()), []) if isinstance(spec, dict) else []
     if cfg.dist.num_workers == 0 or 0 in searched:
-        raise ConfigError("dist.num_workers=0 (Ray Train's local mode) runs no Ray Train callbacks, so Tune could not "
-                          "follow a trial: sweep with dist.num_workers >= 1")
+        raise ConfigError("dist.num_workers=0 (Ray Train's local mode) cannot run in a Tune trial (Ray refuses "
+                          "ray.train's calls inside a Tune session): sweep with dist.num_workers >= 1")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -175,7 +176,7 @@ def check_equal_resolution(space: dict, cfg: VaepipeConfig) -> None:
         seen = set()
         for c in _stage_variants(space, cfg):
             stages = build_stages(c)
-            late = rung + c.train.checkpoint_every * max(images_per_step(s, c.dist.num_workers) for s in stages)
+            late = rung + c.train.checkpoint_every * max(images_per_step(s, c.dist.world_size) for s in stages)
             seen |= {phase_at(stages, rung).stage.resolution, phase_at(stages, late).stage.resolution}
         if len(seen) > 1:
             raise ConfigError(f"tune.grace_period={cfg.tune.grace_period}: at ASHA's rung of {rung} images seen the "

@@ -126,7 +126,7 @@ def test_local_mode_is_refused_where_it_cannot_work(tmp_path):
     with pytest.raises(ConfigError, match=r"dist\.min_workers"):
         load_config(None, ["dist.num_workers=0", "dist.min_workers=1"])
     cfg = load_config(None, ["dist.num_workers=0"])
-    with pytest.raises(ConfigError, match=r"dist\.num_workers=0 .*sweep with dist\.num_workers >= 1"):
+    with pytest.raises(ConfigError, match=r"dist\.num_workers=0 .*cannot run in a Tune trial.*sweep with dist\.num_workers >= 1"):
         check_trial_workers(cfg, {"optim.lr": {"grid": [1e-3]}})
     with pytest.raises(ConfigError, match=r"dist\.num_workers=0"):
         check_trial_workers(load_config(None, []), {"dist.num_workers": {"grid": [0, 2]}})
