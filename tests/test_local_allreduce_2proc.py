@@ -9,28 +9,15 @@ import torch
 from dist_helpers import run_ranks
 
 
-_PATCHED: list = []  # per process: each spawned rank imports this module afresh
-
-
-def _patch_collectives_once() -> None:
-    """``timers.patch_collectives`` wraps the collectives again on every call: once per process,
-    as the worker does, however many configurations the process trains."""
-    from pipeline.train.timers import patch_collectives
-
-    if not _PATCHED:
-        patch_collectives()
-        _PATCHED.append(True)
-
-
 def _train(rank: int, world: int, shm: bool, zero_stage: int, room_on_rank1: bool = True) -> dict:
     import os
 
     import torch
 
     from pipeline.train import local_allreduce
-    from pipeline.train.timers import PhaseClock, activate
+    from pipeline.train.timers import PhaseClock, activate, patch_collectives
 
-    _patch_collectives_once()  # as the worker does, before DeepSpeed's backend keeps its all-gather
+    patch_collectives()  # as the worker does, before DeepSpeed's backend keeps its all-gather
 
     if rank == 1 and not room_on_rank1:
         local_allreduce.shm_room = lambda world: False  # as if this rank's /dev/shm were full

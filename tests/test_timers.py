@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from pipeline.train.timers import PhaseClock, activate, clock_for, timed_iter
+from pipeline.train.timers import PhaseClock, activate, clock_for, patch_collectives, timed_iter
 
 
 def _sleep(s: float) -> None:
@@ -35,6 +35,9 @@ def test_collectives_are_timed_only_while_a_clock_is_active():
     activate(clock)
     try:
         assert dist.all_reduce.__wrapped__ is not None  # wrapped once per process
+        wrapped = dist.all_reduce
+        patch_collectives()  # once per process (a local-mode driver sets up one rank per run)
+        assert dist.all_reduce is wrapped
         with clock.phase("backward"):
             with pytest.raises((RuntimeError, ValueError)):
                 dist.all_reduce(torch.zeros(1))  # no process group: fails, but its time is counted

@@ -99,7 +99,7 @@ def patch_collectives() -> None:
 
     for name in COLLECTIVES:
         fn = getattr(dist, name, None)
-        if fn is not None and not hasattr(fn, "_vaepipe_timed"):  # a local-mode driver runs many ranks' set-up
+        if fn is not None:
             setattr(dist, name, _timed(fn))
 
 
@@ -114,7 +114,6 @@ def _timed(fn):
             return fn(*args, **kwargs)
         finally:
             clock.add_comm(time.perf_counter() - t0)
-    wrapper._vaepipe_timed = True
     return wrapper
 
 
