@@ -294,8 +294,9 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     num_workers: int = 2
-    """Ray Train workers (one DeepSpeed rank each); the most an elastic run uses. 0 = Ray Train's
-    local mode: one rank in this process, no Ray cluster, no restarts (``train/local_mode.py``)."""
+    """Ray Train workers (one DeepSpeed rank each); the most an elastic run uses. 0 = local mode:
+    one rank in this process (a sweep's trial: in the trial's process), no Ray Train workers, no
+    restarts (``train/local_mode.py``)."""
     min_workers: Optional[int] = None
     """Elastic training: keep training on as few as this many workers when workers or nodes are
     lost, and grow back to ``num_workers`` when resources return (Ray Train's elastic
@@ -536,7 +537,7 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
     _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
     for key in ("log_every", "checkpoint_every", "image_every", "val_every", "keep_checkpoints", "max_consecutive_skips"):
         _check(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
-    _check(s.num_workers >= 0, "dist.num_workers", s.num_workers, "must be >= 1 (or 0: Ray Train's local mode)")
+    _check(s.num_workers >= 0, "dist.num_workers", s.num_workers, "must be >= 1 (or 0: local mode, one rank in this process)")
     _check(s.min_workers is None or 1 <= s.min_workers <= s.num_workers, "dist.min_workers", s.min_workers,
            f"must be between 1 and dist.num_workers={s.num_workers} (or unset for a fixed size)")
     _check(s.resize_interval_s >= 0, "dist.resize_interval_s", s.resize_interval_s, "must be >= 0")

@@ -52,20 +52,9 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Vaepipe
     flat = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in _flatten(doc).items()]
     cfg = apply_overrides(cfg, flat, f"sweep file '{path}'")
     cfg = apply_overrides(cfg, list(overrides), "command-line override")
-    check_trial_workers(cfg, space)
     validate_space(space, cfg)
     check_comparable(space, cfg)
     return cfg, space
-
-
-def check_trial_workers(cfg: VaepipeConfig, space: dict) -> None:
-    """Ray Train's local mode cannot run inside a Tune trial: Ray 2.60 refuses ``ray.train``'s
-    context, report and checkpoint calls in a Tune session, and runs no Train callbacks."""
-    spec = space.get("dist.num_workers")
-    searched = next(iter(spec.values()), []) if isinstance(spec, dict) else []
-    if cfg.dist.num_workers == 0 or 0 in searched:
-        raise ConfigError("dist.num_workers=0 (Ray Train's local mode) cannot run in a Tune trial (Ray refuses "
-                          "ray.train's calls inside a Tune session): sweep with dist.num_workers >= 1")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -223,8 +212,9 @@ def _trial(params: dict, base: dict, parent_run_id: str, env: WorkerEnv) -> None
         _pbt_trial(cfg, parent_run_id, tags)
         return
     _close_dead_trial_runs(cfg, parent_run_id, trial_id)
-    run_training(cfg, parent_run_id=parent_run_id, callbacks=(TuneReportCallback(),), run_tags=tags,
-                 credential_env=SWEEP_CREDENTIAL_ENV)
+    local = cfg.dist.num_workers == 0  # local mode: the trial trains in this process and reports to Tune itself
+    run_training(cfg, parent_run_id=parent_run_id, callbacks=() if local else (TuneReportCallback(),), run_tags=tags,
+                 credential_env=SWEEP_CREDENTIAL_ENV, report_to_tune=local)
 
 
 def _close_dead_trial_runs(cfg: VaepipeConfig, parent_run_id: str, trial_id: str) -> None:
@@ -320,18 +310,29 @@ def _search_alg(cfg: VaepipeConfig, points: Optional[list[dict]] = None, max_con
     return None
 
 
+def trial_resources(cfg: VaepipeConfig) -> dict:
+    """What a trial's own process holds: a sliver while it waits on its Train workers, or in local
+    mode (``dist.num_workers=0``: the trial trains in its own process) the one rank's CPUs and GPUs."""
+    d = cfg.dist
+    if d.num_workers:
+        return {"CPU": DRIVER_CPU}
+    return {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.gpus_per_worker else {})}
+
+
 def concurrency_cap(cfg: VaepipeConfig) -> int:
     """Trials that fit at once: Tune does not count Train's workers, so we must."""
     import ray
 
-    res = ray.cluster_resources()
-    per_trial = cfg.dist.num_workers * cfg.dist.cpus_per_worker
-    fit = int(res.get("CPU", 1) // (per_trial + DRIVER_CPU)) if per_trial else cfg.tune.max_concurrent
+    res, d = ray.cluster_resources(), cfg.dist
+    per_trial = trial_resources(cfg)["CPU"] + d.num_workers * d.cpus_per_worker  # the trial process + its workers
+    fit = int(res.get("CPU", 1) // per_trial) if per_trial else cfg.tune.max_concurrent
     if fit < 1:
-        raise ConfigError(f"a trial needs dist.num_workers*dist.cpus_per_worker = {per_trial} CPUs plus {DRIVER_CPU} for its "
-                          f"driver, but the Ray cluster has {res.get('CPU', 0)}: lower dist.num_workers or dist.cpus_per_worker")
+        need = (f"dist.num_workers*dist.cpus_per_worker = {d.num_workers * d.cpus_per_worker} CPUs plus {DRIVER_CPU} for "
+                "its driver" if d.num_workers else f"dist.cpus_per_worker = {d.cpus_per_worker} CPUs (local mode)")
+        raise ConfigError(f"a trial needs {need}, but the Ray cluster has {res.get('CPU', 0)}: "
+                          "lower dist.num_workers or dist.cpus_per_worker")
     if cfg.dist.gpus_per_worker:
-        per_trial_gpus = cfg.dist.num_workers * cfg.dist.gpus_per_worker
+        per_trial_gpus = cfg.dist.world_size * cfg.dist.gpus_per_worker
         fit = min(fit, int(res.get("GPU", 0) // per_trial_gpus))
         if fit < 1:  # a trial that can never be placed would wait for ever, pending
             raise ConfigError(f"a trial needs dist.num_workers*dist.gpus_per_worker = {per_trial_gpus:g} GPUs, but the Ray "
@@ -380,7 +381,7 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
     if register_as:
         cfg = replace(cfg, tune=replace(cfg.tune, register_best=True, register_name=register_as))
     uri = tracking.resolve_tracking_uri(cfg)  # before Ray starts: its processes inherit a password-free env
-    init_ray(cfg, spare_cpus=1)
+    init_ray(cfg, spare_cpus=1 if cfg.dist.num_workers else 0)  # local-mode trials hold their CPUs themselves
     # trials run in their own working directories: give them the resolved, absolute store
     cfg = replace(cfg, tracking=replace(cfg.tracking, tracking_uri=uri))
     name = cfg.tune.name or f"vaepipe-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -394,7 +395,7 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
         parent = tracking.start_run(replace(cfg, tracking=replace(cfg.tracking, run_name=name)), uri,
                                     {"vaepipe.sweep": name})
     trainable = tune.with_resources(tune.with_parameters(_trial, base=redact_config_dict(to_dict(cfg)), parent_run_id=parent,
-                                                         env=WorkerEnv.capture(uri, SWEEP_CREDENTIAL_ENV)), {"CPU": DRIVER_CPU})
+                                                         env=WorkerEnv.capture(uri, SWEEP_CREDENTIAL_ENV)), trial_resources(cfg))
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=False, restart_errored=False)
     else:

@@ -187,7 +187,7 @@ def test_asha_bench_runs_the_same_trials_under_both_schedulers(ray_session, shar
     from pipeline.tracking import make_client
 
     cfg = load_config(None, base_overrides(shards32, tmp_path, **{
-        "dist.num_workers": 1, "train.max_steps": 4, "train.log_every": 1, "train.val_every": 1,
+        "dist.num_workers": 0, "train.max_steps": 4, "train.log_every": 1, "train.val_every": 1,
         "train.checkpoint_every": 4, "train.image_every": 4, "tracking.log_model": False,
         "tune.num_samples": 1, "tune.grace_period": 1, "tune.reduction_factor": 2,
         "tune.storage_path": str(tmp_path / "tune")}))

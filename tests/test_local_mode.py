@@ -1,4 +1,4 @@
-"""``dist.num_workers=0``: Ray Train's local mode, one rank in this process (``train/local_mode.py``).
+"""``dist.num_workers=0``: local mode, one rank trained by vaepipe in this process (``train/local_mode.py``).
 
 No Ray is started here: the runs train in the pytest process itself, checkpoint into their run
 folder, resume from it bit for bit, and leave the process as they found it.
@@ -49,10 +49,12 @@ def local_run(shards32, tmp_path_factory):
     import torch
 
     tmp = tmp_path_factory.mktemp("local")
-    threads, env = torch.get_num_threads(), dict(os.environ)
+    import ray
+
+    threads, env, ray_up = torch.get_num_threads(), dict(os.environ), ray.is_initialized()
     overrides = base_overrides(shards32, tmp, **{**LOCAL, "train.run_name": "first", "dist.cpus_per_worker": 1})
     result = _train(overrides)
-    return {"result": result, "overrides": overrides, "threads": threads, "env": env}
+    return {"result": result, "overrides": overrides, "threads": threads, "env": env, "ray_up": ray_up}
 
 
 def test_local_run_trains_in_this_process_and_checkpoints_into_its_run_folder(local_run):
@@ -63,7 +65,7 @@ def test_local_run_trains_in_this_process_and_checkpoints_into_its_run_folder(lo
     from pipeline.train.checkpoint import committed_checkpoints, marker_of
 
     result = local_run["result"]
-    assert not ray.is_initialized()  # no Ray cluster was started or joined
+    assert ray.is_initialized() == local_run["ray_up"]  # no Ray cluster was started or joined
     assert not dist.is_initialized() and torch.get_num_threads() == local_run["threads"]
     assert {k: v for k, v in os.environ.items() if k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")} == \
            {k: v for k, v in local_run["env"].items() if k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
@@ -71,7 +73,7 @@ def test_local_run_trains_in_this_process_and_checkpoints_into_its_run_folder(lo
     run_dir = Path(result.run_dir)
     assert run_dir.name == "first"
     steps = [marker_of(c)["step"] for c in committed_checkpoints(run_dir)]
-    assert steps == [12, 10, 5]  # vaepipe persisted every one (Ray's local mode keeps none)
+    assert steps == [12, 10, 5]  # every one persisted into the run folder
     assert Path(result.checkpoint_path) == committed_checkpoints(run_dir)[0]
     assert marker_of(result.checkpoint_path)["world_size"] == 1
     losses = _losses(result)
@@ -118,19 +120,21 @@ def test_local_divergence_fails_with_its_own_message(shards32, tmp_path):
     assert run.info.status == "FAILED"
 
 
-def test_local_mode_is_refused_where_it_cannot_work(tmp_path):
-    from pipeline.tune import check_trial_workers
+def test_local_mode_config_checks_and_what_a_local_trial_holds(shards32, tmp_path):
+    from pipeline.train.trainer import run_training
+    from pipeline.tune import DRIVER_CPU, trial_resources
 
-    with pytest.raises(ConfigError, match=r"dist\.num_workers.*-1.*or 0: Ray Train's local mode"):
+    with pytest.raises(ConfigError, match=r"dist\.num_workers.*-1.*or 0: local mode"):
         load_config(None, ["dist.num_workers=-1"])
     with pytest.raises(ConfigError, match=r"dist\.min_workers"):
         load_config(None, ["dist.num_workers=0", "dist.min_workers=1"])
-    cfg = load_config(None, ["dist.num_workers=0"])
-    with pytest.raises(ConfigError, match=r"dist\.num_workers=0 .*cannot run in a Tune trial.*sweep with dist\.num_workers >= 1"):
-        check_trial_workers(cfg, {"optim.lr": {"grid": [1e-3]}})
-    with pytest.raises(ConfigError, match=r"dist\.num_workers=0"):
-        check_trial_workers(load_config(None, []), {"dist.num_workers": {"grid": [0, 2]}})
-    check_trial_workers(load_config(None, []), {"dist.num_workers": {"grid": [1, 2]}})  # no error
+    # a local trial trains in its own process: it holds the rank's CPUs (and GPUs), not a driver's sliver
+    assert trial_resources(load_config(None, ["dist.num_workers=0", "dist.cpus_per_worker=2"])) == {"CPU": 2.0}
+    assert trial_resources(load_config(None, ["dist.num_workers=0", "dist.gpus_per_worker=1"])) == {"CPU": 1.0, "GPU": 1.0}
+    assert trial_resources(load_config(None, ["dist.num_workers=2"])) == {"CPU": DRIVER_CPU}
+    cfg = load_config(None, base_overrides(shards32, tmp_path, **{"dist.num_workers": 0}))
+    with pytest.raises(ValueError, match="runs no Ray Train callbacks"):
+        run_training(cfg, callbacks=(object(),))
 
 
 def test_bench_refuses_local_mode():

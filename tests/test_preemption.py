@@ -20,8 +20,11 @@ class Log:
 
 
 def _worker(rank: int, step: int, every: int = 5):
+    from pipeline.train.rank_context import RayTrainRank
+
     cfg = load_config(None, [f"dist.preemption_check_every={every}"])
-    return SimpleNamespace(cfg=cfg, rank=rank, state=SimpleNamespace(step=step), log=Log())
+    ctx = object.__new__(RayTrainRank)  # a Ray Train worker's context; its ask goes to Ray's API, scripted below
+    return SimpleNamespace(cfg=cfg, rank=rank, state=SimpleNamespace(step=step), log=Log(), ctx=ctx)
 
 
 @pytest.fixture

@@ -1,6 +1,11 @@
 """Sweeps: the space is checked before any trial starts; an ASHA sweep of distributed trials
 stops some early, records a parent and one child per trial and registers the best; an
-interrupted sweep resumes without re-running finished trials; promotion is metric-gated."""
+interrupted sweep resumes without re-running finished trials; promotion is metric-gated.
+
+Only the ASHA drill's trials are distributed (2 Ray Train workers each). The other sweeps are
+about Tune (a searcher's resume, PBT's exploit, promotion), so their trials train in local mode
+(``dist.num_workers=0``: in the trial's own process, reporting to Tune directly) instead of
+starting a Train controller, its helper actors and a worker for every trial."""
 
 from __future__ import annotations
 
@@ -140,7 +145,7 @@ def test_interrupted_optuna_sweep_over_ladder_levels_resumes_without_rerunning(r
     path = _sweep_file(
         tmp_path, shards32, {"model.ladder.latent_dims": {"choice": [[8, 4], [8, 4, 2]]},
                              "model.ladder.merge": {"choice": ["precision", "residual"]}},
-        model={"name": "ladder_vae"}, dist={"num_workers": 1}, tracking={"log_model": False},
+        model={"name": "ladder_vae"}, dist={"num_workers": 0}, tracking={"log_model": False},
         train={"max_steps": 4, "checkpoint_every": 4, "val_every": 4, "image_every": 4},
         tune={"num_samples": 2, "search": "optuna", "scheduler": "fifo", "max_concurrent": 1,
               "storage_path": str(tmp_path / "tune"), "name": "interrupted"},
@@ -278,7 +283,7 @@ def test_pbt_exploit_restores_deepspeed_checkpoint(ray_session, shards32, tmp_pa
     path = _sweep_file(
         tmp_path, shards32, {"optim.lr": {"choice": [1e-5, 1e-2]}},
         train={"max_steps": 8, "checkpoint_every": 4, "val_every": 4, "image_every": 8},
-        dist={"num_workers": 1}, tracking={"log_model": False},
+        dist={"num_workers": 0}, tracking={"log_model": False},
         tune={"num_samples": 2, "scheduler": "pbt", "perturbation_interval": 4, "max_concurrent": 2,
               "storage_path": str(tmp_path / "tune")},
     )
@@ -352,7 +357,7 @@ def test_tune_promote_moves_the_alias_only_for_a_winner(ray_session, shards32, t
     path = _sweep_file(
         tmp_path, shards32, {"optim.lr": {"grid": [1e-2]}}, model={"likelihood": "bernoulli"},
         train={"max_steps": 12, "checkpoint_every": 12, "val_every": 12, "image_every": 12},
-        dist={"num_workers": 1}, tune={"num_samples": 1, "scheduler": "fifo", "max_concurrent": 2,
+        dist={"num_workers": 0}, tune={"num_samples": 1, "scheduler": "fifo", "max_concurrent": 2,
                                         "storage_path": str(tmp_path / "tune")},
     )
     gate = ["--promote", "--name", name, "--metrics", "neg_iwae_nats", "--k", "8", "--max-samples", "16"]

@@ -3,7 +3,7 @@ the run holds the family's own metrics; the VQ-VAE's prior trains on the registe
 codes and samples through the registry.
 
 The VQ-VAE trains on 2 Ray workers (its codebook statistics are summed over ranks); the other
-families train in Ray Train's local mode (``dist.num_workers=0``: one rank in this process),
+families train in local mode (``dist.num_workers=0``: one rank in this process),
 since what is checked here is each family's own metrics, not distribution, which
 ``test_train_integration``, ``test_zero3_matrix`` and the ``*_2proc`` tests cover (two ranks'
 discriminator, RNG and VQ statistics: ``test_rank_rng_and_aux_2proc``, ``test_collectives_2proc``).

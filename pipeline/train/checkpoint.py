@@ -29,11 +29,11 @@ import torch
 from pipeline.config import to_dict, to_yaml
 from pipeline.redact import redact_config_dict
 from pipeline.tracking import say
-from pipeline.train import ema, local_mode, rng_state
+from pipeline.train import ema, rng_state
 from pipeline.train.collectives import any_rank, gather_objects
 from pipeline.train.faults import maybe_pause
 from pipeline.train.run_storage import (
-    Location, as_checkpoint, child, download, file_sizes, find_folders, is_remote, local_copy, location, read_text, upload,
+    Location, child, download, file_sizes, find_folders, is_remote, local_copy, location, read_text, upload,
 )
 
 STATE_FILE = "vaepipe_state.json"
@@ -56,25 +56,13 @@ def checkpoint_step(folder: Location) -> int:
 
 def save_checkpoint(w: Any, metrics: dict) -> None:
     """Every rank saves its shard, rank 0 commits the file list, then all report one checkpoint."""
-    import ray.train
-
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(w, Path(tmp))
         maybe_pause(w, "checkpoint")  # fault drills only: a kill between writing and reporting
         report = {**metrics, **w.last_val, "step": w.state.step, "images_seen": w.state.samples_seen}
         if getattr(w, "growth", None) is not None:  # Tune compares val metrics only at equal resolution
             report["resolution"] = w.state.resolution
-        ray.train.report(report, checkpoint=_reported(w, Path(tmp)))
-
-
-def _reported(w: Any, tmp: Path):
-    """The checkpoint to report: the folder for Ray to persist, or in local mode (which keeps
-    none) the copy vaepipe put in the run folder (``local_mode``)."""
-    import ray.train
-
-    if not local_mode.is_local(w.cfg):
-        return ray.train.Checkpoint.from_directory(tmp)
-    return as_checkpoint(local_mode.persist(tmp, w.run_dir, w.cfg.train.keep_checkpoints, committed_checkpoints))
+        w.ctx.report(report, Path(tmp))  # Ray Train persists it; local mode copies it into the run folder
 
 
 def write_checkpoint(w: Any, folder: Path) -> None:
@@ -154,13 +142,7 @@ def _candidates(run_dir: Optional[str], resume_from: Optional[str], ray_ckpt: Op
 def restore(w: Any, run_dir: Optional[str], resume_from: Optional[str]) -> None:
     """Load the newest committed checkpoint that every rank can load into engine, state and stream.
     Ray's latest checkpoint is taken where it lives (a local folder or S3), not downloaded here."""
-    import ray.train
-
-    from pipeline.train.run_storage import checkpoint_location
-
-    ckpt = ray.train.get_checkpoint()
-    where = checkpoint_location(ckpt) if ckpt is not None else None
-    with (ckpt.as_directory() if ckpt is not None and where is None else contextlib.nullcontext(where)) as ray_ckpt:
+    with w.ctx.launch_checkpoint() as ray_ckpt:
         restore_newest(w, _candidates(run_dir, resume_from, ray_ckpt))
 
 

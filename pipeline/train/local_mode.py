@@ -1,21 +1,22 @@
-"""Ray Train's local mode (``dist.num_workers=0``): the training function runs in this process.
+"""Local mode (``dist.num_workers=0``): one rank trained by vaepipe in the calling process.
 
-``ScalingConfig(num_workers=0)`` makes Ray Train call the training function in the driver,
-with no Ray cluster, no worker, controller or helper actor processes, and a one-rank train
-context (Ray 2.60's ``LocalTorchController``). It is how a user steps through a training run
-in a debugger or runs a notebook's first try. What Ray Train leaves out there, and vaepipe
-provides for it here:
+No Ray cluster, no worker, controller or helper actor processes: ``trainer`` calls the same
+``train_loop_per_worker`` a Ray Train worker runs, with a ``rank_context.LocalRank``. It is what
+a user steps through in a debugger or tries first in a notebook, and how a sweep's trial trains
+a one-rank model in its own process (a Tune trial). Ray Train has a local mode of its own
+(``ScalingConfig(num_workers=0)``), but Ray 2.60 refuses ``ray.train``'s calls inside a Tune
+trial and runs no callbacks there, so vaepipe runs the rank itself. What the run needs besides
+the loop, provided here:
 
 - a process group: DeepSpeed needs one even for a single rank. A gloo group of one rank on an
-  in-memory store (no port), destroyed when the run ends, is made unless one exists (a run
-  under ``torchrun``, where Ray's local controller makes the group itself);
-- checkpoint storage: Ray's local mode keeps only the last reported ``Checkpoint`` object,
-  so vaepipe copies each checkpoint into the run folder itself (local or ``s3://``), named as
-  Ray names them, and keeps the newest ``train.keep_checkpoints``. ``--resume`` and the
-  divergence rollback find them there as they find Ray's.
+  in-memory store (no port), with the variables a launcher sets, for the run's duration; ended
+  with DeepSpeed's own ``destroy_process_group`` so the next run in the process starts clean;
+- checkpoint storage: each checkpoint is copied into the run folder (local or ``s3://``), named
+  as Ray Train names its own, and the newest ``train.keep_checkpoints`` are kept. ``--resume``
+  and the divergence rollback find them there as they find Ray's.
 
-Not in local mode: restarts (``dist.max_failures``: an error ends the run with its own
-message), elastic sizes, preemption notices, Tune sweeps and Ray Train callbacks.
+Not in local mode: restarts (``dist.max_failures``: an error ends the run with its message),
+elastic sizes, preemption notices and Ray Train callbacks.
 """
 
 from __future__ import annotations
@@ -38,15 +39,14 @@ def is_local(cfg) -> bool:
 
 
 @contextlib.contextmanager
-def one_rank_group(local: bool) -> Iterator[None]:
-    """A one-rank gloo group for the run's duration in local mode (nothing otherwise: Ray's
-    workers get theirs from ``TorchConfig``), and this process's torch thread count put back."""
+def one_rank_group() -> Iterator[None]:
+    """A one-rank gloo group for the run's duration, and this process's torch thread count and
+    environment put back after it."""
     import torch
     import torch.distributed as dist
 
-    if not local or dist.is_initialized():
-        yield
-        return
+    if dist.is_initialized():
+        raise RuntimeError("local mode (dist.num_workers=0) needs a process without a torch.distributed group")
     threads = torch.get_num_threads()
     added = {k: "0" if "RANK" in k else "1" for k in _RANK_ENV if k not in os.environ}
     os.environ.update(added)  # DeepSpeed reads LOCAL_RANK from the environment, as a launcher sets it
@@ -77,4 +77,3 @@ def persist(tmp: Path, run_dir: str, keep: int, committed) -> Location:
     for old in committed(location(run_dir))[keep:]:
         remove(old)
     return dest
-

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from pipeline.tracking import say
 from pipeline.train.checkpoint import save_checkpoint
@@ -18,10 +18,10 @@ from pipeline.train.divergence import RolledBack, on_divergence
 from pipeline.train.ema import ema_weights
 from pipeline.train.export import export_model
 from pipeline.train.faults import maybe_exit, maybe_pause, maybe_slow
-from pipeline.train.local_mode import one_rank_group
 from pipeline.train.progressive_loop import fade_batch, grow_if_due, log_stage_metrics, start_growth
 from pipeline.train.observe import MetricWindow, log_images, log_window, validate
 from pipeline.train.preemption import notice_due
+from pipeline.train.rank_context import RayTrainRank
 from pipeline.stages import total_images
 from pipeline.train.step import train_step
 from pipeline.train.system_metrics import start_system_metrics
@@ -29,18 +29,13 @@ from pipeline.train.timers import phase, timed_iter
 from pipeline.train.worker import Worker, build_worker
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Entry point of every Ray Train worker. ``loop_config`` is a plain dict (see trainer)."""
+def train_loop_per_worker(loop_config: dict, ctx: Optional[Any] = None) -> None:
+    """Entry point of every Ray Train worker. ``loop_config`` is a plain dict (see trainer);
+    ``ctx`` is local mode's ``LocalRank`` (a Ray Train worker asks Ray: ``RayTrainRank``)."""
     # torch.distributed warns on every ZeRO collective that DeepSpeed still uses the old names.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     quiet_rank(loop_config["config"]["tracking"]["verbose"])
-    with one_rank_group(loop_config["config"]["dist"]["num_workers"] == 0):  # local mode's process group
-        train_rank(loop_config)
-
-
-def train_rank(loop_config: dict) -> None:
-    """Set this rank up, run its steps, export a resumed-at-the-end model, flush its logs."""
-    w = build_worker(loop_config)
+    w = build_worker(loop_config, ctx if ctx is not None else RayTrainRank())
     if w.rank == 0 and w.resumed_from is not None:
         say(f"resumed from step {w.resumed_from}")
         w.log.tags({"vaepipe.resumed_from_step": w.resumed_from})

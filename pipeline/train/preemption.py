@@ -22,9 +22,7 @@ def notice_due(w: Any, already_saved: bool) -> bool:
     every = w.cfg.dist.preemption_check_every
     if already_saved or not every or w.state.step % every:
         return False
-    import ray.train
-
-    info = ray.train.get_preemption_info()
+    info = w.ctx.preemption_info()
     if info is None:
         return False
     if w.rank == 0:

@@ -73,16 +73,6 @@ def checkpoint_location(checkpoint) -> Optional[Location]:
     return None
 
 
-def as_checkpoint(loc: Location):
-    """The ``ray.train.Checkpoint`` of a checkpoint folder, on its own filesystem (the inverse of
-    ``checkpoint_location``)."""
-    from ray.train import Checkpoint
-
-    if is_remote(loc):
-        return Checkpoint(_fs_path(loc), filesystem=s3_filesystem())
-    return Checkpoint.from_directory(str(loc))
-
-
 def check_bucket(url: str) -> Optional[str]:
     """None when the bucket of ``url`` exists and can be listed, else why not."""
     from pyarrow import fs

@@ -8,6 +8,7 @@ printed form, the only one Ray Train keeps in its run state, names variables but
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, replace
@@ -208,7 +209,8 @@ def _raise_if_unplaceable(exc: BaseException, cfg: VaepipeConfig) -> None:
 
 def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id: Optional[str] = None,
                  callbacks: tuple = (), run_tags: Optional[dict] = None,
-                 mlflow_run_id: Optional[str] = None, credential_env: Sequence[str] = CREDENTIAL_ENV) -> TrainResult:
+                 mlflow_run_id: Optional[str] = None, credential_env: Sequence[str] = CREDENTIAL_ENV,
+                 report_to_tune: bool = False) -> TrainResult:
     """Train ``cfg`` on Ray Train + DeepSpeed, tracked in MLflow; optionally resume a run.
 
     Everything that can be refused (data, resume target, parent model, cluster size) is checked
@@ -217,6 +219,8 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
     passes Tune's ``TuneReportCallback``); ``mlflow_run_id`` continues that run instead of the
     one the resumed checkpoint names (PBT segments); ``credential_env`` names the variables the
     workers get from this process (a sweep's trial adds the AWS ones Tune used to hand over).
+    In local mode (``dist.num_workers=0``) the rank trains in this process and no Train callback
+    runs: a sweep's trial sets ``report_to_tune`` instead, and each report goes to ``ray.tune.report``.
     """
     from pipeline import tracking
 
@@ -230,8 +234,10 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
     parent_state = None
     if cfg.model.ar.parent_uri:
         cfg, parent_state = attach_parent(cfg, uri)
+    if is_local(cfg) and callbacks:
+        raise ValueError("local mode (dist.num_workers=0) runs no Ray Train callbacks: pass report_to_tune for Tune")
     if is_local(cfg):
-        tracking.say("dist.num_workers=0: training in this process (Ray Train's local mode: one rank, no restarts)")
+        tracking.say("dist.num_workers=0: training in this process (local mode: one rank, no restarts)")
     else:
         init_ray(cfg)
         check_fits_cluster(cfg)
@@ -247,13 +253,13 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
         "parent_state": parent_state,
         "fault": {k: v for k, v in os.environ.items() if k.startswith("VAEPIPE_FAULT_")},
     }
-    result = _fit(build_trainer(cfg, loop_config, name, callbacks), cfg, uri, run_id)
+    if is_local(cfg):
+        metrics, checkpoint = _fit_local(cfg, loop_config, uri, run_id, report_to_tune)
+    else:
+        metrics, checkpoint = _fit(build_trainer(cfg, loop_config, name, callbacks), cfg, uri, run_id)
     model_uri = _register(cfg, uri, run_id)
-    return TrainResult(
-        run_id=run_id, tracking_uri=uri,
-        checkpoint_path=str(checkpoint_location(result.checkpoint) or result.checkpoint.path) if result.checkpoint else None,
-        metrics=dict(result.metrics or {}), run_dir=run_dir, model_uri=model_uri, wall_s=time.perf_counter() - t0,
-    )
+    return TrainResult(run_id=run_id, tracking_uri=uri, checkpoint_path=checkpoint, metrics=metrics, run_dir=run_dir,
+                       model_uri=model_uri, wall_s=time.perf_counter() - t0)
 
 
 def _open_run(cfg: VaepipeConfig, uri: str, ckpt_dir: Optional[Location], mlflow_run_id: Optional[str], tags: dict) -> str:
@@ -310,12 +316,14 @@ def build_trainer(cfg: VaepipeConfig, loop_config: dict, name: str, callbacks: t
     )
 
 
-def _fit(trainer, cfg: VaepipeConfig, uri: str, run_id: str):
-    """``trainer.fit()``, closing the MLflow run FINISHED or FAILED."""
+@contextlib.contextmanager
+def _closing_run(cfg: VaepipeConfig, uri: str, run_id: str):
+    """Close the MLflow run FINISHED or FAILED around a fit; a fit error becomes vaepipe's own where
+    it has one (workers that cannot be placed, an error a restart would repeat)."""
     from pipeline import tracking
 
     try:
-        result = trainer.fit()
+        yield
     except BaseException as exc:
         tracking.end_run(uri, run_id, "FAILED")
         _raise_if_unplaceable(exc, cfg)
@@ -324,7 +332,32 @@ def _fit(trainer, cfg: VaepipeConfig, uri: str, run_id: str):
             raise failure from None
         raise
     tracking.end_run(uri, run_id, "FINISHED")
-    return result
+
+
+def _fit(trainer, cfg: VaepipeConfig, uri: str, run_id: str) -> tuple[dict, Optional[str]]:
+    """``trainer.fit()``; (last reported metrics, the last checkpoint's location)."""
+    with _closing_run(cfg, uri, run_id):
+        result = trainer.fit()
+    ckpt = result.checkpoint
+    return dict(result.metrics or {}), str(checkpoint_location(ckpt) or ckpt.path) if ckpt else None
+
+
+def _fit_local(cfg: VaepipeConfig, loop_config: dict, uri: str, run_id: str,
+               report_to_tune: bool) -> tuple[dict, Optional[str]]:
+    """Local mode: the rank's loop in this process (``local_mode``), a ``ray.tune.report`` of each
+    checkpoint's metrics when it is a sweep's trial; returns as ``_fit``."""
+    from pipeline.train.local_mode import one_rank_group
+    from pipeline.train.rank_context import LocalRank
+
+    sink = None
+    if report_to_tune:
+        from ray import tune
+
+        sink = tune.report
+    ctx = LocalRank(loop_config["run_dir"], cfg.train.keep_checkpoints, sink)
+    with _closing_run(cfg, uri, run_id), one_rank_group():
+        train_loop_per_worker(loop_config, ctx)
+    return ctx.metrics, str(ctx.checkpoint) if ctx.checkpoint else None
 
 
 def _register(cfg: VaepipeConfig, uri: str, run_id: str) -> Optional[str]:

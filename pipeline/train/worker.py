@@ -74,6 +74,7 @@ class Worker:
     growth: Optional[Any] = None  # a progressive run's stages and engine rebuilds (growth.Growth)
     ema: Optional[WeightEMA] = None  # the weight EMA that validation, images and export use (train.ema_rate)
     run_dir: Optional[str] = None  # the run folder (local or s3://): where a divergence rollback looks
+    ctx: Any = None  # what launched this rank: reports, launch checkpoint, preemption (rank_context)
 
 
 def build_model_for_rank(cfg: VaepipeConfig, loop_config: dict, ds_config: Optional[dict] = None) -> torch.nn.Module:
@@ -177,31 +178,20 @@ def prepare_rank_process(cfg: VaepipeConfig, use_cuda: bool, world: int, local_w
     return RankProcess(retained, shm)
 
 
-def rank_cuda_device(cfg: VaepipeConfig) -> torch.device:
-    """The GPU Ray gave this rank; in local mode (no Ray resources) the current CUDA device."""
-    import ray.train.torch
-
-    if cfg.dist.num_workers == 0:
-        return torch.device("cuda", torch.cuda.current_device())
-    return ray.train.torch.get_device()
-
-
-def build_worker(loop_config: dict) -> Worker:
-    """Set up one rank: typed config, model, DeepSpeed engine, data stream, resume state."""
-    import ray.train
-
+def build_worker(loop_config: dict, ctx: Any) -> Worker:
+    """Set up one rank: typed config, model, DeepSpeed engine, data stream, resume state.
+    ``ctx`` is what launched the rank (``rank_context``: a Ray Train worker or local mode)."""
     loop_config["env"].apply()  # MLflow's URI and credentials, kept out of the (redacted) config
     cfg = from_dict(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = ctx.rank, ctx.world_size
     use_cuda = cfg.dist.gpus_per_worker > 0
-    proc = prepare_rank_process(cfg, use_cuda, world, ctx.get_local_world_size())
+    proc = prepare_rank_process(cfg, use_cuda, world, ctx.local_world_size)
 
     from pipeline.data.stream import ShardStream
 
     if not use_cuda:  # one torch thread per reserved CPU, whatever OMP_NUM_THREADS the driver's env passed on
         torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
-    device = torch.device("cpu") if not use_cuda else rank_cuda_device(cfg)
+    device = ctx.cuda_device() if use_cuda else torch.device("cpu")
     precision = resolve_precision(cfg.train.precision, DeviceFacts.detect(use_cuda))
     if cfg.progressive.enabled:
         cfg, engine, aux, growth = build_progressive_engine(cfg, rank, world, precision)
@@ -223,7 +213,7 @@ def build_worker(loop_config: dict) -> Worker:
                     fault=loop_config.get("fault", {}), aux=aux, objective=objective_name(cfg.model),
                     clock=clock_for(cfg.train.phase_timers, use_cuda), growth=growth,
                     ema=WeightEMA(engine.module, cfg.train.ema_rate) if cfg.train.ema_rate else None,
-                    run_dir=loop_config.get("run_dir"))
+                    run_dir=loop_config.get("run_dir"), ctx=ctx)
     activate(worker.clock)
     # what Ray's OMP_NUM_THREADS gave each rank, and whether glibc keeps freed memory
     log.tags({"vaepipe.torch_threads": torch.get_num_threads(), "vaepipe.retain_freed_memory": proc.retained_freed_memory})
