@@ -5,7 +5,8 @@ A checkpoint folder holds ``ds/`` (DeepSpeed's per-rank files), ``vaepipe_state.
 has one, the resolved ``config.yaml`` and the commit marker ``vaepipe_commit.json``. Every
 rank writes into its own temporary folder; the ranks then exchange the names and sizes of
 what they wrote, rank 0 writes the marker listing every rank's files, and all report the
-folder to Ray, which merges them into one checkpoint on storage.
+folder to Ray, which merges them into one checkpoint on storage (in local mode the one rank's
+folder is copied into the run folder instead: ``rank_context.LocalRank``).
 
 A checkpoint is *committed* only when the marker is there and every file it lists is there
 with exactly the listed size: a rank killed while writing or uploading leaves a folder that

@@ -5,8 +5,8 @@ config dict: ZeRO stage and offload, precision, gradient accumulation, clipping 
 optimizer. ``build_engine`` is the only place the loop's engines are made from it (the first
 stage's and each progressive growth's alike). The training loop never re-decides any of these.
 DeepSpeed itself is imported
-inside functions because it must only be imported in Ray workers, after
-``DS_ACCELERATOR`` is set.
+inside functions because it must only be imported in the process that trains (a Ray worker, or
+the caller in local mode), after ``DS_ACCELERATOR`` is set.
 """
 
 from __future__ import annotations
