@@ -99,13 +99,25 @@ def test_local_resume_reproduces_the_uninterrupted_run(local_run):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_local_run_keeps_the_newest_checkpoints_only(shards32, tmp_path):
+def test_local_run_keeps_the_newest_checkpoints_only_and_says_its_eta(shards32, tmp_path, capsys):
+    import re
+
     from pipeline.train.checkpoint import committed_checkpoints, marker_of
 
     result = _train(base_overrides(shards32, tmp_path, **{**LOCAL, "train.max_steps": 6, "train.checkpoint_every": 2,
                                                            "train.keep_checkpoints": 2, "data.val_batches": 0}))
     assert [marker_of(c)["step"] for c in committed_checkpoints(Path(result.run_dir))] == [6, 4]
     assert len(list(Path(result.run_dir).glob("checkpoint_*"))) == 2
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[vaepipe] step ")]
+    # each step's line says how far the run is and the time left at that window's pace; the last, none
+    assert [int(re.search(r" (\d+)% eta \d+(m\d\ds|s)$", ln).group(1)) for ln in lines[:-1]] == [16, 33, 50, 66, 83]
+    assert lines[-1].startswith("[vaepipe] step 6/6 ") and "% eta " not in lines[-1]
+
+
+def test_eta_reads_as_a_person_reads_time():
+    from pipeline.train.observe import eta
+
+    assert [eta(s) for s in (0.4, 45, 192, 3599.6, 7500)] == ["0s", "45s", "3m12s", "1h00m", "2h05m"]
 
 
 def test_local_divergence_fails_with_its_own_message(shards32, tmp_path):

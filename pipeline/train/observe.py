@@ -55,6 +55,14 @@ def _wide(v):
     return v.detach().double() if torch.is_tensor(v) else v
 
 
+def eta(seconds: float) -> str:
+    """Time left as a person reads it: ``45s``, ``3m12s``, ``2h05m``."""
+    s = int(round(seconds))
+    hours, rest = divmod(s, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 def log_window(w: Any, win: MetricWindow) -> None:
     """Average the window over ranks, log it (rank 0) and start a new window."""
     st, cfg = w.state, w.cfg
@@ -93,8 +101,10 @@ def log_window(w: Any, win: MetricWindow) -> None:
     w.log.metrics(metrics, st.step)
     st.history.append([st.step, loss])
     if w.rank == 0:
+        left = cfg.train.max_steps - st.step
         say(f"step {st.step}/{cfg.train.max_steps} loss {loss:.2f} recon {recon:.2f} kl {kl:.2f} "
-            f"beta {metrics['beta']:.3f} AU {int(metrics['active_units'])} {metrics['images_per_sec']:.0f} img/s")
+            f"beta {metrics['beta']:.3f} AU {int(metrics['active_units'])} {metrics['images_per_sec']:.0f} img/s"
+            + (f" {100 * st.step // cfg.train.max_steps}% eta {eta(left * elapsed / max(win.count, 1))}" if left > 0 else ""))
     win.last_metrics = {k: v for k, v in metrics.items() if not k.startswith("kl_dim/")}
     win.reset()
 
