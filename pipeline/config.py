@@ -341,6 +341,11 @@ class DistConfig:
     (sets RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S for the run unless it is set already)."""
 
     @property
+    def local(self) -> bool:
+        """Local mode: one rank in the calling process, no Ray Train workers (``train/local_mode.py``)."""
+        return self.num_workers == 0
+
+    @property
     def world_size(self) -> int:
         """DeepSpeed ranks of a full-size run: ``num_workers``, or the one rank of local mode."""
         return max(self.num_workers, 1)

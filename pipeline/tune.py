@@ -212,7 +212,7 @@ def _trial(params: dict, base: dict, parent_run_id: str, env: WorkerEnv) -> None
         _pbt_trial(cfg, parent_run_id, tags)
         return
     _close_dead_trial_runs(cfg, parent_run_id, trial_id)
-    local = cfg.dist.num_workers == 0  # local mode: the trial trains in this process and reports to Tune itself
+    local = cfg.dist.local  # the trial trains in this process and reports to Tune itself
     run_training(cfg, parent_run_id=parent_run_id, callbacks=() if local else (TuneReportCallback(),), run_tags=tags,
                  credential_env=SWEEP_CREDENTIAL_ENV, report_to_tune=local)
 
@@ -314,7 +314,7 @@ def trial_resources(cfg: VaepipeConfig) -> dict:
     """What a trial's own process holds: a sliver while it waits on its Train workers, or in local
     mode (``dist.num_workers=0``: the trial trains in its own process) the one rank's CPUs and GPUs."""
     d = cfg.dist
-    if d.num_workers:
+    if not d.local:
         return {"CPU": DRIVER_CPU}
     return {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.gpus_per_worker else {})}
 
@@ -328,7 +328,7 @@ def concurrency_cap(cfg: VaepipeConfig) -> int:
     fit = int(res.get("CPU", 1) // per_trial) if per_trial else cfg.tune.max_concurrent
     if fit < 1:
         need = (f"dist.num_workers*dist.cpus_per_worker = {d.num_workers * d.cpus_per_worker} CPUs plus {DRIVER_CPU} for "
-                "its driver" if d.num_workers else f"dist.cpus_per_worker = {d.cpus_per_worker} CPUs (local mode)")
+                "its driver" if not d.local else f"dist.cpus_per_worker = {d.cpus_per_worker} CPUs (local mode)")
         raise ConfigError(f"a trial needs {need}, but the Ray cluster has {res.get('CPU', 0)}: "
                           "lower dist.num_workers or dist.cpus_per_worker")
     if cfg.dist.gpus_per_worker:
@@ -381,7 +381,7 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
     if register_as:
         cfg = replace(cfg, tune=replace(cfg.tune, register_best=True, register_name=register_as))
     uri = tracking.resolve_tracking_uri(cfg)  # before Ray starts: its processes inherit a password-free env
-    init_ray(cfg, spare_cpus=1 if cfg.dist.num_workers else 0)  # local-mode trials hold their CPUs themselves
+    init_ray(cfg, spare_cpus=0 if cfg.dist.local else 1)  # local-mode trials hold their CPUs themselves
     # trials run in their own working directories: give them the resolved, absolute store
     cfg = replace(cfg, tracking=replace(cfg.tracking, tracking_uri=uri))
     name = cfg.tune.name or f"vaepipe-sweep-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -27,7 +27,7 @@ def _publish(report, out: Path, cfg, mlflow: bool) -> None:
 def _load(config: Path, args: list):
     """The job a benchmark measures: it times Ray Train workers, so local mode is refused."""
     cfg = load(config, args)
-    if cfg.dist.num_workers == 0:
+    if cfg.dist.local:
         _fail("dist.num_workers=0 (local mode) starts no Ray Train workers to measure: give dist.num_workers >= 1")
     return cfg
 

@@ -23,19 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from pipeline.train.checkpoint import committed_checkpoints
 from pipeline.train.engine import destroy_process_group
-from pipeline.train.run_storage import Location, child, is_remote, location, remove, upload
+from pipeline.train.run_storage import Location, child, location, remove, upload
 
 _RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-
-
-def is_local(cfg) -> bool:
-    return cfg.dist.num_workers == 0
 
 
 @contextlib.contextmanager
@@ -62,18 +58,14 @@ def one_rank_group() -> Iterator[None]:
 
 def checkpoint_name() -> str:
     """A folder name as Ray Train's own (``checkpoint_<UTC time to the microsecond>``)."""
-    now = time.time()
-    return "checkpoint_" + time.strftime("%Y-%m-%d_%H-%M-%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}"
+    return datetime.now(timezone.utc).strftime("checkpoint_%Y-%m-%d_%H-%M-%S.%f")
 
 
-def persist(tmp: Path, run_dir: str, keep: int, committed) -> Location:
-    """Copy the checkpoint written in ``tmp`` into ``run_dir``; drop committed ones past the newest
-    ``keep`` (``committed(run_dir)`` lists them newest first). Returns where it now lives."""
+def persist(tmp: Path, run_dir: str, keep: int) -> Location:
+    """Copy the checkpoint written in ``tmp`` into ``run_dir`` and drop committed ones past the
+    newest ``keep``. Returns where it now lives."""
     dest = child(location(run_dir), checkpoint_name())
-    if is_remote(dest):
-        upload(tmp, dest)
-    else:
-        shutil.copytree(tmp, dest)
-    for old in committed(location(run_dir))[keep:]:
+    upload(tmp, dest)
+    for old in committed_checkpoints(location(run_dir))[keep:]:
         remove(old)
     return dest

@@ -81,10 +81,9 @@ class LocalRank:
         return torch.device("cuda", torch.cuda.current_device())
 
     def report(self, metrics: dict, folder: Path) -> None:
-        from pipeline.train.checkpoint import committed_checkpoints
         from pipeline.train.local_mode import persist
 
-        self.checkpoint = persist(folder, self.run_dir, self.keep, committed_checkpoints)
+        self.checkpoint = persist(folder, self.run_dir, self.keep)
         self.metrics = dict(metrics)
         if self.sink is not None:  # what Tune's TuneReportCallback sends it for a Ray Train run
             self.sink({**metrics, "checkpoint_path": str(self.checkpoint)})

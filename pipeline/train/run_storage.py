@@ -143,11 +143,14 @@ def download(url: str, local: Path, skip: tuple[str, ...] = ()) -> None:
                 dst.write(chunk)
 
 
-def upload(local: Path, url: str) -> None:
-    """Copy the local folder ``local`` to the S3 folder ``url``."""
+def upload(local: Path, dest: Location) -> None:
+    """Copy the local folder ``local`` to the folder ``dest`` (on S3, or another local folder)."""
     from pyarrow import fs
 
-    fs.copy_files(str(local), _fs_path(url), source_filesystem=fs.LocalFileSystem(),
+    if not is_remote(dest):
+        shutil.copytree(local, dest)
+        return
+    fs.copy_files(str(local), _fs_path(dest), source_filesystem=fs.LocalFileSystem(),
                   destination_filesystem=s3_filesystem())
 
 

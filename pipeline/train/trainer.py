@@ -21,7 +21,6 @@ from pipeline.redact import is_redacted, redact_config_dict, redact_text
 from pipeline.train.checkpoint import MARKER_FILE, STATE_FILE, commit_status, committed_checkpoints, read_state
 from pipeline.train.console import quiet_driver
 from pipeline.train.failures import fail_once, not_retried
-from pipeline.train.local_mode import is_local
 from pipeline.train.loop import train_loop_per_worker
 from pipeline.train.run_storage import Location, checkpoint_location, child, exists, location, ray_storage
 
@@ -234,9 +233,9 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
     parent_state = None
     if cfg.model.ar.parent_uri:
         cfg, parent_state = attach_parent(cfg, uri)
-    if is_local(cfg) and callbacks:
+    if cfg.dist.local and callbacks:
         raise ValueError("local mode (dist.num_workers=0) runs no Ray Train callbacks: pass report_to_tune for Tune")
-    if is_local(cfg):
+    if cfg.dist.local:
         tracking.say("dist.num_workers=0: training in this process (local mode: one rank, no restarts)")
     else:
         init_ray(cfg)
@@ -253,7 +252,7 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
         "parent_state": parent_state,
         "fault": {k: v for k, v in os.environ.items() if k.startswith("VAEPIPE_FAULT_")},
     }
-    if is_local(cfg):
+    if cfg.dist.local:
         metrics, checkpoint = _fit_local(cfg, loop_config, uri, run_id, report_to_tune)
     else:
         metrics, checkpoint = _fit(build_trainer(cfg, loop_config, name, callbacks), cfg, uri, run_id)
