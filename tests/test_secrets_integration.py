@@ -119,8 +119,10 @@ def test_sweep_with_password_in_config_writes_no_secret(ray_session, shards32, t
     from pipeline.tune import load_sweep, run_sweep
 
     doc: dict = {"space": {"optim.lr": {"grid": [1e-2]}}}
+    # the trial trains in its own Tune process (local mode): Train's workers and their logs are
+    # the training test's; the sweep's own paths (its state, the trial's config) are this one's
     for override in base_overrides(shards32, tmp_path, tracking_uri=_with_password(mlflow_server), **{
-            "train.max_steps": 3, "train.checkpoint_every": 3, "train.val_every": 3, "train.image_every": 3,
+            "dist.num_workers": 0, "train.max_steps": 3, "train.checkpoint_every": 3, "train.val_every": 3, "train.image_every": 3,
             "tracking.log_model": False, "tune.num_samples": 1, "tune.scheduler": "fifo",
             "tune.max_concurrent": 1, "tune.storage_path": str(tmp_path / "tune")}):
         key, value = override.split("=", 1)

@@ -72,44 +72,63 @@ def _assert_run_recorded(client, run_id, max_steps):
     assert loss[-1][1] < 0.9 * loss[0][1], f"loss did not fall: {loss}"
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_train_zero_stage_local_mlflow(ray_session, shards32, tmp_path, stage):
-    result = _train(base_overrides(shards32, tmp_path, **{"dist.zero_stage": stage, "tracking.log_model": stage == 3}))
-    client = _client(result.tracking_uri)
-    _assert_run_recorded(client, result.run_id, 12)
-    assert result.metrics["step"] == 12
+def _assert_every_rank_shard_saved(result, stage: int) -> None:
     ckpt = Path(result.checkpoint_path)
     saved = json.loads((ckpt / "vaepipe_state.json").read_text())
     assert saved["train_state"]["step"] == 12 and saved["config"]["dist"]["zero_stage"] == stage
     # every rank's ZeRO shard is in the one reported checkpoint
     shards = list(ckpt.glob("ds/*optim_states.pt"))
     assert len(shards) == 2, sorted(p.name for p in ckpt.rglob("*"))
-    if stage == 3:  # the logged model goes through the CLI: register, then sample from the alias
-        _cli("register", "--run-id", result.run_id, "--name", "vae-local", "--alias", "champion",
-             "--tracking-uri", result.tracking_uri)
-        out = tmp_path / "samples.png"
-        _cli("sample", "--model", "models:/vae-local@champion", "--n", "9", "--out", str(out),
-             "--tracking-uri", result.tracking_uri)
-        from PIL import Image
 
-        grid = Image.open(out)
-        assert grid.size == (3 * 33 + 1, 3 * 33 + 1)  # 3x3 tiles of 32 px with 1-px gaps
-        printed = _cli("evaluate", "--model", "models:/vae-local@champion", "--data", shards32, "--k", "8",
-                       "--max-samples", "16", "--tracking-uri", result.tracking_uri)
-        # mse on continuous pixels: the IWAE bound under its own name, and why nll is not shown
-        assert "neg_iwae_nats" in printed and "nll not shown" in printed and "mig" in printed
-        client = _client(result.tracking_uri)
-        version = client.get_model_version_by_alias("vae-local", "champion")
-        eval_run = client.get_run(version.tags["vaepipe.eval_run"])  # the version links to its evaluation
-        assert eval_run.data.tags["vaepipe.model_version"] == str(version.version)
-        assert eval_run.data.metrics["num_samples"] == 16
-        assert eval_run.data.metrics["neg_iwae_nats"] > 0 and "mig" in eval_run.data.metrics  # mse: the bound, not an nll
-        assert "nll" not in eval_run.data.metrics
-        images = logged_images(client, eval_run.info.run_id)
-        assert {("samples", 0), ("traversals", 0), ("interpolation_slerp", 0)} <= set(images)
-        (data,) = eval_run.inputs.dataset_inputs
-        assert {t.key: t.value for t in data.tags}["mlflow.data.context"] == "test"
-        assert data.dataset.digest == version.tags["vaepipe.data_digest"]  # trained and scored on one set
+
+def test_zero1_run_whose_worker_exits_restarts_from_the_last_checkpoint(ray_session, shards32, tmp_path, monkeypatch):
+    """A worker process exits at step 8 (``os._exit``): Ray restarts the group, which restores
+    step 6's checkpoint and ends at step 12, and the run is recorded whole, as any run is."""
+    marker = tmp_path / "fault.marker"
+    monkeypatch.setenv("VAEPIPE_FAULT_AT_STEP", "8")
+    monkeypatch.setenv("VAEPIPE_FAULT_MARKER", str(marker))
+    result = _train(base_overrides(shards32, tmp_path, **{"dist.zero_stage": 1, "dist.max_failures": 1,
+                                                            "tracking.log_model": False}))
+    assert marker.read_text() == "8", "the fault was not injected"
+    assert result.metrics["step"] == 12
+    client = _client(result.tracking_uri)
+    assert client.get_run(result.run_id).data.tags["vaepipe.resumed_from_step"] == "6"
+    _assert_run_recorded(client, result.run_id, 12)
+    _assert_every_rank_shard_saved(result, 1)
+
+
+def test_zero3_run_registers_samples_and_evaluates_through_the_cli(ray_session, shards32, tmp_path):
+    result = _train(base_overrides(shards32, tmp_path, **{"dist.zero_stage": 3}))
+    client = _client(result.tracking_uri)
+    _assert_run_recorded(client, result.run_id, 12)
+    assert result.metrics["step"] == 12
+    _assert_every_rank_shard_saved(result, 3)
+    # the logged model goes through the CLI: register, then sample from the alias
+    _cli("register", "--run-id", result.run_id, "--name", "vae-local", "--alias", "champion",
+         "--tracking-uri", result.tracking_uri)
+    out = tmp_path / "samples.png"
+    _cli("sample", "--model", "models:/vae-local@champion", "--n", "9", "--out", str(out),
+         "--tracking-uri", result.tracking_uri)
+    from PIL import Image
+
+    grid = Image.open(out)
+    assert grid.size == (3 * 33 + 1, 3 * 33 + 1)  # 3x3 tiles of 32 px with 1-px gaps
+    printed = _cli("evaluate", "--model", "models:/vae-local@champion", "--data", shards32, "--k", "8",
+                   "--max-samples", "16", "--tracking-uri", result.tracking_uri)
+    # mse on continuous pixels: the IWAE bound under its own name, and why nll is not shown
+    assert "neg_iwae_nats" in printed and "nll not shown" in printed and "mig" in printed
+    client = _client(result.tracking_uri)
+    version = client.get_model_version_by_alias("vae-local", "champion")
+    eval_run = client.get_run(version.tags["vaepipe.eval_run"])  # the version links to its evaluation
+    assert eval_run.data.tags["vaepipe.model_version"] == str(version.version)
+    assert eval_run.data.metrics["num_samples"] == 16
+    assert eval_run.data.metrics["neg_iwae_nats"] > 0 and "mig" in eval_run.data.metrics  # mse: the bound, not an nll
+    assert "nll" not in eval_run.data.metrics
+    images = logged_images(client, eval_run.info.run_id)
+    assert {("samples", 0), ("traversals", 0), ("interpolation_slerp", 0)} <= set(images)
+    (data,) = eval_run.inputs.dataset_inputs
+    assert {t.key: t.value for t in data.tags}["mlflow.data.context"] == "test"
+    assert data.dataset.digest == version.tags["vaepipe.data_digest"]  # trained and scored on one set
 
 
 def _cli(*args):
@@ -168,18 +187,6 @@ def test_zero2_over_mlflow_server_register_load_and_resume(uninterrupted):
     steps = [s for s, _ in _metric_steps(client, second.run_id, "loss")]
     assert steps == sorted(set(steps)) and steps[-1] == 14 and 12 in steps
     assert client.get_run(second.run_id).data.tags["vaepipe.resumed_from_step"] == "12"
-
-
-def test_killed_worker_restarts_from_last_checkpoint(ray_session, shards32, tmp_path, monkeypatch):
-    marker = tmp_path / "fault.marker"
-    monkeypatch.setenv("VAEPIPE_FAULT_AT_STEP", "8")
-    monkeypatch.setenv("VAEPIPE_FAULT_MARKER", str(marker))
-    result = _train(base_overrides(shards32, tmp_path, **{"dist.max_failures": 1, "train.checkpoint_every": 5,
-                                                            "tracking.log_model": False}))
-    assert marker.read_text() == "8", "the fault was not injected"
-    assert result.metrics["step"] == 12
-    run = _client(result.tracking_uri).get_run(result.run_id)
-    assert run.data.tags["vaepipe.resumed_from_step"] == "5"
 
 
 # The resume drills and their uninterrupted twin: the same math (seed, fp32 on every CPU class,

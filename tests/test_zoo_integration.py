@@ -2,11 +2,10 @@
 the run holds the family's own metrics; the VQ-VAE's prior trains on the registered VQ-VAE's
 codes and samples through the registry.
 
-The VQ-VAE trains on 2 Ray workers (its codebook statistics are summed over ranks); the other
-families train in local mode (``dist.num_workers=0``: one rank in this process),
-since what is checked here is each family's own metrics, not distribution, which
-``test_train_integration``, ``test_zero3_matrix`` and the ``*_2proc`` tests cover (two ranks'
-discriminator, RNG and VQ statistics: ``test_rank_rng_and_aux_2proc``, ``test_collectives_2proc``).
+Every family trains in local mode (``dist.num_workers=0``: one rank in this process), since what
+is checked here is each family's own metrics, not distribution, which ``test_train_integration``,
+``test_zero3_matrix`` and the ``*_2proc`` tests cover (two ranks' discriminator, RNG and VQ
+codebook statistics: ``test_rank_rng_and_aux_2proc``, ``test_collectives_2proc``).
 A local fit of the test job costs ~1.2 core-seconds once torch and DeepSpeed are imported in this
 process, against ~32 for a 2-worker fit (start-up of the worker, controller and helper processes)."""
 
@@ -71,10 +70,10 @@ def test_family_trains_with_its_metrics(shards32, tmp_path, family, extra, check
     assert result.metrics["step"] == 4
 
 
-def test_vqvae_then_prior_on_its_codes(ray_session, shards32, tmp_path):
+def test_vqvae_then_prior_on_its_codes(shards32, tmp_path):
     import mlflow.pyfunc
 
-    vq = _train(shards32, tmp_path, **{"model.name": "vqvae", "dist.num_workers": 2, "tracking.log_model": True,
+    vq = _train(shards32, tmp_path, **{"model.name": "vqvae", "tracking.log_model": True,
                                        "tracking.register_name": "vq-test", "tracking.register_alias": "champion"})
     metrics = _metrics(vq)
     # perplexity = exp(entropy of code use) lies between 1 and the number of codes used (debug K = 16)

@@ -4,6 +4,11 @@ A benchmark that reads a process's *peak* memory needs a process that did nothin
 ``ru_maxrss`` only ever grows. Each call here spawns new processes, so every configuration a
 benchmark measures starts from the same clean slate. Results come back pickled through a queue;
 an exception on any rank is raised here with that rank's traceback.
+
+``start_method="forkserver"`` forks the ranks from multiprocessing's fork server instead: with
+``multiprocessing.set_forkserver_preload`` it has imported torch and DeepSpeed once, so a rank
+starts in ~0.1 s instead of ~5 s of imports (the tests' choice; a benchmark keeps "spawn"). The
+server was started with the environment of its first use, so each rank is handed the caller's.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ def _free_port() -> int:
 
 
 def _entry(rank: int, world: int, port: int, fn, args, queue, threads: int, backend: str | None,
-           dump_after: float) -> None:
+           dump_after: float, env: dict) -> None:
     import faulthandler
 
+    os.environ.clear()
+    os.environ.update(env)
     faulthandler.dump_traceback_later(dump_after, exit=False)  # a rank that hangs says where, before it is killed
     import torch
     import torch.distributed as dist
@@ -71,16 +78,16 @@ def _next_result(queue, procs, deadline: float):
 
 
 def run_fresh_ranks(fn: Callable[..., Any], world: int, args: tuple = (), timeout: float = 600.0,
-                    threads: int = 1, backend: str | None = None) -> list:
+                    threads: int = 1, backend: str | None = None, start_method: str = "spawn") -> list:
     """``fn(rank, world, *args)`` on ``world`` new processes; returns the results in rank order.
     ``backend``: nccl on a CUDA machine, else gloo (tests of the CPU path force gloo)."""
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(start_method)
     queue = ctx.Queue()
     port = _free_port()
     dump_after = max(1.0, timeout - 15.0)
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, threads, backend, dump_after))
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, threads, backend, dump_after, dict(os.environ)))
              for r in range(world)]
     for p in procs:
         p.start()
