@@ -10,7 +10,8 @@ environment (every raylet it starts inherits them, as cluster nodes get them fro
    step 3's checkpoint from S3; ends at step 6 with the model logged.
 2. ``--resume <s3 run folder of first>`` to step 9.
 3. ``--resume <MLflow run id>`` (its ``vaepipe.run_dir`` tag now names run 2's folder) to step 12
-   on 1 worker: the 2-rank checkpoint is converted to a universal one, uploaded beside it.
+   in local mode (one rank in this driver, whose disk holds nothing of the run either): the
+   2-rank checkpoint is converted to a universal one, uploaded beside it.
 
 Prints one JSON line with what each run reported.
 """
@@ -58,7 +59,7 @@ def main(shards: str, work: str, tracking_uri: str, storage_url: str) -> None:
 
     out = {"first": _run(overrides(**{"train.max_steps": 6, "train.run_name": "first", "tracking.log_model": True}))}
     out["by_url"] = _run(overrides(**{"train.max_steps": 9, "train.run_name": "by-url"}), resume=out["first"]["run_dir"])
-    out["by_run_id"] = _run(overrides(**{"train.max_steps": 12, "train.run_name": "by-run-id", "dist.num_workers": 1}),
+    out["by_run_id"] = _run(overrides(**{"train.max_steps": 12, "train.run_name": "by-run-id", "dist.num_workers": 0}),
                             resume=out["first"]["run_id"])
     print(json.dumps(out), flush=True)
     import ray

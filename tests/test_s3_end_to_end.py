@@ -66,7 +66,7 @@ def test_two_node_training_checkpoints_to_s3_resumes_from_s3_and_logs_artifacts_
     assert (by_url["run_id"], by_url["resumed_from"], by_url["step"]) == (first["run_id"], "6", 9)
     assert commit_status(by_url["checkpoint"]) == (True, "")
 
-    # run 3: --resume <MLflow run id> -> its run folder on S3 -> step 9, continued on one worker
+    # run 3: --resume <MLflow run id> -> its run folder on S3 -> step 9, continued on one rank (local mode)
     assert (by_run_id["run_id"], by_run_id["resumed_from"], by_run_id["step"]) == (first["run_id"], "9", 12)
     assert marker_of(by_run_id["checkpoint"])["world_size"] == 1
     assert "universal/latest_universal" in file_sizes(by_url["checkpoint"])  # converted once, kept on S3
