@@ -24,6 +24,12 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Train's preemption watcher (one more actor process per fit) watches for nodes being drained;
 # only the elastic drill drains a node, and it turns the watcher on for its own cluster.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray's log monitor looks for new worker log files every 0.1 s while a session holds fewer than
+# RAY_LOG_MONITOR_MANY_FILES_THRESHOLD (1,000) of them, and every 0.5 s past it; the suite's
+# sessions collect hundreds. At 0 it looks every 0.5 s from the start: a worker's first line
+# reaches the driver up to 0.4 s later, and an idle session with 124 worker logs spends 1.2
+# instead of 2.8 core-seconds a minute on it (measured with psutil over 60 s).
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 # xdist's worker processes start with COLUMNS=80 and LINES=24 set; a rich Console built while
 # COLUMNS is set keeps that width for good, so the CLI tests' own COLUMNS (CliRunner's env) would
 # not reach `vaepipe`'s console. Unset, rich reads the variable each time it prints.
