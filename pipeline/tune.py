@@ -327,8 +327,9 @@ def concurrency_cap(cfg: VaepipeConfig) -> int:
     per_trial = trial_resources(cfg)["CPU"] + d.num_workers * d.cpus_per_worker  # the trial process + its workers
     fit = int(res.get("CPU", 1) // per_trial) if per_trial else cfg.tune.max_concurrent
     if fit < 1:
-        need = (f"dist.num_workers*dist.cpus_per_worker = {d.num_workers * d.cpus_per_worker} CPUs plus {DRIVER_CPU} for "
-                "its driver" if not d.local else f"dist.cpus_per_worker = {d.cpus_per_worker} CPUs (local mode)")
+        need = (f"dist.cpus_per_worker = {d.cpus_per_worker} CPUs (local mode)" if d.local else
+                f"dist.num_workers*dist.cpus_per_worker = {d.num_workers * d.cpus_per_worker} CPUs plus {DRIVER_CPU} for "
+                "its driver")
         raise ConfigError(f"a trial needs {need}, but the Ray cluster has {res.get('CPU', 0)}: "
                           "lower dist.num_workers or dist.cpus_per_worker")
     if cfg.dist.gpus_per_worker:
