@@ -19,8 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	# torch (no build isolation, which would fetch another torch). Otherwise every process JIT-loads
 	# it under a lock file in ~/.cache/torch_extensions, and a process killed while holding that
 	# lock (a worker lost in a fault drill) leaves every later DeepSpeed start waiting forever.
+	# DS_ENABLE_NINJA builds the op's two C++ files in parallel (DeepSpeed's setup.py compiles them
+	# one after the other otherwise): 94 -> 55 s for this step on 2 cores.
 	$(PY) -m pip install -q setuptools wheel ninja py-cpuinfo packaging
-	DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 \
+	DS_ENABLE_NINJA=1 DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 \
 	  $(PY) -m pip install -q --no-build-isolation --no-cache-dir "$(DEEPSPEED)"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
