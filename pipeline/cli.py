@@ -172,17 +172,23 @@ def register(
     run_id: str = typer.Option(..., help="MLflow run whose model to register."),
     name: str = typer.Option(..., help="Registered model name."),
     alias: Optional[str] = typer.Option(None, help="Alias to point at the new version (e.g. champion)."),
+    best: Optional[str] = typer.Option(None, help="Register the run's checkpoint model with the best value of this "
+                                       "validation metric (e.g. val_neg_elbo); default: the newest checkpoint's."),
+    mode: str = typer.Option("min", help="--best: whether the metric is minimised (min) or maximised (max)."),
     tracking_uri: Optional[str] = typer.Option(None, help="Default: MLFLOW_TRACKING_URI or sqlite:///mlruns.db."),
 ):
-    """Register a run's model in the MLflow Model Registry and set an alias."""
+    """Register a run's model (its newest checkpoint's, or the best validated one) in the MLflow
+    Model Registry and set an alias."""
     from pipeline.config import VaepipeConfig
     from pipeline.tracking import register_model, resolve_tracking_uri
 
+    if mode not in ("min", "max"):
+        _fail(f"--mode {mode!r} is not min or max")
     cfg = VaepipeConfig()
     cfg.tracking.tracking_uri = tracking_uri
     uri = resolve_tracking_uri(cfg)
     try:
-        version = register_model(uri, run_id, name, alias)
+        version = register_model(uri, run_id, name, alias, best=best, mode=mode)
     except ValueError as exc:
         _fail(str(exc))
     target = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"

@@ -287,6 +287,12 @@ class TrainConfig:
     """Ray checkpoints kept on storage."""
     storage_path: str = "runs"
     """Where Ray stores run folders and checkpoints (local folder or s3://...)."""
+    checkpoint_upload: Literal["auto", "sync", "async"] = "auto"
+    """How a rank's checkpoint files reach ``storage_path``: ``sync`` (the report waits for the copy),
+    ``async`` (Ray Train copies them in a background thread while the rank trains on, then deletes
+    the local copy: ``CheckpointUploadMode.ASYNC``), ``auto``: async where ``storage_path`` is
+    remote (s3://), sync on a local folder. Either way a checkpoint is restored only once its commit
+    marker and every file it lists are there. Local mode copies synchronously."""
     run_name: Optional[str] = None
     """Ray run folder name; default vaepipe-<timestamp>."""
 
@@ -362,7 +368,21 @@ class TrackingConfig:
     run_name: Optional[str] = None
     """MLflow run name."""
     log_model: bool = True
-    """Log the trained model as an MLflow pyfunc at the end."""
+    """Log the trained model as an MLflow pyfunc (an MLflow 3 LoggedModel) at the end."""
+    model_per_checkpoint: bool = True
+    """Also log one at every checkpoint, with its step, and link to it the validation metrics of
+    that step (checkpoint steps are then validated too); ``search_logged_models`` and
+    ``vaepipe register --best`` pick among them. False: one model, at the end."""
+    keep_models: int = 3
+    """Checkpoint models a run keeps: the newest ``keep_models``, plus the best ``keep_best_models``
+    and any that is registered; the others are deleted with their files. 0 keeps every one."""
+    keep_best_models: int = 1
+    """Checkpoint models kept for being the best under ``best_metric``, besides the newest."""
+    best_metric: Optional[str] = None
+    """Validation metric that ranks checkpoint models for ``keep_best_models``; None: the family's
+    validation quantity (``val_neg_elbo`` for the ELBO families), the one sweeps rank by."""
+    best_mode: Literal["min", "max"] = "min"
+    """Whether ``best_metric`` is minimised or maximised."""
     register_name: Optional[str] = None
     """Register the logged model under this name when set."""
     register_alias: Optional[str] = None
@@ -557,6 +577,10 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
     _check(not s.offload_optimizer or s.zero_stage >= 1, "dist.offload_optimizer", s.offload_optimizer, "needs dist.zero_stage >= 1")
     _check(not (t.precision == "fp16" and s.gpus_per_worker == 0), "train.precision", t.precision,
            "fp16 needs CUDA (dist.gpus_per_worker > 0); DeepSpeed has no fp16 on CPU, use fp32 or bf16")
+    for key in ("keep_models", "keep_best_models"):
+        _check(getattr(cfg.tracking, key) >= 0, f"tracking.{key}", getattr(cfg.tracking, key), "must be >= 0 (0 keeps every model)")
+    _check(cfg.tracking.best_metric is None or cfg.tracking.best_metric.startswith("val_"), "tracking.best_metric",
+           cfg.tracking.best_metric, "checkpoint models carry validation metrics only: name one starting with 'val_'")
     _check(cfg.tracking.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s",
            cfg.tracking.system_metrics_interval_s, "must be > 0 seconds (turn them off with tracking.system_metrics=false)")
     tn = cfg.tune

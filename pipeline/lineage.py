@@ -152,8 +152,9 @@ CARD_METRICS = ("val_neg_elbo", "val_neg_objective", "val_code_nll", "val_loss",
                 "images_per_sec")
 
 
-def model_card(name: str, version: int | str, run) -> str:
-    """A short Markdown model card for a registered version, from the run that trained it."""
+def model_card(name: str, version: int | str, run, model=None) -> str:
+    """A short Markdown model card for a registered version, from the run that trained it and the
+    checkpoint's LoggedModel ``model`` (its step and linked metrics) where there is one."""
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
     inputs = getattr(getattr(run, "inputs", None), "dataset_inputs", None) or []
     data = inputs[0].dataset if inputs else None
@@ -167,6 +168,7 @@ def model_card(name: str, version: int | str, run) -> str:
              f"{profile.get('resolution', params.get('data.resolution', '?'))} px, "
              + ", ".join(f"{s} {n}" for s, n in profile.get("num_samples", {}).items()), "",
              f"**Weights:** {tags.get('vaepipe.weights', 'the trained weights at the last step')}", "",
+             *_checkpoint_lines(model),
              "**Metrics (last logged):** " + (", ".join(f"{k} {metrics[k]:.4g}" for k in CARD_METRICS if k in metrics) or "-"),
              "", f"**Trained by run** `{run.info.run_id}`; config hash `{tags.get('vaepipe.config_hash', '?')[:12]}`, "
              f"code `{tags.get('vaepipe.code_version', '?')}`", "",
@@ -174,3 +176,13 @@ def model_card(name: str, version: int | str, run) -> str:
              "`predict(x)` reconstructs; `params={\"method\": \"encode\"|\"decode\"|\"sample\"}`; "
              f"or `vaepipe sample --model models:/{name}/{version}`"]
     return "\n".join(lines)
+
+
+def _checkpoint_lines(model) -> list[str]:
+    """The card's line on the checkpoint a version was registered from (none for older runs)."""
+    if model is None:
+        return []
+    linked = {m.key: m.value for m in sorted(model.metrics or [], key=lambda m: m.step) if m.key.startswith("val_")}
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(linked.items())) or "none linked"
+    return [f"**Checkpoint:** step {model.tags.get('vaepipe.step', '?')}, logged model `{model.model_id}`; "
+            f"its validation metrics: {shown}", ""]

@@ -82,6 +82,11 @@ class RankZeroLogger:
         for k, v in values.items():
             self._submit(f"tag {k}", lambda k=k, v=v: self.client.set_tag(self.run_id, k, redact_text(str(v))))
 
+    def call(self, what: str, fn: Callable[[], None]) -> None:
+        """Any other logging call (``fn`` uses ``self.client``), queued in order like the rest. A
+        retried ``fn`` must not redo what a failed try already did (``train.export`` keeps state)."""
+        self._submit(what, fn)
+
     def flush(self) -> None:
         """Deliver everything still queued; give up with a warning after ``flush_timeout_s``."""
         if not self.enabled:

@@ -149,8 +149,10 @@ def _quiet(logger: str):
         log.setLevel(level)
 
 
-def log_pyfunc(run_id: str, weights_path: Path, model_config: dict, config_yaml: str) -> str:
-    """Log the model into ``run_id`` as a pyfunc; returns its model URI."""
+def log_pyfunc(run_id: str, weights_path: Path, model_config: dict, config_yaml: str, step: int = 0,
+               tags: Optional[dict] = None, params: Optional[dict] = None) -> str:
+    """Log the model into ``run_id`` as a pyfunc, an MLflow LoggedModel of training step ``step``;
+    returns its model URI (``models:/<model id>``)."""
     import mlflow
     import torch
 
@@ -171,6 +173,9 @@ def log_pyfunc(run_id: str, weights_path: Path, model_config: dict, config_yaml:
             input_example=None,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy", "omegaconf"],
             metadata={"vaepipe_model_config": model_config, "example_shape": list(example.shape)},
+            step=step,
+            tags=tags,
+            params=params,
         )
         mlflow.log_text(config_yaml, "model_config/resolved.yaml")
     return info.model_uri

@@ -102,35 +102,47 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     make_client(uri).set_terminated(run_id, status=status)
 
 
-def register_model(uri: str, run_id: str, name: str, alias: Optional[str] = None, artifact_path: str = "model") -> int:
-    """Register the model logged by ``run_id`` under ``name``; point ``alias`` at it. Returns the version.
+def register_model(uri: str, run_id: str, name: str, alias: Optional[str] = None, artifact_path: str = "model",
+                   best: Optional[str] = None, mode: str = "min", among: Optional[list[str]] = None) -> int:
+    """Register a model that ``run_id`` logged under ``name``; point ``alias`` at it. Returns the version.
 
-    The version carries the run's lineage tags (data digest, config hash, code version) and a
-    short model card as its description."""
+    Which model: the newest checkpoint's, or with ``best`` the checkpoint model with the best
+    value (``mode`` min or max) of that validation metric, among the models of ``run_id`` or of
+    the runs ``among`` (a sweep's trials). The version carries the lineage tags (data digest,
+    config hash, code version) of the run that trained it, and a short model card naming the
+    checkpoint's step and metrics as its description."""
     import mlflow
 
+    from pipeline import logged_models
     from pipeline.lineage import VERSION_TAGS, model_card
 
     client = make_client(uri)
     run = client.get_run(run_id)  # raises with the id in the message if it does not exist
-    source = _logged_model_uri(client, run, artifact_path)
+    models = logged_models.search(client, [run.info.experiment_id], among or [run_id])
+    if best:
+        where = f"run {run_id}" if not among else f"the {len(among)} runs of the sweep"
+        model = logged_models.best(models, best, mode, where)
+    else:
+        model = logged_models.newest(models)
+    if model is not None and model.source_run_id != run_id:
+        run = client.get_run(model.source_run_id)
+    source = f"models:/{model.model_id}" if model is not None else _logged_model_uri(run, artifact_path)
     mv = mlflow.register_model(source, name)
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
-    client.set_model_version_tag(name, mv.version, "vaepipe.run_id", run_id)
+    client.set_model_version_tag(name, mv.version, "vaepipe.run_id", run.info.run_id)
+    if model is not None:
+        client.set_model_version_tag(name, mv.version, "vaepipe.step", str(logged_models.step_of(model)))
     for key in VERSION_TAGS:
         if key in run.data.tags:
             client.set_model_version_tag(name, mv.version, key, run.data.tags[key])
-    client.update_model_version(name, mv.version, description=model_card(name, mv.version, run))
+    client.update_model_version(name, mv.version, description=model_card(name, mv.version, run, model))
     return int(mv.version)
 
 
-def _logged_model_uri(client, run, artifact_path: str) -> str:
-    """The model URI of the pyfunc a run logged, or an error saying the run logged none."""
-    outputs = getattr(run, "outputs", None)
-    model_outputs = getattr(outputs, "model_outputs", None) or []
-    if model_outputs:
-        return f"models:/{model_outputs[-1].model_id}"
+def _logged_model_uri(run, artifact_path: str) -> str:
+    """The model URI a run tagged (runs older than one LoggedModel per checkpoint), or an error
+    saying the run logged none."""
     tag = run.data.tags.get("vaepipe.model_uri")
     if tag:
         return tag

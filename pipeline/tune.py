@@ -488,7 +488,7 @@ def summarize(cfg: VaepipeConfig, space: dict, grid, parent: str, uri: str, exp_
     client.log_figure(parent, metric_plot(rows, list(space), cfg.tune.metric), "sweep/metric_vs_hyperparameters.png")
     version = None
     if cfg.tune.register_best and best["run_id"]:
-        version = tracking.register_model(uri, best["run_id"], cfg.tune.register_name, "challenger")
+        version = register_challenger(uri, cfg, best["run_id"], rows)
     tracking.end_run(uri, parent, "FINISHED")
     return {"parent_run_id": parent, "experiment_path": str(exp_dir), "best": best, "trials": rows,
             "stopped_early": early, "failed": failed, "registered_version": version, "data_path": cfg.data.path, "tracking_uri": uri,
@@ -519,6 +519,20 @@ def _plottable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return "-".join(map(str, value))
     return value if isinstance(value, (int, float, str)) else str(value)
+
+
+def register_challenger(uri: str, cfg: VaepipeConfig, best_run_id: str, rows: list[dict]) -> int:
+    """Register the sweep's challenger. With a validation ``tune.metric`` and a model per checkpoint,
+    that is the checkpoint model with the best validated value over every trial that did not fail
+    (an earlier checkpoint of any trial can win); otherwise the best trial's last model."""
+    from pipeline import tracking
+
+    t = cfg.tracking
+    if cfg.tune.metric.startswith("val_") and t.log_model and t.model_per_checkpoint:
+        runs = [r["run_id"] for r in rows if r["run_id"] and r["status"] != "failed"]
+        return tracking.register_model(uri, best_run_id, cfg.tune.register_name, "challenger",
+                                       best=cfg.tune.metric, mode=cfg.tune.mode, among=runs)
+    return tracking.register_model(uri, best_run_id, cfg.tune.register_name, "challenger")
 
 
 def metric_plot(rows: list[dict], hyperparameters: list[str], metric: str):

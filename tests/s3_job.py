@@ -57,7 +57,12 @@ def main(shards: str, work: str, tracking_uri: str, storage_url: str) -> None:
             "train.log_every": 3, "train.val_every": 3, "train.image_every": 6, "train.keep_checkpoints": 3,
             "dist.max_failures": 1, "tracking.log_model": False, **extra})
 
-    out = {"first": _run(overrides(**{"train.max_steps": 6, "train.run_name": "first", "tracking.log_model": True}))}
+    # run 1's drill exits a worker one step after the step-3 checkpoint and asserts that step 3 is
+    # restored: its upload is synchronous, since an asynchronous one may still be in flight then (and
+    # is then rightly never restored). Run 2 uploads asynchronously (auto, on S3); run 3 resumes from it.
+    out = {"first": _run(overrides(**{"train.max_steps": 6, "train.run_name": "first", "tracking.log_model": True,
+                                     "tracking.keep_models": 1, "tracking.keep_best_models": 0,
+                                     "train.checkpoint_upload": "sync"}))}
     out["by_url"] = _run(overrides(**{"train.max_steps": 9, "train.run_name": "by-url"}), resume=out["first"]["run_dir"])
     out["by_run_id"] = _run(overrides(**{"train.max_steps": 12, "train.run_name": "by-run-id", "dist.num_workers": 0}),
                             resume=out["first"]["run_id"])

@@ -149,3 +149,39 @@ def test_ranks_sharing_a_folder_commit_only_what_every_rank_finished_writing(tmp
     assert statuses[0] == (True, "")
     listed = json.loads((tmp_path / MARKER_FILE).read_text())["files"]
     assert listed["ds/rank_0.pt"] == 2000 and listed["ds/rank_1.pt"] == 1000
+
+
+class _Ctx:
+    """A launcher that records what it was handed: the folder, whether it was asked to upload it
+    asynchronously, and whether the folder was whole when it was reported."""
+
+    def __init__(self, uploads_async: bool):
+        self.uploads_async, self.calls = uploads_async, []
+
+    def report(self, metrics, folder, asynchronous=False):
+        marker = json.loads((Path(folder) / MARKER_FILE).read_text())
+        self.calls.append((Path(folder), asynchronous, commit_status(Path(folder))[0], metrics["step"], marker["upload"]))
+
+
+@pytest.mark.parametrize("setting,storage,ray_async,expect_async", [
+    ("auto", "s3://bucket/runs", True, True),      # remote storage: Ray Train uploads in the background
+    ("auto", "runs", True, False),                 # a local folder: copied in report
+    ("async", "runs", True, True),
+    ("sync", "s3://bucket/runs", True, False),
+    ("async", "s3://bucket/runs", False, False),   # local mode copies in report whatever the setting
+])
+def test_checkpoint_upload_setting_picks_the_mode_and_only_an_async_handover_keeps_the_folder(
+        tmp_path, setting, storage, ray_async, expect_async):
+    from pipeline.config import load_config
+    from pipeline.train.checkpoint import save_checkpoint
+
+    engine = SimpleNamespace(save_checkpoint=lambda folder, tag, client_state: (Path(folder) / tag).mkdir()
+                             or (Path(folder) / tag / "rank_0.pt").write_bytes(b"w" * 10))
+    cfg = load_config(None, ["model.flavor=debug", f"train.checkpoint_upload={setting}", f"train.storage_path={storage}"])
+    ctx = _Ctx(ray_async)
+    w = SimpleNamespace(engine=engine, state=TrainState(step=7), stream=SimpleNamespace(state_dict=lambda: {}), aux=None,
+                        rank=0, world_size=1, cfg=cfg, log=SimpleNamespace(run_id="r"), ctx=ctx, fault={}, last_val={})
+    save_checkpoint(w, {"loss": 1.0})
+    (folder, asked_async, committed, step, upload), = ctx.calls
+    assert (asked_async, committed, step, upload) == (expect_async, True, 7, "async" if expect_async else "sync")
+    assert folder.exists() == expect_async  # sync: removed after the report; async: Ray Train deletes it after upload

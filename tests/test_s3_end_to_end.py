@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BUCKET, free_port, start_mlflow_server, stop_process
+from pipeline import logged_models
 from pipeline.data import storage
 from pipeline.train.checkpoint import commit_status, committed_checkpoints, marker_of
 from pipeline.train.run_storage import file_sizes
@@ -65,10 +66,13 @@ def test_two_node_training_checkpoints_to_s3_resumes_from_s3_and_logs_artifacts_
     # run 2: --resume <s3 run folder> continues the same MLflow run from step 6
     assert (by_url["run_id"], by_url["resumed_from"], by_url["step"]) == (first["run_id"], "6", 9)
     assert commit_status(by_url["checkpoint"]) == (True, "")
+    # train.checkpoint_upload=auto on S3: Ray Train uploaded it in the background; run 3 restores it
+    assert (marker_of(committed[0])["upload"], marker_of(by_url["checkpoint"])["upload"]) == ("sync", "async")
 
     # run 3: --resume <MLflow run id> -> its run folder on S3 -> step 9, continued on one rank (local mode)
     assert (by_run_id["run_id"], by_run_id["resumed_from"], by_run_id["step"]) == (first["run_id"], "9", 12)
     assert marker_of(by_run_id["checkpoint"])["world_size"] == 1
+    assert marker_of(by_run_id["checkpoint"])["upload"] == "sync"  # local mode copies in report
     assert "universal/latest_universal" in file_sizes(by_url["checkpoint"])  # converted once, kept on S3
 
     _assert_artifacts_on_s3_and_served(mlflow_on_s3, first["run_id"], first["model_uri"], tmp_path)
@@ -90,6 +94,11 @@ def _assert_artifacts_on_s3_and_served(tracking_uri: str, run_id: str, model_uri
     served = Path(client.download_artifacts(run_id, "images/" + images[0].rsplit("/", 1)[-1], str(tmp_path)))
     assert served.read_bytes() == storage.read_bytes(f"s3://{BUCKET}/{images[0]}")
     model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp_path / "model")))
-    (mlmodel,) = [k for k in keys if k.endswith("/MLmodel")]
+    # run 1 logged a LoggedModel at each checkpoint (3, 6) and keeps the newest only (keep_models=1,
+    # keep_best_models=0): the step-3 model's files are gone from the bucket, deleted through the server
+    live = logged_models.search(client, [run.info.experiment_id], [run_id])
+    assert [(m.model_id, logged_models.step_of(m)) for m in live] == [(model_uri.rsplit("/", 1)[-1], 6)]
+    assert {k.split("/models/", 1)[1].split("/", 1)[0] for k in keys if k.endswith("/MLmodel")} == {live[0].model_id}
+    (mlmodel,) = [k for k in keys if k.endswith("/MLmodel") and f"/{model_uri.rsplit('/', 1)[-1]}/" in k]
     assert (model_dir / "MLmodel").read_bytes() == storage.read_bytes(f"s3://{BUCKET}/{mlmodel}")
     assert any(k.endswith("weights.pt") for k in keys)

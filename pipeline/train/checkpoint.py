@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -56,18 +57,33 @@ def checkpoint_step(folder: Location) -> int:
 
 
 def save_checkpoint(w: Any, metrics: dict) -> None:
-    """Every rank saves its shard, rank 0 commits the file list, then all report one checkpoint."""
-    with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoint(w, Path(tmp))
+    """Every rank saves its shard, rank 0 commits the file list, then all report one checkpoint.
+    With an asynchronous upload (``train.checkpoint_upload``) Ray Train deletes the folder once uploaded."""
+    folder = Path(tempfile.mkdtemp(prefix="vaepipe-checkpoint-"))
+    asynchronous, handed_over = upload_async(w.cfg.train) and w.ctx.uploads_async, False
+    try:
+        write_checkpoint(w, folder, "async" if asynchronous else "sync")
         maybe_pause(w, "checkpoint")  # fault drills only: a kill between writing and reporting
         report = {**metrics, **w.last_val, "step": w.state.step, "images_seen": w.state.samples_seen}
         if getattr(w, "growth", None) is not None:  # Tune compares val metrics only at equal resolution
             report["resolution"] = w.state.resolution
-        w.ctx.report(report, Path(tmp))  # Ray Train persists it; local mode copies it into the run folder
+        w.ctx.report(report, folder, asynchronous)  # Ray Train persists it; local mode copies it into the run folder
+        handed_over = asynchronous  # Ray Train deletes the folder once it is uploaded
+    finally:
+        if not handed_over:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
-def write_checkpoint(w: Any, folder: Path) -> None:
-    """This rank's part of a checkpoint in ``folder``; rank 0 adds the state and the commit marker."""
+def upload_async(train_cfg: Any) -> bool:
+    """``train.checkpoint_upload``: ``auto`` is asynchronous where the run folder is remote."""
+    if train_cfg.checkpoint_upload == "auto":
+        return is_remote(train_cfg.storage_path)
+    return train_cfg.checkpoint_upload == "async"
+
+
+def write_checkpoint(w: Any, folder: Path, upload: str = "sync") -> None:
+    """This rank's part of a checkpoint in ``folder``; rank 0 adds the state and the commit marker
+    (which also says how the checkpoint is ``upload``ed: sync or async)."""
     rng_state.save(folder, w.rank)  # first: nothing below may draw before the state is kept
     saved = {"train_state": w.state.state_dict(), "data_state": w.stream.state_dict(),
              "config": redact_config_dict(to_dict(w.cfg)), "mlflow_run_id": w.log.run_id}
@@ -81,7 +97,7 @@ def write_checkpoint(w: Any, folder: Path) -> None:
     gather_objects(None)  # a barrier: ranks that share the folder list it only once every rank has written
     listed = gather_objects(file_sizes(folder))
     if w.rank == 0:
-        write_marker(folder, listed, w.state.step, w.world_size, w.cfg.dist.zero_stage)
+        write_marker(folder, listed, w.state.step, w.world_size, w.cfg.dist.zero_stage, upload)
 
 
 def universal_info() -> dict:
@@ -93,11 +109,12 @@ def universal_info() -> dict:
     return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 
 
-def write_marker(folder: Path, per_rank: list[dict[str, int]], step: int, world_size: int, zero_stage: int) -> None:
+def write_marker(folder: Path, per_rank: list[dict[str, int]], step: int, world_size: int, zero_stage: int,
+                 upload: str = "sync") -> None:
     files: dict[str, int] = {}
     for rank_files in per_rank:
         files.update(rank_files)
-    marker = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "files": files}
+    marker = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "upload": upload, "files": files}
     (folder / MARKER_FILE).write_text(json.dumps(marker, indent=1))
 
 

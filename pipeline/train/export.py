@@ -1,15 +1,19 @@
-"""The end of a run: gather the full weights and log the model as an MLflow pyfunc."""
+"""A run's models: at each checkpoint (or only the end) gather the full weights and log them as
+an MLflow pyfunc, one LoggedModel per step."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from pipeline.config import to_dict, to_yaml
+from pipeline.lineage import dataset_digest, dataset_name
 from pipeline.redact import redact_config_dict
 
 
@@ -30,21 +34,57 @@ def weights_blob(model_config: dict, state: dict, config: dict) -> dict:
 
 
 def export_model(w: Any) -> None:
-    """Gather full fp32 weights (all ranks, for ZeRO-3) and let rank 0 log the pyfunc."""
+    """Gather full fp32 weights (all ranks, for ZeRO-3); rank 0 logs them as this step's LoggedModel.
+
+    The logging goes through rank 0's queue (``pipeline.logger``), so an MLflow outage defers it and
+    training goes on; the weights wait in a temporary folder until it is delivered."""
     module = w.engine.module
     state = gathered_state_dict(module)
     if w.rank != 0:
         return
-    from pipeline.serving import log_pyfunc
+    folder = Path(tempfile.mkdtemp(prefix="vaepipe-model-"))
+    # the family's constructor args (what build_model needs), keyed by the registered name
+    model_config = redact_config_dict({"name": w.cfg.model.name,
+                                       **dict(getattr(module, "config", {}) or to_dict(w.cfg)["model"])})
+    torch.save(weights_blob(model_config, state, to_dict(w.cfg)), folder / "weights.pt")
+    t = w.cfg.tracking
+    data = {"data": dataset_name(w.stream.url), "data_digest": dataset_digest(w.stream.manifest)}
+    upload = CheckpointModel(w.log.client, w.log.run_id, folder, model_config, to_yaml(w.cfg), w.state.step,
+                             weights_kind(w), data, (t.keep_models, t.keep_best_models,
+                                                     t.best_metric or f"val_{w.objective}", t.best_mode))
+    w.log.call(f"model@{w.state.step}", upload)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "weights.pt"
-        # the family's constructor args (what build_model needs), keyed by the registered name
-        model_config = redact_config_dict({"name": w.cfg.model.name,
-                                           **dict(getattr(module, "config", {}) or to_dict(w.cfg)["model"])})
-        torch.save(weights_blob(model_config, state, to_dict(w.cfg)), path)
-        uri = log_pyfunc(w.log.run_id, path, model_config, to_yaml(w.cfg))
-    w.log.tags({"vaepipe.model_uri": uri, "vaepipe.weights": weights_kind(w)})
+
+@dataclass
+class CheckpointModel:
+    """One queued logging call: the pyfunc of step ``step`` with the shard set as params (MLflow links
+    the run's metrics of that step to it), the run's tags pointing at it, then retention
+    (``pipeline.logged_models``). A retry after a failure does not log the model a second time."""
+
+    client: Any
+    run_id: str
+    folder: Path
+    model_config: dict
+    config_yaml: str
+    step: int
+    weights: str
+    data: dict  # the shard set's name and digest, the model's params
+    retention: tuple  # keep_models, keep_best_models, best metric, mode
+    model_uri: Optional[str] = None
+
+    def __call__(self) -> None:
+        from pipeline import logged_models
+        from pipeline.serving import log_pyfunc
+
+        if self.model_uri is None:
+            self.model_uri = log_pyfunc(self.run_id, self.folder / "weights.pt", self.model_config, self.config_yaml,
+                                        step=self.step, tags={logged_models.STEP_TAG: str(self.step)},
+                                        params={"step": self.step, **self.data})
+        self.client.set_tag(self.run_id, "vaepipe.model_uri", self.model_uri)
+        self.client.set_tag(self.run_id, "vaepipe.weights", self.weights)
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        logged_models.prune(self.client, experiment_id, self.run_id, *self.retention)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def weights_kind(w: Any) -> str:

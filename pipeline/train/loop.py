@@ -147,22 +147,24 @@ def checkpoint_due(w: Worker) -> bool:
 def after_step(w: Worker, window: MetricWindow, batch: Optional[dict]) -> None:
     """Log, validate, draw images and checkpoint when their intervals (or the last step) come."""
     t, step = w.cfg.train, w.state.step
-    last = finished(w)
+    last, checkpoint = finished(w), checkpoint_due(w)
+    model = w.cfg.tracking.log_model and (last or (checkpoint and w.cfg.tracking.model_per_checkpoint))
     if step % t.log_every == 0 or last:
         log_window(w, window)
         if w.growth is not None:
             log_stage_metrics(w)
     # what a run shows and releases is the weight EMA where it keeps one (train.ema_rate)
     with ema_weights(w):
-        if w.cfg.data.val_batches and (step % t.val_every == 0 or last):
+        # a checkpoint's model carries the validation metrics of its own step
+        if w.cfg.data.val_batches and (step % t.val_every == 0 or last or model):
             validate(w)
         if batch is not None and (step % t.image_every == 0 or last):
             log_images(w, batch)
-        if last and w.cfg.tracking.log_model:
-            # before the final report: Tune may stop a trial at it (ASHA at max_t), killing the
+        if model:
+            # before the report: Tune may stop a trial at it (ASHA at max_t), killing the
             # workers, and a model logged after it would be registered without its files
             export_model(w)
-    if checkpoint_due(w):
+    if checkpoint:
         save_checkpoint(w, window.last_metrics)
 
 

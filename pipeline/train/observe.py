@@ -109,13 +109,21 @@ def log_window(w: Any, win: MetricWindow) -> None:
     win.reset()
 
 
+VALIDATION_STREAM = 0x76616C  # the seed coordinate of validation's own draws ("val")
+
+
 def validate(w: Any) -> None:
     """Light evaluation on the valid split: loss, ELBO terms, active units and a collapse check.
 
     Ranks may hold different numbers of validation batches; under ZeRO-3 every forward is a
     collective, so all ranks score the smallest count.
+
+    Its noise (the posterior samples) is drawn from generators of its own, seeded alike at every
+    validation: two checkpoints are scored with the same draws, and the training's random stream
+    is the same whichever steps are validated (every checkpoint step is, for its model).
     """
     from pipeline.evaluate.diagnostics import active_units_kl, collapse_verdict
+    from pipeline.seeds import mixed_seeds
 
     batches = list(w.stream.iter_eval("valid", max_batches=w.cfg.data.val_batches))
     n = int(-all_reduce_values([-float(len(batches))], w.device, op="max")[0])  # min over ranks
@@ -123,7 +131,8 @@ def validate(w: Any) -> None:
     was_training = module.training
     module.eval()
     sums, kl_dims = [0.0, 0.0, 0.0, 0.0], None
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+        torch.manual_seed(mixed_seeds(w.cfg.train.seed, VALIDATION_STREAM, w.rank)[0])
         for batch in batches[:n]:
             out = w.engine(batch["image"].to(w.device).to(input_dtype(w.precision)), beta=w.cfg.model.beta, free_bits=0.0)
             for i, k in enumerate(("loss", "recon", "kl", "elbo")):

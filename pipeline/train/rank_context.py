@@ -38,11 +38,17 @@ class RayTrainRank:
 
         return ray.train.torch.get_device()
 
-    def report(self, metrics: dict, folder: Path) -> None:
-        """Report ``folder`` (this rank's part of the checkpoint): Ray Train persists and merges it."""
-        import ray.train
+    uploads_async = True  # CheckpointUploadMode.ASYNC
 
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    def report(self, metrics: dict, folder: Path, asynchronous: bool = False) -> None:
+        """Report ``folder`` (this rank's part of the checkpoint): Ray Train persists and merges it.
+        With ``asynchronous`` it uploads in a background thread, then deletes ``folder``."""
+        import ray.train
+        from ray.train import CheckpointUploadMode
+
+        mode = CheckpointUploadMode.ASYNC if asynchronous else CheckpointUploadMode.SYNC
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=asynchronous)
 
     @contextlib.contextmanager
     def launch_checkpoint(self) -> Iterator[Optional[Location]]:
@@ -80,7 +86,10 @@ class LocalRank:
     def cuda_device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device())
 
-    def report(self, metrics: dict, folder: Path) -> None:
+    uploads_async = False  # the copy into the run folder is made in report
+
+    def report(self, metrics: dict, folder: Path, asynchronous: bool = False) -> None:
+        """Copy ``folder`` into the run folder now."""
         from pipeline.train.local_mode import persist
 
         self.checkpoint = persist(folder, self.run_dir, self.keep)
