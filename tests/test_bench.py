@@ -321,3 +321,28 @@ def test_engine_ranks_refuse_data_short_of_one_global_batch(shards32, tmp_path):
     cfg = load_config(None, base_overrides(shards32, tmp_path))
     with pytest.raises(ValueError, match=r"one global batch \(16 images\).*gave 8"):
         run_engine_ranks(cfg, torch.zeros(8, 3, 32, 32), steps=2)
+
+
+def test_checkpoint_bench_cost_is_the_step_time_difference_spread_over_the_checkpoints_in_the_span(monkeypatch):
+    from pipeline.bench import checkpoint as bench
+
+    # logs at steps 10..60, checkpoints every 10: those at 10, 20, 30, 40, 50 lie in the span, 60's after it
+    fake = {"none": [20.0, 22.0], "sync": [30.0, 34.0], "async": [21.0, 23.0]}
+    calls = []
+
+    def timed_run(cfg):
+        mode = "none" if cfg.train.checkpoint_every == 60 else cfg.train.checkpoint_upload
+        calls.append((cfg.train.storage_path, mode, cfg.train.log_every, cfg.tracking.log_model, cfg.data.val_batches))
+        return {"ms_per_step": fake[mode][sum(1 for c in calls if c[1] == mode and c[0] == cfg.train.storage_path) - 1],
+                "span": (10, 60), "wall_s": 1.0}
+
+    monkeypatch.setattr(bench, "timed_run", timed_run)
+    monkeypatch.setattr(bench, "resolved_precision", lambda cfg: cfg)
+    report = bench.checkpoint_bench(load_config(None, []), ["runs", "s3://b/r"], steps=60, every=10, repeats=2)
+    assert {c[2:] for c in calls} == {(10, False, 0)} and len(calls) == 12  # 2 storages x 3 ways x 2 repeats
+    local = {r["upload"]: r for r in report.rows if r["storage"] == "local"}
+    assert local["sync"]["checkpoints in span"] == 5 and local["none"]["checkpoints in span"] == 0
+    assert local["sync"]["ms per checkpoint"] == pytest.approx((32.0 - 21.0) * 50 / 5)  # medians of the repeats
+    assert report.summary["s3_async_ms_per_checkpoint"] == pytest.approx((22.0 - 21.0) * 50 / 5)
+    with pytest.raises(ValueError, match="--steps 20 needs at least 3 x --every 10"):
+        bench.checkpoint_bench(load_config(None, []), ["runs"], steps=20, every=10, repeats=1)

@@ -80,6 +80,30 @@ def bench_data(
     _publish(data_bench(cfg, repeats), out, cfg, mlflow)
 
 
+@bench_app.command("checkpoint", context_settings={"allow_extra_args": True})
+def bench_checkpoint(
+    ctx: typer.Context,
+    config: Path = typer.Option(Path("jobs/bench/overhead32.yaml"), help="Job YAML; extra args are overrides."),
+    storage: list[str] = typer.Option(["runs/bench-checkpoint"], help="Run folder root to checkpoint into, local or "
+                                      "s3://bucket/prefix (S3 endpoint and credentials from the AWS_* env); repeatable."),
+    steps: int = typer.Option(60, help="Optimizer steps per run."),
+    every: int = typer.Option(10, help="Steps between checkpoints in the runs that checkpoint."),
+    repeats: int = typer.Option(2, help="Alternating repetitions of the three ways."),
+    out: Path = typer.Option(Path("bench-results"), help=OUT_HELP),
+    mlflow: bool = typer.Option(True, help=MLFLOW_HELP),
+):
+    """Step time with no checkpoint, and with one every N steps uploaded sync or async
+    (train.checkpoint_upload), on each storage given: what a checkpoint costs the training."""
+    from pipeline.bench.checkpoint import checkpoint_bench
+
+    cfg = _load(config, ctx.args)
+    try:
+        report = checkpoint_bench(cfg, storage, steps, every, repeats)
+    except ValueError as exc:
+        _fail(str(exc))
+    _publish(report, out, cfg, mlflow)
+
+
 @bench_app.command("scaling", context_settings={"allow_extra_args": True})
 def bench_scaling(
     ctx: typer.Context,
