@@ -278,6 +278,9 @@ def base_overrides(shards: str, tmp: Path, tracking_uri: str | None = None, **ex
         "dist.num_workers": 2, "dist.max_failures": 0,
         "tracking.tracking_uri": tracking_uri or fresh_sqlite_store(tmp / "mlruns.db"),
         "tracking.artifact_location": str(tmp / "mlartifacts"), "tracking.image_grid_size": 2,
+        # one model at the end: a model per checkpoint (and its validation) is the subject of
+        # test_logged_models and the S3 end-to-end test, which turn it on; elsewhere it only costs time
+        "tracking.model_per_checkpoint": False,
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

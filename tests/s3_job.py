@@ -61,7 +61,8 @@ def main(shards: str, work: str, tracking_uri: str, storage_url: str) -> None:
     # restored: its upload is synchronous, since an asynchronous one may still be in flight then (and
     # is then rightly never restored). Run 2 uploads asynchronously (auto, on S3); run 3 resumes from it.
     out = {"first": _run(overrides(**{"train.max_steps": 6, "train.run_name": "first", "tracking.log_model": True,
-                                     "tracking.keep_models": 1, "tracking.keep_best_models": 0,
+                                     "tracking.model_per_checkpoint": True, "tracking.keep_models": 1,
+                                     "tracking.keep_best_models": 0,
                                      "train.checkpoint_upload": "sync"}))}
     out["by_url"] = _run(overrides(**{"train.max_steps": 9, "train.run_name": "by-url"}), resume=out["first"]["run_dir"])
     out["by_run_id"] = _run(overrides(**{"train.max_steps": 12, "train.run_name": "by-run-id", "dist.num_workers": 0}),

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 RUN = {"dist.num_workers": 0, "train.checkpoint_every": 3, "train.val_every": 6, "train.precision": "fp32",
        "tracking.keep_models": 2, "tracking.keep_best_models": 1, "tracking.best_metric": "val_neg_elbo",
-       "tracking.best_mode": "max", "train.run_name": "per-checkpoint"}
+       "tracking.best_mode": "max", "train.run_name": "per-checkpoint", "tracking.model_per_checkpoint": True}
 
 
 @pytest.fixture(scope="module")

@@ -390,3 +390,26 @@ def test_tune_promote_moves_the_alias_only_for_a_winner(ray_session, shards32, t
     assert client.get_model_version_by_alias(name, "challenger").version != champion
     assert parent2.info.run_id != parent.info.run_id and parent2.data.tags["vaepipe.promotion.decision"] == "refused"
     assert client.get_run(parent2.data.tags["vaepipe.promotion.run_id"]).data.tags["vaepipe.decision"] == "refused"
+
+
+@pytest.mark.parametrize("metric,per_checkpoint,expect_best", [
+    ("val_neg_elbo", True, True),    # every checkpoint model of the trials that did not fail competes
+    ("loss", True, False),           # a training metric is linked to no validated model: the best trial's last
+    ("val_neg_elbo", False, False),  # one model per trial: the best trial's
+])
+def test_the_sweeps_challenger_is_the_best_validated_checkpoint_over_its_trials(monkeypatch, metric, per_checkpoint,
+                                                                               expect_best):
+    from pipeline import tracking
+    from pipeline.config import load_config
+    from pipeline.tune import register_challenger
+
+    calls = []
+    monkeypatch.setattr(tracking, "register_model", lambda *a, **k: calls.append((a, k)) or 7)
+    cfg = load_config(None, [f"tune.metric={metric}", "tune.mode=min", "tune.register_name=vae-x",
+                             f"tracking.model_per_checkpoint={str(per_checkpoint).lower()}"])
+    rows = [{"run_id": "r1", "status": "finished"}, {"run_id": "r2", "status": "stopped early"},
+            {"run_id": "r3", "status": "failed"}, {"run_id": None, "status": "failed"}]
+    assert register_challenger("uri", cfg, "r1", rows) == 7
+    (args, kwargs), = calls
+    assert args == ("uri", "r1", "vae-x", "challenger")
+    assert kwargs == ({"best": metric, "mode": "min", "among": ["r1", "r2"]} if expect_best else {})
