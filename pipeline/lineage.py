@@ -180,9 +180,12 @@ def model_card(name: str, version: int | str, run, model=None) -> str:
 
 def _checkpoint_lines(model) -> list[str]:
     """The card's line on the checkpoint a version was registered from (none for older runs)."""
+    from pipeline.logged_models import metric_of, step_of
+
     if model is None:
         return []
-    linked = {m.key: m.value for m in sorted(model.metrics or [], key=lambda m: m.step) if m.key.startswith("val_")}
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(linked.items())) or "none linked"
-    return [f"**Checkpoint:** step {model.tags.get('vaepipe.step', '?')}, logged model `{model.model_id}`; "
+    keys = sorted({m.key for m in model.metrics or [] if m.key.startswith("val_")})
+    shown = ", ".join(f"{k} {metric_of(model, k):.4g}" for k in keys) or "none linked"
+    step = step_of(model)
+    return [f"**Checkpoint:** step {step if step >= 0 else '?'}, logged model `{model.model_id}`; "
             f"its validation metrics: {shown}", ""]

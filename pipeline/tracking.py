@@ -132,7 +132,7 @@ def register_model(uri: str, run_id: str, name: str, alias: Optional[str] = None
         client.set_registered_model_alias(name, alias, mv.version)
     client.set_model_version_tag(name, mv.version, "vaepipe.run_id", run.info.run_id)
     if model is not None:
-        client.set_model_version_tag(name, mv.version, "vaepipe.step", str(logged_models.step_of(model)))
+        client.set_model_version_tag(name, mv.version, logged_models.STEP_TAG, str(logged_models.step_of(model)))
     for key in VERSION_TAGS:
         if key in run.data.tags:
             client.set_model_version_tag(name, mv.version, key, run.data.tags[key])

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pipeline.bench.overhead import bench_config, resolved_precision
 from pipeline.bench.report import BenchReport, spread
 from pipeline.config import VaepipeConfig
+from pipeline.train.run_storage import is_remote
 
 MODES = ("none", "sync", "async")
 
@@ -63,7 +64,7 @@ def checkpoint_bench(cfg: VaepipeConfig, storages: list[str], steps: int, every:
 
 
 def _rows(storage: str, runs: dict, every: int, summary: dict) -> list[dict]:
-    tag = "s3" if storage.startswith("s3://") else "local"
+    tag = "s3" if is_remote(storage) else "local"
     none = spread([r["ms_per_step"] for r in runs[(storage, "none")]])["median"]
     rows = []
     for mode in MODES:
