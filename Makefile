@@ -21,10 +21,15 @@ $(VENV)/.installed: pyproject.toml
 	# lock (a worker lost in a fault drill) leaves every later DeepSpeed start waiting forever.
 	# DS_ENABLE_NINJA builds the op's two C++ files in parallel (DeepSpeed's setup.py compiles them
 	# one after the other otherwise): 94 -> 55 s for this step on 2 cores.
-	$(PY) -m pip install -q setuptools wheel ninja py-cpuinfo packaging
+	$(PY) -m pip install -q setuptools wheel ninja py-cpuinfo packaging uv
 	DS_ENABLE_NINJA=1 DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 \
 	  $(PY) -m pip install -q --no-build-isolation --no-cache-dir "$(DEEPSPEED)"
-	$(PY) -m pip install -q -e ".[test]"
+	# The rest with uv, which keeps the torch and DeepSpeed installed above (they satisfy the pins) and
+	# resolves, downloads, links and byte-compiles the ~150 other packages in parallel: 48 -> 16 s for
+	# this step on 2 cores, with the same `pip freeze` as pip's. --compile-bytecode as pip does: where
+	# PYTHONDONTWRITEBYTECODE is set, modules left uncompiled make every process import them from
+	# source (mlflow + ray + the test stack: 6.7 -> 13 s per process, measured).
+	$(VENV)/bin/uv pip install --python $(PY) -q --compile-bytecode -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -50,6 +55,10 @@ bench-data: install
 # each process starts its own services (Ray, MLflow server, moto) when a module first needs them.
 TEST_PROCS ?= 2
 test: install
+	# The project's own modules byte-compiled first (~2 s): where PYTHONDONTWRITEBYTECODE is set no
+	# process writes them, and each of the suite's Python processes (Ray workers, CLI runs, drivers)
+	# would compile them again on import (0.4 s each, measured).
+	$(PY) -m compileall -q pipeline models tests > /dev/null
 	$(PY) -m pytest -q -n $(TEST_PROCS) --dist loadscope --no-loadscope-reorder
 
 clean:

@@ -77,7 +77,11 @@ def main(shards: str, work: str) -> None:
     from pipeline.train.trainer import run_training
 
     work_dir = Path(work)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # A lost node is declared dead after ~1 s of missed health checks instead of Ray's default
+    # ~15 s, in which the controller would retry a 2-worker group that can no longer be placed
+    # and spend dist.start_timeout_s on it, twice (measured: 30 s of the drill's 117).
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 2}})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     os.environ["VAEPIPE_FAULT_STEP_SLEEP"] = "0.4"  # long enough for the node to go and come back
