@@ -282,7 +282,25 @@ class TrainConfig:
     image_every: int = 200
     """Steps between image grids (reconstructions, samples) logged to MLflow."""
     val_every: int = 100
-    """Steps between validation passes."""
+    """Steps between validation passes (``train.validation=in_loop``)."""
+    validation: Literal["in_loop", "off_loop"] = "in_loop"
+    """``in_loop``: the ranks validate ``data.val_batches`` batches each every ``val_every`` steps and
+    at each checkpoint, stalling training meanwhile. ``off_loop``: the ranks never validate; each
+    checkpoint is validated by a Ray Train validation task beside the training (``ValidationConfig``,
+    ``train.val_cpus``/``val_gpus``) on the validation split (``val_max_samples``), with the IWAE
+    bound (``val_k``) and FID (``val_fid_weights``) besides the ELBO terms. Its ``val_*`` metrics are
+    logged at the checkpoint's step and linked to that step's LoggedModel; they reach MLflow, model
+    retention, ``register --best`` and a sweep's challenger, not Tune's schedulers."""
+    val_k: int = 0
+    """Off-loop validation: importance samples of the IWAE bound ``val_neg_iwae_nats`` (0: none)."""
+    val_max_samples: Optional[int] = None
+    """Off-loop validation: the first this many samples of the validation split (None: all of it)."""
+    val_fid_weights: Optional[str] = None
+    """Off-loop validation: the FID Inception's weights file; ``val_fid`` where given."""
+    val_cpus: float = 1.0
+    """Off-loop validation: CPUs of each validation task."""
+    val_gpus: float = 0.0
+    """Off-loop validation: GPUs of each validation task."""
     keep_checkpoints: int = 2
     """Ray checkpoints kept on storage."""
     storage_path: str = "runs"
@@ -600,9 +618,25 @@ def validate(cfg: VaepipeConfig) -> VaepipeConfig:
     _check(t.ema_rate == 0 or 0 < t.ema_rate < 1, "train.ema_rate", t.ema_rate, "must be in (0, 1), or 0 for no average")
     _check(t.ema_rate == 0 or not cfg.progressive.enabled, "train.ema_rate", t.ema_rate,
            "a weight EMA is not carried across progressive growth yet: set it to 0 with progressive.enabled")
+    validate_off_loop(cfg)
     if cfg.progressive.enabled:
         validate_progressive(cfg)
     return cfg
+
+
+def validate_off_loop(cfg: VaepipeConfig) -> None:
+    t = cfg.train
+    _check(t.val_k >= 0, "train.val_k", t.val_k, "must be >= 0 (0: no IWAE bound)")
+    _check(t.val_max_samples is None or t.val_max_samples >= 1, "train.val_max_samples", t.val_max_samples,
+           "must be >= 1 (or unset: the whole validation split)")
+    _check(t.val_cpus > 0, "train.val_cpus", t.val_cpus, "must be > 0")
+    _check(t.val_gpus >= 0, "train.val_gpus", t.val_gpus, "must be >= 0")
+    if t.validation != "off_loop":
+        return
+    _check(not cfg.progressive.enabled, "train.validation", t.validation,
+           "off_loop validation scores one resolution: use in_loop with progressive.enabled")
+    _check(not (t.ema_rate and cfg.dist.zero_stage == 3), "train.validation", t.validation,
+           "off_loop validation reads the weight EMA of ZeRO 0-2 checkpoints only: use in_loop, or train.ema_rate=0, with ZeRO-3")
 
 
 def validate_progressive(cfg: VaepipeConfig) -> None:

@@ -96,6 +96,10 @@ def check_comparable(space: dict, cfg: VaepipeConfig) -> None:
     metric must be the family's and no searched key may change the objective or the likelihood.
     """
     metric, base = cfg.tune.metric, _objective(cfg)
+    if metric.startswith("val_") and cfg.train.validation == "off_loop" and cfg.dist.num_workers > 0:
+        raise ConfigError(f"tune.metric={metric!r} with train.validation=off_loop: a Ray Train trial's validation "
+                          "tasks finish after its reports, so Tune's scheduler never sees it; set "
+                          "train.validation=in_loop, or rank by a training metric (tune.metric=loss)")
     if metric.startswith("val_") and metric not in ("val_loss", f"val_{base}"):
         raise ConfigError(f"tune.metric={metric!r} is never reported by model.name={cfg.model.name!r}: its "
                           f"validation quantity is val_{base} ({_OBJECTIVES.get(base, base)}); set tune.metric=val_{base}")

@@ -9,6 +9,7 @@
 | model name not in the registry              | config.validate (flavor resolution)  | CONFIG_CASES |
 | data path missing / without shards          | trainer.preflight (CLI exit 2)       | test_data_path_refused |
 | more workers than the cluster's CPUs        | trainer.check_fits_cluster           | test_more_workers_than_cluster_cpus |
+| no CPU left for the off-loop validation task | trainer.check_fits_cluster           | test_off_loop_validation_with_no_cpu_left_beside_the_workers |
 | sweep trials that cannot be placed (CPU, GPU) | tune.concurrency_cap, before the parent run | test_a_sweep_whose_trials_cannot_be_placed_* |
 | an alias that does not exist                | serving.check_model_uri (CLI exit 2) | test_missing_alias_named |
 | --resume target that is not committed       | trainer.find_checkpoint              | test_checkpoint_commit.py::test_resume_refuses_* |
@@ -105,6 +106,20 @@ def test_more_workers_than_cluster_cpus(ray_session, shards32, tmp_path):
         run_training(cfg)
     client = make_client(cfg.tracking.tracking_uri)
     assert all(not client.search_runs([e.experiment_id]) for e in client.search_experiments())  # no run opened
+
+
+def test_off_loop_validation_with_no_cpu_left_beside_the_workers(ray_session, shards32, tmp_path):
+    """The session's Ray has 4 CPUs: 2 workers and a 3-CPU validation task could never run side by
+    side, and Ray's controller would wait for the task forever: refused before any run is opened."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.tracking import make_client
+    from pipeline.train.trainer import run_training
+
+    cfg = load_config(None, base_overrides(shards32, tmp_path, **{"train.validation": "off_loop", "train.val_cpus": 3}))
+    with pytest.raises(ConfigError, match=r"train.val_cpus=3: .* needs 5 CPUs but the Ray cluster has 4"):
+        run_training(cfg)
+    client = make_client(cfg.tracking.tracking_uri)
+    assert all(not client.search_runs([e.experiment_id]) for e in client.search_experiments())
 
 
 def test_missing_alias_named(tmp_path, monkeypatch):

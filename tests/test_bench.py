@@ -346,3 +346,29 @@ def test_checkpoint_bench_cost_is_the_step_time_difference_spread_over_the_check
     assert report.summary["s3_async_ms_per_checkpoint"] == pytest.approx((22.0 - 21.0) * 50 / 5)
     with pytest.raises(ValueError, match="--steps 20 needs at least 3 x --every 10"):
         bench.checkpoint_bench(load_config(None, []), ["runs"], steps=20, every=10, repeats=1)
+
+
+def test_validation_bench_compares_the_three_ways_at_one_checkpoint_schedule_on_as_many_samples(monkeypatch):
+    from pipeline.bench import validation as bench
+
+    fake = {"none": [20.0, 22.0], "in_loop": [40.0, 44.0], "off_loop": [24.0, 26.0]}
+    calls = []
+
+    def timed_run(cfg):
+        mode = "off_loop" if cfg.train.validation == "off_loop" else ("in_loop" if cfg.data.val_batches else "none")
+        calls.append((mode, cfg.train.checkpoint_every, cfg.train.val_every, cfg.data.val_batches,
+                      cfg.train.val_max_samples))
+        return {"ms_per_step": fake[mode][sum(1 for c in calls if c[0] == mode) - 1], "span": (10, 60), "wall_s": 5.0}
+
+    monkeypatch.setattr(bench, "timed_run", timed_run)
+    monkeypatch.setattr(bench, "resolved_precision", lambda cfg: cfg)
+    cfg = load_config(None, ["data.batch_size=8", "dist.num_workers=2"])
+    report = bench.validation_bench(cfg, steps=60, every=10, val_batches=3, repeats=2)
+    assert len(calls) == 6 and {c[1:3] for c in calls} == {(10, 10)}  # one checkpoint schedule for all three
+    assert {c[0]: c[3:] for c in calls} == {"none": (0, 48), "in_loop": (3, 48), "off_loop": (0, 48)}  # 3 x 8 x 2 samples
+    rows = {r["validation"]: r for r in report.rows}
+    assert rows["in_loop"]["ms/step"] == 42.0 and rows["in_loop"]["images/s"] == pytest.approx(1000 * 16 / 42.0)
+    assert report.summary["off_loop_vs_in_loop"] == pytest.approx(42.0 / 25.0)
+    assert report.summary["in_loop_vs_none"] == pytest.approx(21.0 / 42.0)
+    with pytest.raises(ValueError, match="--val-batches 0"):
+        bench.validation_bench(cfg, steps=60, every=10, val_batches=0, repeats=1)

@@ -158,9 +158,10 @@ class _Ctx:
     def __init__(self, uploads_async: bool):
         self.uploads_async, self.calls = uploads_async, []
 
-    def report(self, metrics, folder, asynchronous=False):
+    def report(self, metrics, folder, asynchronous=False, validate=False):
         marker = json.loads((Path(folder) / MARKER_FILE).read_text())
         self.calls.append((Path(folder), asynchronous, commit_status(Path(folder))[0], metrics["step"], marker["upload"]))
+        self.validate = validate
 
 
 @pytest.mark.parametrize("setting,storage,ray_async,expect_async", [
@@ -185,3 +186,18 @@ def test_checkpoint_upload_setting_picks_the_mode_and_only_an_async_handover_kee
     (folder, asked_async, committed, step, upload), = ctx.calls
     assert (asked_async, committed, step, upload) == (expect_async, True, 7, "async" if expect_async else "sync")
     assert folder.exists() == expect_async  # sync: removed after the report; async: Ray Train deletes it after upload
+    assert ctx.validate is False  # in_loop: the ranks validated before; nothing is handed to a validation task
+
+
+@pytest.mark.parametrize("validation", ["in_loop", "off_loop"])
+def test_off_loop_hands_each_reported_checkpoint_to_validation(tmp_path, validation):
+    from pipeline.config import load_config
+    from pipeline.train.checkpoint import save_checkpoint
+
+    engine = SimpleNamespace(save_checkpoint=lambda folder, tag, client_state: (Path(folder) / tag).mkdir())
+    cfg = load_config(None, ["model.flavor=debug", f"train.validation={validation}"])
+    ctx = _Ctx(False)
+    w = SimpleNamespace(engine=engine, state=TrainState(step=3), stream=SimpleNamespace(state_dict=lambda: {}), aux=None,
+                        rank=0, world_size=1, cfg=cfg, log=SimpleNamespace(run_id="r"), ctx=ctx, fault={}, last_val={})
+    save_checkpoint(w, {"loss": 1.0})
+    assert ctx.validate is (validation == "off_loop")

@@ -104,6 +104,29 @@ def bench_checkpoint(
     _publish(report, out, cfg, mlflow)
 
 
+@bench_app.command("validation", context_settings={"allow_extra_args": True})
+def bench_validation(
+    ctx: typer.Context,
+    config: Path = typer.Option(Path("jobs/bench/overhead32.yaml"), help="Job YAML; extra args are overrides."),
+    steps: int = typer.Option(60, help="Optimizer steps per run."),
+    every: int = typer.Option(10, help="Steps between checkpoints, each one validated."),
+    val_batches: int = typer.Option(4, help="Validation batches per rank at each checkpoint (off the loop: as many samples)."),
+    repeats: int = typer.Option(2, help="Alternating repetitions of the three ways."),
+    out: Path = typer.Option(Path("bench-results"), help=OUT_HELP),
+    mlflow: bool = typer.Option(True, help=MLFLOW_HELP),
+):
+    """Training images/s with no validation, with each checkpoint validated in the loop, and with it
+    validated off the loop by a Ray Train validation task (train.validation)."""
+    from pipeline.bench.validation import validation_bench
+
+    cfg = _load(config, ctx.args)
+    try:
+        report = validation_bench(cfg, steps, every, val_batches, repeats)
+    except ValueError as exc:
+        _fail(str(exc))
+    _publish(report, out, cfg, mlflow)
+
+
 @bench_app.command("scaling", context_settings={"allow_extra_args": True})
 def bench_scaling(
     ctx: typer.Context,

@@ -67,7 +67,8 @@ def save_checkpoint(w: Any, metrics: dict) -> None:
         report = {**metrics, **w.last_val, "step": w.state.step, "images_seen": w.state.samples_seen}
         if getattr(w, "growth", None) is not None:  # Tune compares val metrics only at equal resolution
             report["resolution"] = w.state.resolution
-        w.ctx.report(report, folder, asynchronous)  # Ray Train persists it; local mode copies it into the run folder
+        # Ray Train persists it (and, off_loop, has it validated); local mode copies it into the run folder
+        w.ctx.report(report, folder, asynchronous, validate=w.cfg.train.validation == "off_loop")
         handed_over = asynchronous  # Ray Train deletes the folder once it is uploaded
     finally:
         if not handed_over:

@@ -156,8 +156,8 @@ def after_step(w: Worker, window: MetricWindow, batch: Optional[dict]) -> None:
     # what a run shows and releases is the weight EMA where it keeps one (train.ema_rate)
     with ema_weights(w):
         # a checkpoint's model carries the validation metrics of its own step
-        if w.cfg.data.val_batches and (step % t.val_every == 0 or last or model):
-            validate(w)
+        if t.validation == "in_loop" and w.cfg.data.val_batches and (step % t.val_every == 0 or last or model):
+            validate(w)  # off_loop: a Ray Train validation task scores each checkpoint (checkpoint_validation)
         if batch is not None and (step % t.image_every == 0 or last):
             log_images(w, batch)
         if model:

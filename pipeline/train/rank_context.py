@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -40,15 +40,17 @@ class RayTrainRank:
 
     uploads_async = True  # CheckpointUploadMode.ASYNC
 
-    def report(self, metrics: dict, folder: Path, asynchronous: bool = False) -> None:
+    def report(self, metrics: dict, folder: Path, asynchronous: bool = False, validate: bool = False) -> None:
         """Report ``folder`` (this rank's part of the checkpoint): Ray Train persists and merges it.
-        With ``asynchronous`` it uploads in a background thread, then deletes ``folder``."""
+        With ``asynchronous`` it uploads in a background thread, then deletes ``folder``; with
+        ``validate`` it hands the checkpoint to the run's validation task (``checkpoint_validation``)."""
         import ray.train
         from ray.train import CheckpointUploadMode
 
         mode = CheckpointUploadMode.ASYNC if asynchronous else CheckpointUploadMode.SYNC
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=asynchronous)
+                         checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=asynchronous,
+                         validation=validate)
 
     @contextlib.contextmanager
     def launch_checkpoint(self) -> Iterator[Optional[Location]]:
@@ -78,8 +80,9 @@ class LocalRank:
 
     rank, world_size, local_world_size = 0, 1, 1
 
-    def __init__(self, run_dir: str, keep: int, sink: Optional[Callable[[dict], None]] = None) -> None:
-        self.run_dir, self.keep, self.sink = run_dir, keep, sink
+    def __init__(self, run_dir: str, keep: int, sink: Optional[Callable[[dict], None]] = None,
+                 validator: Optional[Callable[[Any], dict]] = None) -> None:
+        self.run_dir, self.keep, self.sink, self.validator = run_dir, keep, sink, validator
         self.metrics: dict = {}
         self.checkpoint: Optional[Location] = None
 
@@ -88,12 +91,17 @@ class LocalRank:
 
     uploads_async = False  # the copy into the run folder is made in report
 
-    def report(self, metrics: dict, folder: Path, asynchronous: bool = False) -> None:
-        """Copy ``folder`` into the run folder now."""
+    def report(self, metrics: dict, folder: Path, asynchronous: bool = False, validate: bool = False) -> None:
+        """Copy ``folder`` into the run folder now; with ``validate``, validate it first, here."""
         from pipeline.train.local_mode import persist
 
+        metrics = dict(metrics)
+        if validate and self.validator is not None:
+            from ray.train import Checkpoint
+
+            metrics.update(self.validator(Checkpoint.from_directory(str(folder))))
         self.checkpoint = persist(folder, self.run_dir, self.keep)
-        self.metrics = dict(metrics)
+        self.metrics = metrics
         if self.sink is not None:  # what Tune's TuneReportCallback sends it for a Ray Train run
             self.sink({**metrics, "checkpoint_path": str(self.checkpoint)})
 

@@ -9,6 +9,7 @@ printed form, the only one Ray Train keeps in its run state, names variables but
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ from typing import Optional, Sequence
 from pipeline.config import ConfigError, VaepipeConfig, to_dict
 from pipeline.credentials import CREDENTIAL_ENV, WorkerEnv
 from pipeline.redact import is_redacted, redact_config_dict, redact_text
+from pipeline.train import checkpoint_validation
 from pipeline.train.checkpoint import MARKER_FILE, STATE_FILE, commit_status, committed_checkpoints, read_state
 from pipeline.train.console import quiet_driver
 from pipeline.train.failures import fail_once, not_retried
@@ -153,12 +155,19 @@ def check_fits_cluster(cfg: VaepipeConfig) -> None:
     if d.start_retries == -1:
         return
     fewest, which = (d.num_workers, "dist.num_workers") if d.min_workers is None else (d.min_workers, "dist.min_workers")
-    for key, per_worker, name in (("CPU", d.cpus_per_worker, "dist.cpus_per_worker"), ("GPU", d.gpus_per_worker, "dist.gpus_per_worker")):
+    t, off_loop = cfg.train, cfg.train.validation == "off_loop"
+    for key, per_worker, name, per_task in (("CPU", d.cpus_per_worker, "dist.cpus_per_worker", t.val_cpus),
+                                            ("GPU", d.gpus_per_worker, "dist.gpus_per_worker", t.val_gpus)):
         need = fewest * per_worker
         if need > total.get(key, 0):
             raise ConfigError(f"{which}={fewest} x {name}={per_worker} needs {need:g} {key}s but the Ray "
                               f"cluster has {total.get(key, 0):g}: lower dist.num_workers (or set dist.start_retries=-1 "
                               "on an autoscaling cluster)")
+        if off_loop and need + per_task > total.get(key, 0):  # Ray's controller would wait for it forever
+            raise ConfigError(f"train.val_{key.lower()}s={per_task:g}: the validation task beside {which}={fewest} "
+                              f"workers ({need:g} {key}s) needs {need + per_task:g} {key}s but the Ray cluster has "
+                              f"{total.get(key, 0):g}: lower train.val_{key.lower()}s or the workers, or use "
+                              "train.validation=in_loop")
 
 
 def _child_tags(parent_run_id: Optional[str], extra: Optional[dict] = None) -> dict:
@@ -238,7 +247,8 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
     if cfg.dist.local:
         tracking.say("dist.num_workers=0: training in this process (local mode: one rank, no restarts)")
     else:
-        init_ray(cfg)
+        # off the loop, a validation task runs beside the workers: a local Ray gets its CPUs on top
+        init_ray(cfg, spare_cpus=math.ceil(cfg.train.val_cpus) if cfg.train.validation == "off_loop" else 0)
         check_fits_cluster(cfg)
     run_id = _open_run(cfg, uri, ckpt_dir, mlflow_run_id, _child_tags(parent_run_id, run_tags))
     name = cfg.train.run_name or f"vaepipe-{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}"
@@ -312,6 +322,7 @@ def build_trainer(cfg: VaepipeConfig, loop_config: dict, name: str, callbacks: t
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=[fail_once(), *callbacks],
         ),
+        validation_config=checkpoint_validation.validation_config(cfg, loop_config),
     )
 
 
@@ -353,7 +364,8 @@ def _fit_local(cfg: VaepipeConfig, loop_config: dict, uri: str, run_id: str,
         from ray import tune
 
         sink = tune.report
-    ctx = LocalRank(loop_config["run_dir"], cfg.train.keep_checkpoints, sink)
+    validator = checkpoint_validation.validator(loop_config) if cfg.train.validation == "off_loop" else None
+    ctx = LocalRank(loop_config["run_dir"], cfg.train.keep_checkpoints, sink, validator)
     with _closing_run(cfg, uri, run_id), one_rank_group():
         train_loop_per_worker(loop_config, ctx)
     return ctx.metrics, str(ctx.checkpoint) if ctx.checkpoint else None
