@@ -9,6 +9,7 @@ import time
 import pytest
 
 from conftest import base_overrides, free_port, start_mlflow_server, stop_process
+from pipeline import logged_models
 from pipeline.logger import RankZeroLogger
 
 
@@ -61,9 +62,12 @@ def test_training_survives_the_tracking_server_going_away(ray_session, shards32,
     root.mkdir()
     server = {"proc": start_mlflow_server(root, port)}
     uri = f"http://127.0.0.1:{port}"
+    # a LoggedModel at every checkpoint (20, 40, 60), every one kept: those whose step falls in
+    # the outage are logged through the same queue once the server is back, each exactly once
     cfg = load_config(None, base_overrides(shards32, tmp_path, uri, **{
         "train.max_steps": 60, "train.log_every": 2, "train.val_every": 30, "train.image_every": 30,
-        "train.checkpoint_every": 30, "tracking.log_model": False}))
+        "train.checkpoint_every": 20, "tracking.log_model": True, "tracking.model_per_checkpoint": True,
+        "tracking.keep_models": 0}))
     monkeypatch.setenv("VAEPIPE_FAULT_STEP_SLEEP", "0.25")
 
     def outage():
@@ -74,8 +78,10 @@ def test_training_survives_the_tracking_server_going_away(ray_session, shards32,
             if runs and len(client.get_metric_history(runs[0].info.run_id, "loss")) >= 3:
                 break
             time.sleep(0.5)
+        server["down_at"] = time.time()
         stop_process(server["proc"])
         time.sleep(8)  # several log windows while the server is away
+        server["restart_at"] = time.time()  # nothing reaches the server before this
         server["proc"] = start_mlflow_server(root, port)
 
     thread = threading.Thread(target=outage, daemon=True)
@@ -93,5 +99,15 @@ def test_training_survives_the_tracking_server_going_away(ray_session, shards32,
         assert {k.split("/")[1].split("-")[0] for k in run.data.metrics if k.startswith("system/")} == {"rank0", "rank1"}
         assert run.info.status == "FINISHED"
         assert result.metrics["step"] == 60
+        loss_at = {m.step: m.timestamp for m in client.get_metric_history(result.run_id, "loss")}  # stamped when queued
+        models = logged_models.search(client, [run.info.experiment_id], [result.run_id])
+        assert sorted(logged_models.step_of(m) for m in models) == [20, 40, 60]  # none lost, none twice
+        deferred = [m for m in models
+                    if server["down_at"] * 1000 <= loss_at[logged_models.step_of(m)] < server["restart_at"] * 1000]
+        assert deferred, ({logged_models.step_of(m): loss_at[logged_models.step_of(m)] for m in models}, server)
+        for model in deferred:  # reached its step while the server was away, logged once it was back
+            assert model.creation_timestamp >= server["restart_at"] * 1000
+            assert logged_models.metric_of(model, "loss") == dict(
+                (m.step, m.value) for m in client.get_metric_history(result.run_id, "loss"))[logged_models.step_of(model)]
     finally:
         stop_process(server["proc"])
