@@ -79,11 +79,17 @@ def test_validation_equals_the_elbo_of_the_checkpoint_weights_computed_here(run)
 
 @pytest.mark.integration
 def test_each_checkpoint_model_and_rays_record_carry_their_steps_validation(run):
+    from pipeline.data.shards import read_manifest
+    from pipeline.lineage import dataset_digest
+
     assert sorted(logged_models.step_of(m) for m in run.models) == [6, 12]
+    digest = dataset_digest(read_manifest(run.cfg.data.path))
     for model in run.models:
         step = logged_models.step_of(model)
         for key in VAL_KEYS:
             assert logged_models.metric_of(model, key) == run.history[key][step], (step, key)
+        # linked to the shard set they were computed on, by its manifest's digest
+        assert {(m.dataset_name, m.dataset_digest) for m in model.metrics if m.key in VAL_KEYS} == {("synth32", digest)}
     # Ray attaches the validation task's metrics to the checkpoint it validated: the run's result
     assert run.result.metrics["val_neg_elbo"] == run.history["val_neg_elbo"][12]
 

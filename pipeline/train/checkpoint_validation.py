@@ -7,7 +7,8 @@ Ray's controller waits for the last one before ``fit`` returns. The task scores 
 weights on the validation split with the evaluation's own code (``pipeline.evaluate.runner``): the
 ELBO terms and active units, the IWAE bound with ``train.val_k`` importance samples, FID where
 ``train.val_fid_weights`` names the Inception weights. It logs them to MLflow at the checkpoint's
-step, linked to that step's LoggedModel, re-runs the model retention with them, and returns them:
+step, linked to that step's LoggedModel and to the shard set (name and manifest digest), re-runs
+the model retention with them, and returns them:
 Ray attaches them to the checkpoint (``Result.best_checkpoints``).
 
 In local mode (``dist.num_workers=0``) the same function runs in the process, after each report.
@@ -143,13 +144,21 @@ def record(uri: str, run_id: str, step: int, metrics: dict, config: dict, object
     t = config["tracking"]
     expected = t["log_model"] and (t["model_per_checkpoint"] or step >= config["train"]["max_steps"])
     model_id = _model_at(client, experiment_id, run_id, step, MODEL_WAIT_S if expected else 0.0)
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, step, model_id=model_id) for k, v in metrics.items()],
+    now, data = int(time.time() * 1000), _dataset(config["data"]["path"])
+    client.log_batch(run_id, metrics=[Metric(k, v, now, step, model_id=model_id, **data) for k, v in metrics.items()],
                      synchronous=True)
     if model_id is not None:
         logged_models.prune(client, experiment_id, run_id, t["keep_models"], t["keep_best_models"],
                             t["best_metric"] or objective, t["best_mode"])
     return model_id
+
+
+def _dataset(url: str) -> dict:
+    """The shard set the metrics were computed on, as MLflow links a metric to its dataset."""
+    from pipeline.data.shards import read_manifest
+    from pipeline.lineage import dataset_digest, dataset_name
+
+    return {"dataset_name": dataset_name(url), "dataset_digest": dataset_digest(read_manifest(url))}
 
 
 def _model_at(client: Any, experiment_id: str, run_id: str, step: int, wait_s: float) -> Optional[str]:
