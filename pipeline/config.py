@@ -287,7 +287,7 @@ class TrainConfig:
     """``in_loop``: the ranks validate ``data.val_batches`` batches each every ``val_every`` steps and
     at each checkpoint, stalling training meanwhile. ``off_loop``: the ranks never validate; each
     checkpoint is validated by a Ray Train validation task beside the training (``ValidationConfig``,
-    ``train.val_cpus``/``val_gpus``) on the validation split (``val_max_samples``), with the IWAE
+    ``train.val_cpus``) on the validation split (``val_max_samples``), with the IWAE
     bound (``val_k``) and FID (``val_fid_weights``) besides the ELBO terms. Its ``val_*`` metrics are
     logged at the checkpoint's step and linked to that step's LoggedModel; they reach MLflow, model
     retention, ``register --best`` and a sweep's challenger, not Tune's schedulers."""
@@ -298,9 +298,7 @@ class TrainConfig:
     val_fid_weights: Optional[str] = None
     """Off-loop validation: the FID Inception's weights file; ``val_fid`` where given."""
     val_cpus: float = 1.0
-    """Off-loop validation: CPUs of each validation task."""
-    val_gpus: float = 0.0
-    """Off-loop validation: GPUs of each validation task."""
+    """Off-loop validation: CPUs of each validation task (it scores on CPU, as ``vaepipe evaluate`` does)."""
     keep_checkpoints: int = 2
     """Ray checkpoints kept on storage."""
     storage_path: str = "runs"
@@ -630,7 +628,6 @@ def validate_off_loop(cfg: VaepipeConfig) -> None:
     _check(t.val_max_samples is None or t.val_max_samples >= 1, "train.val_max_samples", t.val_max_samples,
            "must be >= 1 (or unset: the whole validation split)")
     _check(t.val_cpus > 0, "train.val_cpus", t.val_cpus, "must be > 0")
-    _check(t.val_gpus >= 0, "train.val_gpus", t.val_gpus, "must be >= 0")
     if t.validation != "off_loop":
         return
     _check(not cfg.progressive.enabled, "train.validation", t.validation,

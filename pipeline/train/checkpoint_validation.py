@@ -1,8 +1,8 @@
 """Checkpoint validation off the training path: a Ray Train validation task per checkpoint.
 
 With ``train.validation=off_loop`` the ranks do not validate. Every checkpoint they report goes to
-Ray Train's ``ValidationConfig`` function, which Ray runs as a task of its own (``train.val_cpus``,
-``train.val_gpus``: other hardware than the ranks' if the cluster has it) while the ranks train on;
+Ray Train's ``ValidationConfig`` function, which Ray runs as a task of its own (``train.val_cpus``
+CPUs: the evaluation's code runs on CPU) while the ranks train on;
 Ray's controller waits for the last one before ``fit`` returns. The task scores the checkpoint's
 weights on the validation split with the evaluation's own code (``pipeline.evaluate.runner``): the
 ELBO terms and active units, the IWAE bound with ``train.val_k`` importance samples, FID where
@@ -58,8 +58,7 @@ def validation_config(cfg: Any, loop_config: dict):
         return None
     from ray.train import ValidationConfig
 
-    resources = {"num_cpus": cfg.train.val_cpus, **({"num_gpus": cfg.train.val_gpus} if cfg.train.val_gpus else {})}
-    return ValidationConfig(fn=validator(loop_config), ray_remote_kwargs=resources)
+    return ValidationConfig(fn=validator(loop_config), ray_remote_kwargs={"num_cpus": cfg.train.val_cpus})
 
 
 def validator(loop_config: dict) -> CheckpointValidator:

@@ -155,19 +155,17 @@ def check_fits_cluster(cfg: VaepipeConfig) -> None:
     if d.start_retries == -1:
         return
     fewest, which = (d.num_workers, "dist.num_workers") if d.min_workers is None else (d.min_workers, "dist.min_workers")
-    t, off_loop = cfg.train, cfg.train.validation == "off_loop"
-    for key, per_worker, name, per_task in (("CPU", d.cpus_per_worker, "dist.cpus_per_worker", t.val_cpus),
-                                            ("GPU", d.gpus_per_worker, "dist.gpus_per_worker", t.val_gpus)):
+    for key, per_worker, name in (("CPU", d.cpus_per_worker, "dist.cpus_per_worker"), ("GPU", d.gpus_per_worker, "dist.gpus_per_worker")):
         need = fewest * per_worker
         if need > total.get(key, 0):
             raise ConfigError(f"{which}={fewest} x {name}={per_worker} needs {need:g} {key}s but the Ray "
                               f"cluster has {total.get(key, 0):g}: lower dist.num_workers (or set dist.start_retries=-1 "
                               "on an autoscaling cluster)")
-        if off_loop and need + per_task > total.get(key, 0):  # Ray's controller would wait for it forever
-            raise ConfigError(f"train.val_{key.lower()}s={per_task:g}: the validation task beside {which}={fewest} "
-                              f"workers ({need:g} {key}s) needs {need + per_task:g} {key}s but the Ray cluster has "
-                              f"{total.get(key, 0):g}: lower train.val_{key.lower()}s or the workers, or use "
-                              "train.validation=in_loop")
+    need, task = fewest * d.cpus_per_worker, cfg.train.val_cpus
+    if cfg.train.validation == "off_loop" and need + task > total.get("CPU", 0):  # Ray would wait for it forever
+        raise ConfigError(f"train.val_cpus={task:g}: the validation task beside {which}={fewest} workers ({need:g} "
+                          f"CPUs) needs {need + task:g} CPUs but the Ray cluster has {total.get('CPU', 0):g}: lower "
+                          "train.val_cpus or the workers, or use train.validation=in_loop")
 
 
 def _child_tags(parent_run_id: Optional[str], extra: Optional[dict] = None) -> dict:
