@@ -147,3 +147,19 @@ def test_the_validation_task_scores_every_fixed_resolution_family(name, shards32
     assert all(math.isfinite(v) for v in metrics.values()), metrics
     if objective != "val_code_nll":  # a bound (or objective) of reconstruction and KL terms
         assert metrics["val_recon"] + metrics["val_kl"] == pytest.approx(metrics[objective], rel=1e-4, abs=1e-3)
+
+
+def test_zero3_checkpoints_are_read_through_deepspeeds_consolidation_to_the_same_scores(shards32, tmp_path):
+    """Local mode (one rank, fp32): the same run under ZeRO-2 (rank 0's module state) and ZeRO-3
+    (DeepSpeed's consolidation of the partitions) validates to the same values at each checkpoint."""
+    from pipeline.tracking import make_client
+    from pipeline.train.trainer import run_training
+
+    scores = {}
+    for stage in (2, 3):
+        result = run_training(load_config(None, base_overrides(shards32, tmp_path / f"zero{stage}", **{
+            **OFF_LOOP, "dist.num_workers": 0, "dist.zero_stage": stage, "tracking.log_model": False})))
+        history = make_client(result.tracking_uri).get_metric_history(result.run_id, "val_neg_elbo")
+        scores[stage] = {m.step: m.value for m in history}
+    assert sorted(scores[3]) == [6, 12]
+    assert scores[3] == pytest.approx(scores[2], rel=1e-5)
