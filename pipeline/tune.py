@@ -22,6 +22,7 @@ MLflow: one parent run per sweep, one child run per trial (the trial's own train
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -194,6 +195,11 @@ def build_param_space(space: dict, grid_as_choice: bool = False) -> dict:
     }
     # Tune flattens nested keys with "/"; dotted names stay flat and readable in results.
     return {key: make[kind](values) for key, spec in space.items() for kind, values in spec.items()}
+
+
+def grid_size(space: dict) -> int:
+    """Trials per sample: Tune runs every combination of the ``grid`` keys ``num_samples`` times."""
+    return math.prod(len(values) for spec in space.values() for kind, values in spec.items() if kind == "grid")
 
 
 def _trial(params: dict, base: dict, parent_run_id: str, env: WorkerEnv) -> None:
@@ -404,6 +410,9 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=False, restart_errored=False)
     else:
+        from pipeline.sweep_progress import SweepProgress
+
+        total = len(points) if points is not None else cfg.tune.num_samples * grid_size(space)
         tuner = tune.Tuner(
             trainable,
             param_space=build_param_space(space, grid_as_choice=points is not None),
@@ -411,7 +420,8 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
                                         num_samples=len(points) if points is not None else cfg.tune.num_samples,
                                         scheduler=_scheduler(cfg, space), search_alg=_search_alg(cfg, points, cap),
                                         max_concurrent_trials=cap),
-            run_config=tune.RunConfig(name=name, storage_path=storage),
+            run_config=tune.RunConfig(name=name, storage_path=storage,
+                                      callbacks=[SweepProgress(cfg.tune.metric, cfg.tune.mode, total)]),
         )
         exp_dir.mkdir(parents=True, exist_ok=True)
         state = {"config": to_dict(cfg), "space": space, "parent_run_id": parent}

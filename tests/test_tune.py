@@ -84,8 +84,25 @@ def test_sweep_plot_takes_list_string_and_numeric_hyperparameters():
     assert sum(len(c.get_offsets()) for c in dims_ax.collections) == 2  # the failed trial has no metric
 
 
+def test_sweep_progress_line_counts_trials_by_state_and_names_the_best_latest_report():
+    from types import SimpleNamespace as T
+
+    from pipeline.sweep_progress import SweepProgress
+    from pipeline.tune import grid_size
+
+    assert grid_size({"optim.lr": {"grid": [1, 2, 3]}, "model.beta": {"grid": [1, 2]}, "x": {"choice": [1]}}) == 6
+    trials = [T(trial_id="a", status="TERMINATED", last_result={"val_neg_elbo": 120.0}),
+              T(trial_id="b", status="RUNNING", last_result={"val_neg_elbo": 101.5}),
+              T(trial_id="c", status="ERROR", last_result={"val_neg_elbo": float("nan")}),
+              T(trial_id="d", status="PENDING", last_result={})]
+    assert SweepProgress("val_neg_elbo", "min", total=6).line(trials) == (
+        "sweep: 1/6 done, 1 running, 3 waiting, 1 failed; best val_neg_elbo 101.5 (trial b)")
+    assert SweepProgress("val_neg_elbo", "max").line(trials).endswith("best val_neg_elbo 120 (trial a)")
+    assert SweepProgress("loss", "min", total=4).line(trials) == "sweep: 1/4 done, 1 running, 1 waiting, 1 failed"
+
+
 @pytest.mark.integration
-def test_asha_sweep_of_distributed_trials(ray_session, shards32, tmp_path, second_local_ray):
+def test_asha_sweep_of_distributed_trials(ray_session, shards32, tmp_path, second_local_ray, capsys):
     """Run while a second local Ray instance is up: Train's placement-group cleaner used to
     auto-detect "the" cluster, fail on two, and leave stopped trials' CPUs reserved."""
     from pipeline.tracking import make_client
@@ -110,6 +127,8 @@ def test_asha_sweep_of_distributed_trials(ray_session, shards32, tmp_path, secon
           f"{[(r['trial_id'], r['last_step']) for r in summary['trials'] if r['status'] == 'stopped']}")
     assert len(summary["trials"]) == 3
     assert {r["optim.lr"]: r["status"] for r in summary["trials"]} == {1e-2: "finished", 1e-5: "stopped", 1e3: "failed"}
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[vaepipe] sweep: ")]
+    assert progress and all("/3 done" in line for line in progress), progress  # a line a trial event, out of 3
     assert summary["stopped_early"] == 1
     assert summary["failed"] == 1
     assert [r["optim.lr"] for r in summary["trials"] if r["status"] == "failed"] == [1e3]
