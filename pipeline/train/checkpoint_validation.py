@@ -11,7 +11,8 @@ step, linked to that step's LoggedModel and to the shard set (name and manifest 
 the model retention with them, and returns them:
 Ray attaches them to the checkpoint (``Result.best_checkpoints``).
 
-In local mode (``dist.num_workers=0``) the same function runs in the process, after each report.
+In local mode (``dist.num_workers=0``) the same function runs in the process, on each checkpoint
+before it is reported (``LocalRank.report``), so a local-mode Tune trial reports the validated metrics.
 """
 
 from __future__ import annotations
