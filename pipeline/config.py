@@ -312,6 +312,11 @@ class TrainConfig:
     run_name: Optional[str] = None
     """Ray run folder name; default vaepipe-<timestamp>."""
 
+    @property
+    def off_loop(self) -> bool:
+        """Checkpoints are validated by a Ray Train validation task, not by the ranks (``validation``)."""
+        return self.validation == "off_loop"
+
 
 @dataclass
 class DistConfig:
@@ -628,7 +633,7 @@ def validate_off_loop(cfg: VaepipeConfig) -> None:
     _check(t.val_max_samples is None or t.val_max_samples >= 1, "train.val_max_samples", t.val_max_samples,
            "must be >= 1 (or unset: the whole validation split)")
     _check(t.val_cpus > 0, "train.val_cpus", t.val_cpus, "must be > 0")
-    if t.validation != "off_loop":
+    if not t.off_loop:
         return
     _check(not cfg.progressive.enabled, "train.validation", t.validation,
            "off_loop validation scores one resolution: use in_loop with progressive.enabled")

@@ -33,6 +33,12 @@ def step_of(model) -> int:
     return int(model.tags.get(STEP_TAG, -1))
 
 
+def at_step(client, experiment_id: str, run_id: str, step: int):
+    """The live model ``run_id`` logged at ``step``, or None."""
+    found = [m for m in search(client, [experiment_id], [run_id]) if step_of(m) == step]
+    return found[0] if found else None
+
+
 def metric_of(model, key: str) -> Optional[float]:
     """The value of ``key`` linked to ``model`` (the latest step's, if linked more than once)."""
     values = [(m.step, m.timestamp, m.value) for m in (model.metrics or []) if m.key == key]

@@ -7,6 +7,10 @@ next logging call on. A call leaves the queue only when the server accepted it, 
 logged twice, and order is kept. Images are rendered before queueing, so a deferred image is
 the picture of its own step; they go through ``MlflowClient.log_image(key=, step=)``. ``flush`` at the end of training waits up to
 ``flush_timeout_s`` for the server before it gives up with a warning (never an exception).
+
+A resumed rank redoes the steps between its checkpoint and the kill. ``skip_held`` reads, in the
+queue, what the run already holds (each metric's latest step, each image's key and step), and
+the calls after it leave those out, so the run keeps one value per metric and step.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class RankZeroLogger:
         self.pending: list[tuple[str, Callable[[], None]]] = []
         self.failures = 0  # calls that failed at least once (each is retried until it succeeds)
         self._next_retry = 0.0
+        self.held_metrics: dict[str, int] = {}  # key -> the latest step the run holds (skip_held)
+        self.held_images: set[tuple[str, int]] = set()
 
     # -- what the training loop logs ----------------------------------------------------
     def metrics(self, values: dict[str, float], step: int) -> None:
@@ -49,7 +55,7 @@ class RankZeroLogger:
         batch = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None and np.isfinite(v)]
         for i in range(0, len(batch), 1000):  # MLflow caps a batch at 1000 metrics
             part = batch[i : i + 1000]
-            self._submit(f"metrics@{step}", lambda part=part: self.client.log_batch(self.run_id, metrics=part))
+            self._submit(f"metrics@{step}", lambda part=part: self._log_new_metrics(part))
 
     def image(self, array: np.ndarray, key: str, step: int) -> None:
         """An image under ``key`` at ``step`` (MLflow's step slider and image comparison)."""
@@ -82,6 +88,12 @@ class RankZeroLogger:
         for k, v in values.items():
             self._submit(f"tag {k}", lambda k=k, v=v: self.client.set_tag(self.run_id, k, redact_text(str(v))))
 
+    def skip_held(self) -> None:
+        """Leave out of every later call what the run already holds: a resumed rank redoes the steps
+        after its checkpoint, and on the same world size their values are the ones already logged
+        (deterministic resume). Read in the queue, so an outage defers it and every later call sees it."""
+        self._submit("what the run holds", self._read_held)
+
     def call(self, what: str, fn: Callable[[], None]) -> None:
         """Any other logging call (``fn`` uses ``self.client``), queued in order like the rest. A
         retried ``fn`` must not redo what a failed try already did (``train.export`` keeps state)."""
@@ -101,13 +113,28 @@ class RankZeroLogger:
                           f"(first: {self.pending[0][0]}) were not delivered", RuntimeWarning, stacklevel=2)
 
     # -- the queue ------------------------------------------------------------------------
+    def _read_held(self) -> None:
+        run = self.client.get_run(self.run_id)
+        # MLflow keeps each metric's value at its highest step as the latest; ordered delivery
+        # means every step before it was delivered too
+        self.held_metrics = {m.key: m.step for m in run.data.to_proto().metrics}
+        self.held_images = set(logged_images(self.client, self.run_id))
+
+    def _log_new_metrics(self, part: list) -> None:
+        part = [m for m in part if m.step > self.held_metrics.get(m.key, -1)]
+        if part:
+            self.client.log_batch(self.run_id, metrics=part)
+
+    def _log_new_image(self, img, key: str, step: int, ts: int) -> None:
+        if (key, step) not in self.held_images:
+            self.client.log_image(self.run_id, img, key=key, step=step, timestamp=ts, synchronous=True)
+
     def _image(self, img, key: str, step: int) -> None:
         # The time is taken now: a call delivered after an outage keeps the time of its step.
         # MLflow writes an image as two files and a tag; a retry after a failure between them
         # can leave one extra file of the same key and step (the UI shows one per step).
         ts = int(time.time() * 1000)
-        self._submit(f"image {key}@{step}", lambda: self.client.log_image(
-            self.run_id, img, key=key, step=step, timestamp=ts, synchronous=True))
+        self._submit(f"image {key}@{step}", lambda: self._log_new_image(img, key, step, ts))
 
     def _submit(self, what: str, call: Callable[[], None]) -> None:
         if not self.enabled:
@@ -139,3 +166,17 @@ class RankZeroLogger:
 
         parts = urlsplit(self.uri)
         return f"{parts.scheme}://{parts.hostname}:{parts.port}" if parts.hostname else parts.scheme or "?"
+
+
+def logged_images(client, run_id: str) -> dict[tuple[str, int], list[str]]:
+    """``{(key, step): [artifact paths]}`` of a run's images logged with ``log_image(key=, step=)``:
+    MLflow names them ``images/<key, / as ~>+step+<step>+timestamp+<ms>+<uuid>.png``, which is
+    what its UI reads for the step slider. More than one path for a key and step is a duplicate."""
+    found: dict[tuple[str, int], list[str]] = {}
+    for art in client.list_artifacts(run_id, "images"):
+        name = art.path.rsplit("/", 1)[-1]
+        if not name.endswith(".png"):
+            continue  # the +compressed.webp thumbnails
+        key, _, step, *_ = name[: -len(".png")].split("+")
+        found.setdefault((key.replace("~", "/"), int(step)), []).append(art.path)
+    return found

@@ -97,7 +97,7 @@ def check_comparable(space: dict, cfg: VaepipeConfig) -> None:
     metric must be the family's and no searched key may change the objective or the likelihood.
     """
     metric, base = cfg.tune.metric, _objective(cfg)
-    if metric.startswith("val_") and cfg.train.validation == "off_loop" and cfg.dist.num_workers > 0:
+    if metric.startswith("val_") and cfg.train.off_loop and cfg.dist.num_workers > 0:
         raise ConfigError(f"tune.metric={metric!r} with train.validation=off_loop: a Ray Train trial's validation "
                           "tasks finish after its reports, so Tune's scheduler never sees it; set "
                           "train.validation=in_loop, or rank by a training metric (tune.metric=loss)")

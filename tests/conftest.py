@@ -325,14 +325,7 @@ def corrupt_shards32(shards32, tmp_path_factory) -> str:
 
 
 def logged_images(client, run_id: str) -> dict[tuple[str, int], str]:
-    """``{(key, step): artifact path}`` of a run's images logged with ``log_image(key=, step=)``:
-    MLflow names them ``images/<key, / as ~>+step+<step>+timestamp+<ms>+<uuid>.png``, which is
-    what its UI reads for the step slider."""
-    found = {}
-    for art in client.list_artifacts(run_id, "images"):
-        name = art.path.rsplit("/", 1)[-1]
-        if not name.endswith(".png"):
-            continue  # the +compressed.webp thumbnails
-        key, _, step, *_ = name[: -len(".png")].split("+")
-        found[(key.replace("~", "/"), int(step))] = art.path
-    return found
+    """``{(key, step): artifact path}`` of a run's images (the first file of each key and step)."""
+    from pipeline.logger import logged_images as all_logged
+
+    return {key: paths[0] for key, paths in all_logged(client, run_id).items()}

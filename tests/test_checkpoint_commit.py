@@ -201,3 +201,35 @@ def test_off_loop_hands_each_reported_checkpoint_to_validation(tmp_path, validat
                         rank=0, world_size=1, cfg=cfg, log=SimpleNamespace(run_id="r"), ctx=ctx, fault={}, last_val={})
     save_checkpoint(w, {"loss": 1.0})
     assert ctx.validate is (validation == "off_loop")
+
+
+class _Payload:
+    """What a tampered checkpoint file could carry: unpickling it would run code (here: create a file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_deepspeed_files_load_weights_only_and_a_file_carrying_code_is_refused_unrun(tmp_path):
+    """``weights_only.load`` (every DeepSpeed load of the engine goes through it) takes tensors and
+    the DeepSpeed classes its optimizer files hold, and refuses anything else, naming the file,
+    without running it."""
+    import pickle
+
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from pipeline.train import weights_only
+
+    good = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "exp_avg": torch.ones(3)}}, good)
+    loaded = weights_only.load(str(good))["optimizer_state_dict"]
+    assert torch.equal(loaded["exp_avg"], torch.ones(3)) and loaded["loss_scaler"].cur_scale == 1.0
+    marker, bad = tmp_path / "ran", tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.zeros(2)}, "extra": _Payload(marker)}, bad)
+    with pytest.raises(pickle.UnpicklingError, match="mp_rank_00_model_states.pt: refused to load with weights_only"):
+        weights_only.load(str(bad))
+    assert not marker.exists()  # the payload never ran

@@ -137,11 +137,10 @@ def test_the_validation_task_scores_every_fixed_resolution_family(name, shards32
     from test_family_contract import build
 
     model = build(name)
-    config = to_dict(load_config(None, [f"model.name={name}", "model.flavor=debug", "data.resolution=32",
-                                        f"data.path={shards32}", "data.batch_size=4", "train.val_k=2",
-                                        "train.val_max_samples=4"]))
+    cfg = load_config(None, [f"model.name={name}", "model.flavor=debug", "data.resolution=32",
+                             f"data.path={shards32}", "data.batch_size=4", "train.val_k=2", "train.val_max_samples=4"])
     state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    metrics, objective = score(weights_blob({"name": name, **model.config}, state, config), config)
+    metrics, objective = score(weights_blob({"name": name, **model.config}, state, to_dict(cfg)), cfg)
     assert objective == f"val_{models.objective_name(load_config(None, [f'model.name={name}']).model)}"
     assert metrics["val_num_samples"] == 4
     assert all(math.isfinite(v) for v in metrics.values()), metrics

@@ -74,12 +74,14 @@ def _diverge_twice(rank: int, world: int, run_dir: str) -> dict:
         second = ""
     except FloatingPointError as exc:
         second = str(exc)
-    return {"moved": moved, "rolled": rolled, "restored": restored, "after": after, "second": second}
+    return {"moved": moved, "rolled": rolled, "restored": restored, "after": after, "second": second,
+            "loads": type(engine.checkpoint_engine).__name__}
 
 
 def test_a_diverged_run_rolls_back_with_a_smaller_lr_then_fails_naming_the_rollbacks(tmp_path):
     (r,) = run_ranks(_diverge_twice, world=1, args=(str(tmp_path / "run"),))
     assert r["moved"] and r["rolled"] and r["restored"]  # the weights are the checkpoint's again
+    assert r["loads"] == "WeightsOnlyCheckpointEngine"  # read back with torch.load(weights_only=True)
     assert r["after"]["step"] == 5 and r["after"]["position"] == 5  # train state and data position too
     assert r["after"]["lr"] == pytest.approx(0.0025) and r["after"]["scale"] == 0.25
     assert r["after"]["rollbacks"] == 1 and r["after"]["tags"]["vaepipe.rollbacks"] == 1

@@ -191,3 +191,20 @@ def test_fid_from_fewer_samples_than_feature_dims_warns(shards32, blob):
         res = evaluate(blob, shards32, spec, feature_net=_TinyFeatures(width=16).eval())
     assert np.isfinite(res["fid"]) and "singular" in res["fid_warning"]
     assert any(note.startswith("fid warning") for note in result_notes(res))
+
+
+def test_the_evaluation_prints_its_progress_with_rate_and_time_left():
+    """A line at most every ``every_s`` seconds with the share's count, rate and ETA, and a closing
+    line with the count and the time it took (a fake clock: 1 s per batch of 10 samples)."""
+    from pipeline.evaluate.progress import EvalProgress
+
+    now, lines = [0.0], []
+    shown = EvalProgress(100, rank=0, world=2, every_s=3.0, clock=lambda: now[0], out=lines.append)
+    for _ in range(10):
+        now[0] += 1.0
+        shown.add(10)
+    shown.finish()
+    assert lines == ["evaluate, worker 1 of 2: 30/100 samples (30%), 10.0 samples/s, eta 7s",
+                     "evaluate, worker 1 of 2: 60/100 samples (60%), 10.0 samples/s, eta 4s",
+                     "evaluate, worker 1 of 2: 90/100 samples (90%), 10.0 samples/s, eta 1s",
+                     "evaluate, worker 1 of 2: 100 samples scored in 10s (10.0 samples/s)"]

@@ -154,6 +154,37 @@ def test_images_are_retrievable_by_key_and_step(shards32, tmp_path):
     assert client.get_run(run_id).data.tags["mlflow.loggedImages"] == "True"
 
 
+def test_a_resumed_rank_does_not_log_the_redone_steps_twice(shards32, tmp_path):
+    """The run holds metrics to step 4 (loss) and 3 (val_loss) and images at 2 and 4; a rank
+    resumed from step 2 logs steps 3-6 again. Each key keeps one value per step: the first one."""
+    from pipeline.logger import logged_images as all_logged
+
+    cfg = _cfg(shards32, tmp_path)
+    uri = cfg.tracking.tracking_uri
+    run_id = start_run(cfg, uri)
+    first = RankZeroLogger(uri, run_id, enabled=True)
+    grid = np.zeros((5, 5, 3), dtype=np.uint8)
+    for step in (1, 2, 3, 4):
+        first.metrics({"loss": float(step), **({"val_loss": 10.0 * step} if step <= 3 else {})}, step)
+        if step % 2 == 0:
+            first.image(grid, "samples", step)
+    first.flush()
+    resumed = RankZeroLogger(uri, run_id, enabled=True)
+    resumed.skip_held()
+    for step in (3, 4, 5, 6):
+        resumed.metrics({"loss": step + 0.5, "val_loss": 10.0 * step + 0.5}, step)
+        if step % 2 == 0:
+            resumed.image(grid, "samples", step)
+    resumed.flush()
+    client = make_client(uri)
+    history = {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in ("loss", "val_loss")}
+    assert history["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.5), (6, 6.5)]
+    assert history["val_loss"] == [(1, 10.0), (2, 20.0), (3, 30.0), (4, 40.5), (5, 50.5), (6, 60.5)]
+    images = all_logged(client, run_id)
+    assert sorted(images) == [("samples", 2), ("samples", 4), ("samples", 6)]
+    assert all(len(paths) == 1 for paths in images.values()), images
+
+
 def test_system_metrics_name_each_rank_and_stop(shards32, tmp_path):
     from pipeline.train.system_metrics import RankSystemMetrics
 

@@ -117,6 +117,7 @@ def test_zero3_run_registers_samples_and_evaluates_through_the_cli(ray_session, 
                    "--max-samples", "16", "--tracking-uri", result.tracking_uri)
     # mse on continuous pixels: the IWAE bound under its own name, and why nll is not shown
     assert "neg_iwae_nats" in printed and "nll not shown" in printed and "mig" in printed
+    assert "[vaepipe] evaluate: 16 samples scored in" in printed  # its progress line's closing one
     client = _client(result.tracking_uri)
     version = client.get_model_version_by_alias("vae-local", "champion")
     eval_run = client.get_run(version.tags["vaepipe.eval_run"])  # the version links to its evaluation
@@ -194,27 +195,32 @@ def test_zero2_over_mlflow_server_register_load_and_resume(uninterrupted):
 # The resume drills and their uninterrupted twin: the same math (seed, fp32 on every CPU class,
 # checkpoints every 5 steps, validation at 6 and 12), a loss logged at every step.
 RESUME_MATH = {"train.checkpoint_every": 5, "train.log_every": 1, "train.precision": "fp32", "tracking.log_model": False}
+# what the chaos drill compares besides: images every 4 steps and a LoggedModel per checkpoint
+# (images and models draw from their own generators: the losses are the same either way)
+RECORDS = {"train.image_every": 4, "tracking.log_model": True, "tracking.model_per_checkpoint": True}
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_session, shards32, tmp_path_factory, mlflow_server):
-    """The run every resume drill must reproduce (its per-step losses and final weights), trained
-    under ZeRO-2 into the real MLflow server with its model logged: the server test reads it too."""
+    """The run every resume drill must reproduce (its per-step losses, final weights and what its
+    MLflow run holds), trained under ZeRO-2 into the real MLflow server: the server test reads it too."""
+    from chaos_soak import read_record
+
     tmp = tmp_path_factory.mktemp("uninterrupted")
     overrides = base_overrides(shards32, tmp, tracking_uri=mlflow_server,
-                               **{**RESUME_MATH, "dist.zero_stage": 2, "tracking.log_model": True})
+                               **{**RESUME_MATH, **RECORDS, "dist.zero_stage": 2})
     result = _train(overrides)
-    return {"loss": dict(_metric_steps(_client(result.tracking_uri), result.run_id, "loss")),
+    client = _client(result.tracking_uri)
+    return {"loss": dict(_metric_steps(client, result.run_id, "loss")),
             "weights": _final_weights(Path(result.checkpoint_path)),
+            "record": read_record(client, result.run_id, result.run_dir),
             "result": result, "overrides": overrides, "server": mlflow_server}
 
 
 def _final_weights(ckpt: Path) -> dict:
-    import torch
+    from chaos_soak import final_weights
 
-    from pipeline.train.checkpoint import CKPT_TAG
-
-    return torch.load(ckpt / CKPT_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return final_weights(ckpt)
 
 
 def _assert_resume_reproduces(uninterrupted: dict, result, resumed_from: int) -> None:
@@ -273,14 +279,21 @@ def test_worker_sigkilled_from_outside_resumes_from_the_last_committed_checkpoin
 
 
 def test_whole_job_killed_mid_checkpoint_resumes_from_the_last_committed(ray_session, shards32, tmp_path,
-                                                                         uninterrupted):
-    """Driver and workers killed (SIGKILL of the driver takes its Train controller and workers with
-    it) while step 10's checkpoint is being written: ``--resume`` continues from step 5, never
-    from the half-written step-10 folder, and ends at the step asked for."""
+                                                                         uninterrupted, monkeypatch):
+    """The suite's chaos soak (``tests/chaos_soak.py`` is the long one). The driver is SIGKILLed
+    while step 10's checkpoint is written, which takes its Train controller and workers with it;
+    ``--resume`` continues from step 5, never from the half-written step-10 folder. There a worker
+    is SIGKILLed after a step drawn at random, and Ray restarts the group. The run ends as the
+    uninterrupted one, and holds each metric step, image, LoggedModel and checkpoint once."""
+    import random
+
     import ray
 
+    from chaos_soak import check_against_reference, read_record
+
     marker = tmp_path / "fault.marker"
-    overrides = base_overrides(shards32, tmp_path, **{**RESUME_MATH, "train.run_name": "killed"})
+    overrides = base_overrides(shards32, tmp_path, **{**RESUME_MATH, **RECORDS, "dist.zero_stage": 2,
+                                                      "train.run_name": "killed"})
     env = {**os.environ, "VAEPIPE_FAULT_PAUSE": "checkpoint:10", "VAEPIPE_FAULT_MARKER": str(marker)}
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", *overrides,
                                f"dist.address={ray.get_runtime_context().gcs_address}"],
@@ -291,12 +304,22 @@ def test_whole_job_killed_mid_checkpoint_resumes_from_the_last_committed(ray_ses
         time.sleep(0.2)
     driver.kill()  # the whole job: driver, controller, workers
     driver.wait(timeout=30)
+    kill_after = random.Random().randint(6, 11)  # in the redone steps 6-9, at 10, or after step 10's checkpoint
+    print(f"the worker is killed after step {kill_after}")  # shown where the test fails
+    second = tmp_path / "worker.marker"
+    monkeypatch.setenv("VAEPIPE_FAULT_PAUSE", f"step:{kill_after}")
+    monkeypatch.setenv("VAEPIPE_FAULT_MARKER", str(second))
+    killer = _kill_when_paused(second)
     run_dir = tmp_path / "runs" / "killed"
-    result = _train(overrides + ["train.run_name=resumed"], resume=str(run_dir))
+    result = _train(overrides + ["dist.max_failures=1"], resume=str(run_dir))
+    killer.join(timeout=5)
+    assert second.read_text().strip().isdigit(), f"no worker paused after step {kill_after}"
     assert result.metrics["step"] == 12
-    run = _client(result.tracking_uri).get_run(result.run_id)
-    assert run.data.tags["vaepipe.resumed_from_step"] == "5"
-    _assert_resume_reproduces(uninterrupted, result, 5)
+    client = _client(result.tracking_uri)
+    # the last restore: the worker's restart, from the newest checkpoint committed before its kill
+    assert client.get_run(result.run_id).data.tags["vaepipe.resumed_from_step"] == ("10" if kill_after > 10 else "5"), \
+        kill_after  # a worker paused after step 10 is killed before that step's checkpoint
+    check_against_reference(uninterrupted["record"], read_record(client, result.run_id, result.run_dir))
 
 
 def test_corrupt_jpeg_is_skipped_and_counted(corrupt_shards32, tmp_path):

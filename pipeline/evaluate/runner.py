@@ -130,10 +130,11 @@ def _partition_batches(stream, spec: EvalSpec, quota: Optional[int]):
 
 @torch.no_grad()
 def score_partition(blob: dict, data_url: str, spec: EvalSpec, rank: int, world: int,
-                    feature_net: Optional[torch.nn.Module] = None) -> dict:
+                    feature_net: Optional[torch.nn.Module] = None, progress: bool = False) -> dict:
     """Score this worker's share of ``spec.split``; returns mergeable state and per-sample rows.
 
-    ``feature_net`` replaces the FID Inception (tests, custom feature extractors).
+    ``feature_net`` replaces the FID Inception (tests, custom feature extractors); ``progress``:
+    print how far this share is every few seconds (``evaluate.progress``).
     """
     from pipeline.evaluate.diagnostics import ELBOAccumulator
     from pipeline.evaluate.likelihood import iwae_log_likelihood
@@ -145,6 +146,7 @@ def score_partition(blob: dict, data_url: str, spec: EvalSpec, rank: int, world:
     rows: dict[str, list] = {"key": [], "neg_iwae": [], "codes": [], "factors": []}
     wanted = set(spec.metrics)
     quota = None if spec.max_samples is None else math.ceil(spec.max_samples / world)
+    shown = _share_progress(data_url, spec, quota, rank, world) if progress else None
     for x, keys, factors in _partition_batches(stream, spec, quota):
         rows["key"] += keys
         if wanted & {"mig", "sap", "au"} and has_gaussian_latent(model):
@@ -161,11 +163,24 @@ def score_partition(blob: dict, data_url: str, spec: EvalSpec, rank: int, world:
                 rows["neg_iwae"].append(-float(iwae_log_likelihood(model, xi, k=spec.k, batch_k=spec.batch_k)[0]))
         if fid is not None:
             fid.update(model, x, keys, spec.seed)
+        if shown is not None:
+            shown.add(len(keys))
+    if shown is not None:
+        shown.finish()
     part: dict[str, Any] = {"elbo_state": acc.state_dict() if acc.count else None, "rows": rows,
                             "latent_kind": latent_kind(model)}
     if fid is not None:
         part["fid"] = fid.moments()
     return part
+
+
+def _share_progress(data_url: str, spec: EvalSpec, quota: Optional[int], rank: int, world: int):
+    from pipeline.data.shards import read_manifest
+    from pipeline.evaluate.progress import EvalProgress
+
+    n = read_manifest(data_url)["splits"][spec.split]["num_samples"]
+    share = -(-n // world)  # the expected share: ranks may differ by a batch (iter_eval)
+    return EvalProgress(share if quota is None else min(share, quota), rank, world)
 
 
 def fid_model_samples(model: torch.nn.Module, keys: list[str], seed: int) -> torch.Tensor:
@@ -311,11 +326,12 @@ def evaluate(blob: dict, data_url: str, spec: EvalSpec, workers: int = 1,
              feature_net: Optional[torch.nn.Module] = None) -> dict:
     """Score ``data_url``'s split with ``workers`` Ray workers (1 = in this process)."""
     if workers <= 1:
-        parts = [score_partition(blob, data_url, spec, 0, 1, feature_net)]
+        parts = [score_partition(blob, data_url, spec, 0, 1, feature_net, progress=True)]
     else:
         import ray
 
         blob_ref = ray.put(blob)
         task = ray.remote(num_cpus=1)(score_partition)
-        parts = ray.get([task.remote(blob_ref, data_url, spec, r, workers, feature_net) for r in range(workers)])
+        parts = ray.get([task.remote(blob_ref, data_url, spec, r, workers, feature_net, progress=r == 0)
+                         for r in range(workers)])
     return name_likelihood_metrics(merge_partitions(parts, spec), blob)

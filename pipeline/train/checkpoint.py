@@ -68,7 +68,7 @@ def save_checkpoint(w: Any, metrics: dict) -> None:
         if getattr(w, "growth", None) is not None:  # Tune compares val metrics only at equal resolution
             report["resolution"] = w.state.resolution
         # Ray Train persists it (and, off_loop, has it validated); local mode copies it into the run folder
-        w.ctx.report(report, folder, asynchronous, validate=w.cfg.train.validation == "off_loop")
+        w.ctx.report(report, folder, asynchronous, validate=w.cfg.train.off_loop)
         handed_over = asynchronous  # Ray Train deletes the folder once it is uploaded
     finally:
         if not handed_over:

@@ -27,6 +27,7 @@ import torch
 
 from pipeline.credentials import WorkerEnv
 from pipeline.train.checkpoint import CKPT_TAG, STATE_FILE
+from pipeline.train import weights_only
 from pipeline.train.ema import EMA_DIR
 
 MODEL_WAIT_S = 120.0  # the step's LoggedModel is logged through rank 0's queue, maybe after the report
@@ -43,19 +44,22 @@ class CheckpointValidator:
     env: WorkerEnv
 
     def __call__(self, checkpoint: Any, **_: Any) -> dict:
+        from pipeline.config import from_dict
+
         self.env.apply()
+        cfg = from_dict(self.config)
         with checkpoint.as_directory() as local:
             folder = Path(local)
             step = int(json.loads((folder / STATE_FILE).read_text())["train_state"]["step"])
-            blob = checkpoint_blob(folder, self.config)
-        metrics, objective = score(blob, self.config)
+            blob = checkpoint_blob(folder, cfg, self.config)
+        metrics, objective = score(blob, cfg)
         record(self.env.tracking_uri, self.run_id, step, metrics, self.config, objective)
         return {**metrics, "step": step}
 
 
 def validation_config(cfg: Any, loop_config: dict):
     """Ray Train's ``ValidationConfig`` for ``train.validation=off_loop``, else None."""
-    if cfg.train.validation != "off_loop":
+    if not cfg.train.off_loop:
         return None
     from ray.train import ValidationConfig
 
@@ -66,14 +70,13 @@ def validator(loop_config: dict) -> CheckpointValidator:
     return CheckpointValidator(loop_config["config"], loop_config["run_id"], loop_config["env"])
 
 
-def checkpoint_blob(folder: Path, config: dict) -> dict:
+def checkpoint_blob(folder: Path, cfg: Any, config: dict) -> dict:
     """The weights the run releases at this checkpoint (its EMA where it keeps one), as the
-    evaluation reads a logged model: ``{"model_config", "state_dict", "config"}``."""
+    evaluation reads a logged model: ``{"model_config", "state_dict", "config"}``. ``cfg`` is the
+    run's typed config, ``config`` the dict it came from (what the blob carries)."""
     from models import build_model
-    from pipeline.config import from_dict
     from pipeline.train.export import weights_blob
 
-    cfg = from_dict(config)
     model = build_model(cfg.model)
     state = checkpoint_state_dict(folder, cfg.dist.zero_stage)
     if cfg.train.ema_rate:
@@ -90,8 +93,7 @@ def checkpoint_state_dict(folder: Path, zero_stage: int) -> dict:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=CKPT_TAG))
-    # DeepSpeed's own file: besides tensors it pickles its config and version objects
-    states = torch.load(folder / CKPT_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = weights_only.load(str(folder / CKPT_TAG / "mp_rank_00_model_states.pt"))
     return dict(states["module"])
 
 
@@ -105,14 +107,13 @@ def _with_ema(folder: Path, model: torch.nn.Module, state: dict) -> dict:
     return {**state, **dict(zip(names, shadow))}
 
 
-def score(blob: dict, config: dict) -> tuple[dict, str]:
-    """The validation metrics of ``blob`` on the validation split, named as the in-loop ones are,
-    and the name of the family's objective among them (``val_neg_elbo`` for the ELBO families)."""
+def score(blob: dict, cfg: Any) -> tuple[dict, str]:
+    """The validation metrics of ``blob`` on the validation split of the run's typed config ``cfg``,
+    named as the in-loop ones are, and the name of the family's objective among them
+    (``val_neg_elbo`` for the ELBO families)."""
     from models import objective_name
-    from pipeline.config import from_dict
     from pipeline.evaluate.runner import EvalSpec, merge_partitions, score_partition
 
-    cfg = from_dict(config)
     t = cfg.train
     wanted = ["elbo", "au"] + (["neg_iwae_nats"] if t.val_k else []) + (["fid"] if t.val_fid_weights else [])
     spec = EvalSpec(metrics=wanted, split="valid", k=max(t.val_k, 1), batch_k=min(max(t.val_k, 1), 250),
@@ -166,7 +167,7 @@ def _model_at(client: Any, experiment_id: str, run_id: str, step: int, wait_s: f
 
     deadline = time.monotonic() + wait_s
     while True:
-        found = [m for m in logged_models.search(client, [experiment_id], [run_id]) if logged_models.step_of(m) == step]
-        if found or time.monotonic() >= deadline:
-            return found[0].model_id if found else None
+        found = logged_models.at_step(client, experiment_id, run_id, step)
+        if found is not None or time.monotonic() >= deadline:
+            return found.model_id if found is not None else None
         time.sleep(1.0)

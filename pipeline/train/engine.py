@@ -145,7 +145,7 @@ def build_engine(cfg: VaepipeConfig, model: torch.nn.Module, world_size: int, pr
     ``zero.Init``); it must come from ``build_deepspeed_config(..., sum_gradients=True)``."""
     import deepspeed
 
-    from pipeline.train import grad_skip, zero_step
+    from pipeline.train import grad_skip, weights_only, zero_step
 
     match_norm_buffers(model, precision)
     if ds_config is None:
@@ -153,6 +153,7 @@ def build_engine(cfg: VaepipeConfig, model: torch.nn.Module, world_size: int, pr
     trainable = [p for p in model.parameters() if p.requires_grad]  # frozen parents stay out of Adam
     ds_config = size_reduce_bucket(ds_config, trainable)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    weights_only.install(engine)  # its checkpoint loads: tensors and DeepSpeed's own few classes, no code
     if cfg.optim.lean_zero_step and not on_cuda(cfg):  # measured on CPUs only: CUDA keeps DeepSpeed's step
         zero_step.install(engine)
     # after the lean step, so the gate wraps the norm the step really uses

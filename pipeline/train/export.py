@@ -76,13 +76,16 @@ class CheckpointModel:
         from pipeline import logged_models
         from pipeline.serving import log_pyfunc
 
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        if self.model_uri is None:  # a restarted run redoing this checkpoint finds its model in the run
+            held = logged_models.at_step(self.client, experiment_id, self.run_id, self.step)
+            self.model_uri = f"models:/{held.model_id}" if held is not None else None
         if self.model_uri is None:
             self.model_uri = log_pyfunc(self.run_id, self.folder / "weights.pt", self.model_config, self.config_yaml,
                                         step=self.step, tags={logged_models.STEP_TAG: str(self.step)},
                                         params={"step": self.step, **self.data})
         self.client.set_tag(self.run_id, "vaepipe.model_uri", self.model_uri)
         self.client.set_tag(self.run_id, "vaepipe.weights", self.weights)
-        experiment_id = self.client.get_run(self.run_id).info.experiment_id
         logged_models.prune(self.client, experiment_id, self.run_id, *self.retention)
         shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -39,6 +39,9 @@ def train_loop_per_worker(loop_config: dict, ctx: Optional[Any] = None) -> None:
     if w.rank == 0 and w.resumed_from is not None:
         say(f"resumed from step {w.resumed_from}")
         w.log.tags({"vaepipe.resumed_from_step": w.resumed_from})
+    # a restarted group redoes the steps since its checkpoint (or since step 0, where none was
+    # committed yet): what the run holds of them is not logged again
+    w.log.skip_held()
     monitor = start_system_metrics(w)  # every rank, its own node id
     first_step = w.state.step
     try:
@@ -156,7 +159,7 @@ def after_step(w: Worker, window: MetricWindow, batch: Optional[dict]) -> None:
     # what a run shows and releases is the weight EMA where it keeps one (train.ema_rate)
     with ema_weights(w):
         # a checkpoint's model carries the validation metrics of its own step
-        if t.validation == "in_loop" and w.cfg.data.val_batches and (step % t.val_every == 0 or last or model):
+        if not t.off_loop and w.cfg.data.val_batches and (step % t.val_every == 0 or last or model):
             validate(w)  # off_loop: a Ray Train validation task scores each checkpoint (checkpoint_validation)
         if batch is not None and (step % t.image_every == 0 or last):
             log_images(w, batch)

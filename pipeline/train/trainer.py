@@ -162,7 +162,7 @@ def check_fits_cluster(cfg: VaepipeConfig) -> None:
                               f"cluster has {total.get(key, 0):g}: lower dist.num_workers (or set dist.start_retries=-1 "
                               "on an autoscaling cluster)")
     need, task = fewest * d.cpus_per_worker, cfg.train.val_cpus
-    if cfg.train.validation == "off_loop" and need + task > total.get("CPU", 0):  # Ray would wait for it forever
+    if cfg.train.off_loop and need + task > total.get("CPU", 0):  # Ray would wait for it forever
         raise ConfigError(f"train.val_cpus={task:g}: the validation task beside {which}={fewest} workers ({need:g} "
                           f"CPUs) needs {need + task:g} CPUs but the Ray cluster has {total.get('CPU', 0):g}: lower "
                           "train.val_cpus or the workers, or use train.validation=in_loop")
@@ -246,7 +246,7 @@ def run_training(cfg: VaepipeConfig, resume: Optional[str] = None, parent_run_id
         tracking.say("dist.num_workers=0: training in this process (local mode: one rank, no restarts)")
     else:
         # off the loop, a validation task runs beside the workers: a local Ray gets its CPUs on top
-        init_ray(cfg, spare_cpus=math.ceil(cfg.train.val_cpus) if cfg.train.validation == "off_loop" else 0)
+        init_ray(cfg, spare_cpus=math.ceil(cfg.train.val_cpus) if cfg.train.off_loop else 0)
         check_fits_cluster(cfg)
     run_id = _open_run(cfg, uri, ckpt_dir, mlflow_run_id, _child_tags(parent_run_id, run_tags))
     name = cfg.train.run_name or f"vaepipe-{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}"
@@ -362,7 +362,7 @@ def _fit_local(cfg: VaepipeConfig, loop_config: dict, uri: str, run_id: str,
         from ray import tune
 
         sink = tune.report
-    validator = checkpoint_validation.validator(loop_config) if cfg.train.validation == "off_loop" else None
+    validator = checkpoint_validation.validator(loop_config) if cfg.train.off_loop else None
     ctx = LocalRank(loop_config["run_dir"], cfg.train.keep_checkpoints, sink, validator)
     with _closing_run(cfg, uri, run_id), one_rank_group():
         train_loop_per_worker(loop_config, ctx)
