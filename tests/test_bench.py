@@ -1,5 +1,6 @@
 """The benchmark harness measures real training steps (the long runs live behind `vaepipe bench`)."""
 
+import math
 
 import pytest
 import torch
@@ -372,3 +373,44 @@ def test_validation_bench_compares_the_three_ways_at_one_checkpoint_schedule_on_
     assert report.summary["in_loop_vs_none"] == pytest.approx(21.0 / 42.0)
     with pytest.raises(ValueError, match="--val-batches 0"):
         bench.validation_bench(cfg, steps=60, every=10, val_batches=0, repeats=1)
+
+
+def test_quality_verdict_is_the_gap_of_the_means_against_two_standard_errors():
+    import math
+    import statistics
+
+    from pipeline.bench.quality import verdict
+
+    bare = [100.0, 102.0, 104.0]
+    se = math.sqrt(statistics.variance([101.0, 103.0, 105.0]) / 3 + statistics.variance(bare) / 3)
+    within = verdict([101.0, 103.0, 105.0], bare)  # 1 nat worse, inside the spread
+    assert within["gap_nats"] == pytest.approx(1.0) and within["tolerance_nats"] == pytest.approx(2 * se)
+    assert not within["worse"]
+    assert verdict([110.0, 112.0, 114.0], bare)["worse"]  # 10 nats worse: beyond it
+    assert not verdict([90.0, 92.0, 94.0], bare)["worse"]  # better is never a failure
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        verdict([1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("overrides, key", [(["schedule.kl_anneal=linear", "schedule.warmup=100"], "schedule.kl_anneal"),
+                                            (["optim.name=adamw"], "optim.name"), (["train.ema_rate=0.99"], "train.ema_rate"),
+                                            (["model.name=factor_vae"], "model.name"), (["dist.num_workers=0"], "dist.num_workers")])
+def test_quality_bench_refuses_math_the_bare_loop_does_not_do_by_name(overrides, key):
+    from pipeline.bench.quality import comparable
+
+    cfg = load_config(None, overrides)
+    with pytest.raises(ValueError, match=f"{key} is not comparable"):
+        comparable(cfg)
+
+
+def test_quality_bench_scores_the_bare_loops_model_on_held_out_data_and_training_lowers_it(shards32, tmp_path):
+    """The bare side as the bench runs it: the debug model trained in the loop scores a lower test
+    -ELBO after 30 steps than untrained, both scored by the evaluation's code on the test split."""
+    from pipeline.bench.quality import bare_blob, held_out_split, in_memory, score
+
+    cfg = load_config(None, base_overrides(shards32, tmp_path, **{"train.precision": "fp32"}))
+    data = in_memory(cfg)
+    split = held_out_split(shards32)
+    untrained, trained = (score(bare_blob(cfg, data, steps), cfg, split, 16) for steps in (0, 30))
+    assert split == "test" and data.shape[1:] == (3, 32, 32)
+    assert math.isfinite(trained) and trained < 0.9 * untrained, (untrained, trained)

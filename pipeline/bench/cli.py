@@ -127,6 +127,41 @@ def bench_validation(
     _publish(report, out, cfg, mlflow)
 
 
+@bench_app.command("quality", context_settings={"allow_extra_args": True})
+def bench_quality(
+    ctx: typer.Context,
+    config: Path = typer.Option(Path("jobs/digits.yaml"), help="Job YAML (the reference model); extra args are overrides."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; each trains both ways."),
+    steps: int = typer.Option(200, help="Optimizer steps of every run."),
+    max_samples: int = typer.Option(0, help="Held-out samples scored (0: the whole split)."),
+    out: Path = typer.Option(Path("bench-results"), help=OUT_HELP),
+    mlflow: bool = typer.Option(True, help=MLFLOW_HELP),
+):
+    """Test -ELBO of the reference model trained through vaepipe train and in the bare loop, on the
+    same data, steps and seeds; exits 1 when the pipeline trains worse beyond the seeds' spread."""
+    import shutil
+    import tempfile
+
+    from pipeline.bench.quality import quality_bench
+
+    cfg = _load(config, ctx.args)
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        _fail(f"--seeds {seeds!r}: give integers, comma-separated")
+    work = Path(tempfile.mkdtemp(prefix="vaepipe-quality-"))  # the runs' checkpoints
+    try:
+        report = quality_bench(cfg, seed_list, steps, max_samples or None, work)
+    except ValueError as exc:
+        _fail(str(exc))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _publish(report, out, cfg, mlflow)
+    if report.summary["worse"]:
+        _fail(f"the pipeline trains worse than the bare loop: {report.summary['gap_nats']:.2f} nats, beyond the "
+              f"seeds' spread ({report.summary['tolerance_nats']:.2f})")
+
+
 @bench_app.command("scaling", context_settings={"allow_extra_args": True})
 def bench_scaling(
     ctx: typer.Context,
