@@ -1,6 +1,6 @@
 """Activation checkpointing applied to a model from outside (the model stays unaware of it).
 
-Which checkpointing vaepipe ships, and why (tests/test_activation_checkpointing.py):
+Which checkpointing vaepipe ships, and why (tests/integration/test_activation_checkpointing.py):
 
 - torch's **non-reentrant** ``torch.utils.checkpoint`` on every block ``checkpoint_blocks()``
   names (every conv of the conv families' encoders and decoders). It works with ZeRO-3's

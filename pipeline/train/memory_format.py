@@ -15,7 +15,7 @@ convolution reorders its small weight per call). The arithmetic is the same; onl
 summation order inside the kernels differs (float rounding).
 
 Model code that reshapes a convolution's output must use ``reshape``/``flatten`` rather than
-``view`` (a channels-last tensor is not viewable as NCHW); ``tests/test_memory_format.py``
+``view`` (a channels-last tensor is not viewable as NCHW); ``tests/unit/test_memory_format.py``
 trains every registered family's debug flavor both ways.
 """
 

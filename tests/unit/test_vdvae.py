@@ -2,7 +2,7 @@
 
 Models are the ``debug`` flavor at 8-32 px so the whole file runs in well under a minute on CPU.
 Activation checkpointing and the bf16 cast are checked with every family in
-tests/test_family_contract.py.
+tests/unit/test_family_contract.py.
 """
 
 import math

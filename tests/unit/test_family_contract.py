@@ -24,6 +24,7 @@ options, overfitting.
    and ``latent_kind`` (evaluation's IWAE, units, traversals), ``default_ema_rate`` /
    ``samples_at_temperature`` (config, serving), ``set_alpha`` / ``new_parameter_names``
    (progressive growth).
+7. off-loop validation's scoring of a checkpoint's weights (``checkpoint_validation.score``).
 """
 
 from __future__ import annotations
@@ -468,3 +469,23 @@ def test_growth_hooks_match_the_progressive_config(name):
     for alpha in (-0.1, 1.1):
         with pytest.raises(ValueError, match="alpha"):
             model.set_alpha(alpha)
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if not _growing(n)])
+def test_the_validation_task_scores_every_fixed_resolution_family(name, shards32):
+    """Off-loop validation (``checkpoint_validation.score``) scores every fixed-resolution family
+    from its weights as a checkpoint holds them: the objective and its terms finite, recon + KL
+    equal to the objective."""
+    from pipeline.train.checkpoint_validation import score
+    from pipeline.train.export import weights_blob
+
+    model = build(name)
+    cfg = load_config(None, [f"model.name={name}", "model.flavor=debug", "data.resolution=32",
+                             f"data.path={shards32}", "data.batch_size=4", "train.val_k=2", "train.val_max_samples=4"])
+    state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    metrics, objective = score(weights_blob({"name": name, **model.config}, state, to_dict(cfg)), cfg)
+    assert objective == f"val_{models.objective_name(load_config(None, [f'model.name={name}']).model)}"
+    assert metrics["val_num_samples"] == 4
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    if objective != "val_code_nll":  # a bound (or objective) of reconstruction and KL terms
+        assert metrics["val_recon"] + metrics["val_kl"] == pytest.approx(metrics[objective], rel=1e-4, abs=1e-3)

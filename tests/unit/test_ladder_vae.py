@@ -87,7 +87,7 @@ def test_residual_posterior_starts_at_the_prior():
     assert torch.all(std > std_p)  # Δσ > 1 for a large positive raw scale
 
 
-@pytest.mark.parametrize("merge", ["residual"])  # the default precision merge: tests/test_family_contract.py
+@pytest.mark.parametrize("merge", ["residual"])  # the default precision merge: tests/unit/test_family_contract.py
 def test_gradients_reach_every_parameter(merge):
     model = build(ladder={"merge": merge})
     model(rectangles(4))["loss"].backward()

@@ -24,7 +24,7 @@ import yaml
 from conftest import base_overrides, wait_all_cpus_free
 from pipeline.config import ConfigError, load_config
 
-JOBS = Path(__file__).resolve().parent.parent / "jobs"
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
 def _sweep_file(tmp_path: Path, shards: str, space: dict, **sections) -> Path:

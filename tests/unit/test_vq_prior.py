@@ -61,7 +61,7 @@ def test_forward_keys_and_values(parent, arch):
     assert torch.allclose(model.code_nll(out["codes"]).mean(), out["loss"] * 64, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["transformer"])  # the default pixelcnn: tests/test_family_contract.py
+@pytest.mark.parametrize("arch", ["transformer"])  # the default pixelcnn: tests/unit/test_family_contract.py
 def test_gradients_reach_the_prior_and_never_the_parent(parent, arch):
     model = build(parent, arch)
     model.train()

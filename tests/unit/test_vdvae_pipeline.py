@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config import ConfigError, load_config, to_dict
 
-JOBS = Path(__file__).resolve().parents[1] / "jobs"
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
 def test_flavor_fills_the_vdvae_section_and_the_family_keeps_an_ema():

@@ -127,7 +127,7 @@ def test_progressive_sweep_runs_asha_on_images_seen_and_compares_only_at_one_res
 
     from pipeline.tune import asha_clock, check_comparable, load_sweep
 
-    sweep = Path(__file__).resolve().parents[1] / "jobs" / "sweeps" / "progressive.yaml"
+    sweep = Path(__file__).resolve().parents[2] / "jobs" / "sweeps" / "progressive.yaml"
     cfg, space = load_sweep(sweep)
     assert asha_clock(cfg, space) == ("images_seen", 3 * 2000 + 4500)  # the longest trial's images
     with pytest.raises(ConfigError, match=r"rung of 5000 images seen .* resolutions \[16, 32\]"):

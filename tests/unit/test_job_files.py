@@ -14,7 +14,7 @@ import torch
 
 from pipeline.config import apply_overrides, load_config
 
-JOBS = Path(__file__).resolve().parents[1] / "jobs"
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
 JOB_FILES = sorted(JOBS.glob("*.yaml")) + sorted((JOBS / "bench").glob("*.yaml"))
 SWEEP_FILES = sorted((JOBS / "sweeps").glob("*.yaml"))
 

@@ -40,7 +40,7 @@ def _s3_keys(prefix: str) -> list[str]:
 
 def _run_job(shards: str, work: Path, tracking_uri: str, storage_url: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    script = Path(__file__).with_name("s3_job.py")
+    script = Path(__file__).resolve().parents[1] / "s3_job.py"
     proc = subprocess.run([sys.executable, str(script), shards, str(work), tracking_uri, storage_url], env=env,
                           capture_output=True, text=True, timeout=840)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -1,6 +1,6 @@
 """Models run with bf16 weights (what precision=auto gives on AMX CPUs and Ampere+ GPUs):
 sampling and reconstruction used to draw float32 latents into a bf16 decoder and fail. Every
-family's debug flavor is checked in tests/test_family_contract.py; here the conv VAE's options
+family's debug flavor is checked in tests/unit/test_family_contract.py; here the conv VAE's options
 and the BatchNorm blocks at 64 px."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pipeline.config import load_config
 
 
 
-# Every family's plain debug flavor is cast the same way in tests/test_family_contract.py; these
+# Every family's plain debug flavor is cast the same way in tests/unit/test_family_contract.py; these
 # are the conv VAE's options that change its sampling and loss paths.
 CASES = [
     ["model.name=conv_vae", "model.prior=made"], ["model.name=conv_vae", "model.prior=mog"],

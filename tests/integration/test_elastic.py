@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration  # its own Ray cluster
 def test_node_lost_then_back(shards32, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     assert env.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S") is None or env.get("VAEPIPE_SET_START_TIMEOUT")
-    script = Path(__file__).with_name("elastic_job.py")
+    script = Path(__file__).resolve().parents[1] / "elastic_job.py"
     proc = subprocess.run([sys.executable, str(script), shards32, str(tmp_path)], env=env, capture_output=True,
                           text=True, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

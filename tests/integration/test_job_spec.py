@@ -13,7 +13,7 @@ from pipeline.job_spec import build_job_spec, project_root, staged_working_dir, 
 from pipeline.jobs import JobsError, enable_token_auth, resolve_address
 from pipeline.tune import load_sweep
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _fake_project(root: Path) -> Path:

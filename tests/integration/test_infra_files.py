@@ -12,7 +12,7 @@ import yaml
 
 from pipeline.config import load_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 YAMLS = sorted(p for d in (INFRA, ROOT / "jobs") for p in d.rglob("*.yaml"))
 VAEPIPE_DOCKERFILES = sorted((INFRA / "docker").glob("Dockerfile.*"))
