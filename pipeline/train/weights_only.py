@@ -4,13 +4,14 @@ DeepSpeed loads every checkpoint file with ``weights_only=False``: unpickling su
 whatever code it names, so a checkpoint folder on shared storage or S3 is code to whoever
 resumes from it. The engine reads its model and ZeRO optimizer files through
 ``engine.checkpoint_engine.load`` (its checkpoint-engine interface); ``install`` makes that load
-tensors, plain containers and the few DeepSpeed and torch classes those files hold
-(``ALLOWED``, found by scanning the files of ZeRO 0-3 in fp32 and bf16 with
-``torch.serialization.get_unsafe_globals_in_checkpoint``). Anything else is refused, naming the
-file and the class.
+tensors, plain containers and the three DeepSpeed classes those files hold (``allowed``, found
+by scanning the files of ZeRO 0-3 in fp32 and bf16 with
+``torch.serialization.get_unsafe_globals_in_checkpoint``: the model-state files need none, the
+ZeRO 1-3 optimizer files all three). Anything else is refused, naming the file and the class.
 
-What stays ``weights_only=False`` is DeepSpeed's universal checkpointing: ``ds_to_universal``
-and the universal load read files with ``torch.load`` directly, and no API reaches those calls.
+What stays ``weights_only=False`` is what DeepSpeed reads with ``torch.load`` itself, out of any
+API's reach: universal conversion (``ds_to_universal``), the universal load, and the ZeRO-3
+consolidation (``zero_to_fp32``) that off-loop validation uses.
 """
 
 from __future__ import annotations
