@@ -6,6 +6,8 @@ bar when the model is logged; and Train's print patch sends each ``print`` of a 
 example DeepSpeed's "op built successfully") to the console twice. A run of a few hundred
 reports buries its step lines under them. Unless ``tracking.verbose`` is set, those loggers
 say only warnings and errors, and prints go to the console once. No library warning is hidden.
+Train's own controller (the worker group it started, each validation task) speaks at its
+``LoggingConfig`` level (``train_logging``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ def quiet_driver(verbose: bool) -> None:
     if not verbose and PRINT_PATCH_VAR not in os.environ:
         os.environ[PRINT_PATCH_VAR] = "0"
         os.environ[_SET_BY_VAEPIPE] = "1"
+
+
+def train_logging(verbose: bool):
+    """Ray Train's ``LoggingConfig``: its controller and workers say warnings and errors on the
+    console unless ``verbose`` (its INFO lines: the worker group's every pid, each async validation
+    task launched and finished, each report). Train's system log files in the Ray session keep every
+    level either way; only its console and application log files follow this level."""
+    from ray.train import LoggingConfig
+
+    return LoggingConfig(log_level="INFO" if verbose else "WARNING")
 
 
 def quiet_rank(verbose: bool) -> None:

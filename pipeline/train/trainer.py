@@ -21,7 +21,7 @@ from pipeline.credentials import CREDENTIAL_ENV, WorkerEnv
 from pipeline.redact import is_redacted, redact_config_dict, redact_text
 from pipeline.train import checkpoint_validation
 from pipeline.train.checkpoint import MARKER_FILE, STATE_FILE, commit_status, committed_checkpoints, read_state
-from pipeline.train.console import quiet_driver
+from pipeline.train.console import quiet_driver, train_logging
 from pipeline.train.failures import fail_once, not_retried
 from pipeline.train.loop import train_loop_per_worker
 from pipeline.train.run_storage import Location, checkpoint_location, child, exists, location, ray_storage
@@ -319,6 +319,7 @@ def build_trainer(cfg: VaepipeConfig, loop_config: dict, name: str, callbacks: t
                                          controller_failure_limit=cfg.dist.start_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=[fail_once(), *callbacks],
+            logging_config=train_logging(cfg.tracking.verbose),
         ),
         validation_config=checkpoint_validation.validation_config(cfg, loop_config),
     )

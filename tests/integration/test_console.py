@@ -82,3 +82,17 @@ def test_a_store_without_a_server_is_opened_with_mlflow_ui():
     from pipeline.cli import _where_to_look
 
     assert _where_to_look("sqlite:///mlruns.db", "abc") == "run abc in `mlflow ui --backend-store-uri sqlite:///mlruns.db`"
+
+
+@pytest.mark.parametrize("verbose, level", [(False, "WARNING"), (True, "INFO")])
+def test_trains_controller_and_workers_log_at_warning_unless_verbose(verbose, level, fresh_levels, monkeypatch):
+    """The trainer hands Ray Train a LoggingConfig: its console lines (the worker group's pids, each
+    validation task) only with --verbose; its system log files keep every level either way."""
+    from pipeline.train.trainer import build_trainer
+
+    for var in ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "VAEPIPE_SET_START_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)  # build_trainer sets them: put back as they were
+
+    cfg = load_config(None, [f"tracking.verbose={verbose}"])
+    trainer = build_trainer(cfg, {"config": {}}, "console-test", ())
+    assert trainer.run_config.logging_config.log_level == level
