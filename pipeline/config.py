@@ -266,6 +266,10 @@ class TrainConfig:
     """Keep an exponential moving average of the weights at this rate; validation, image grids,
     export and registration use it (``pipeline/train/ema.py``). Unset: the family's default
     (vdvae 0.9999, as VDVAE; 0 = off for the others)."""
+    ema_warmup: bool = True
+    """The average's rate rises to ``ema_rate`` as min(ema_rate, (1 + n) / (10 + n)) after n
+    updates (TensorFlow's ``num_updates``), so the initial weights do not stay in it; false: the
+    fixed rate from the first update."""
     max_consecutive_skips: int = 50
     """Non-finite losses in a row (all ranks skip each) before the run counts as diverged."""
     on_divergence: Literal["fail", "rollback"] = "fail"

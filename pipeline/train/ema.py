@@ -12,6 +12,12 @@ suffer. The average is kept here, beside the engine, never inside the model:
   size; under ZeRO 0-2 the average is whole on every rank, so rank 0's file serves any world size.
 
 The average is kept in fp32 whatever the engine's precision, as VDVAE keeps its EMA model.
+
+With ``warmup`` (``train.ema_warmup``, on by default) the rate after n updates is
+``min(rate, (1 + n) / (10 + n))``, TensorFlow's ``ExponentialMovingAverage`` with ``num_updates``:
+at a fixed rate the random initial weights keep a share rate^n of the average (13 % after 200
+steps at 0.99, 82 % after 2,000 at VDVAE's 0.9999), which a run shorter than the average's memory
+releases as its model.
 """
 
 from __future__ import annotations
@@ -31,20 +37,25 @@ def owned_storage(p: torch.nn.Parameter) -> torch.Tensor:
 
 
 class WeightEMA:
-    """shadow <- rate * shadow + (1 - rate) * weights after every optimizer step."""
+    """shadow <- r * shadow + (1 - r) * weights after every optimizer step, r = ``rate_now()``."""
 
-    def __init__(self, module: torch.nn.Module, rate: float) -> None:
+    def __init__(self, module: torch.nn.Module, rate: float, warmup: bool = True) -> None:
         if not 0.0 < rate < 1.0:
             raise ValueError(f"train.ema_rate must be in (0, 1) to keep an average, got {rate!r}")
-        self.rate = float(rate)
+        self.rate, self.warmup = float(rate), warmup
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.shadow = [owned_storage(p).detach().float().clone() for p in self.params]
         self.updates = 0
 
+    def rate_now(self) -> float:
+        """The rate of the next update: ``rate``, or lower during the warm-up."""
+        return min(self.rate, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.rate
+
     @torch.no_grad()
     def update(self) -> None:
+        rate = self.rate_now()
         for avg, p in zip(self.shadow, self.params):
-            avg.lerp_(owned_storage(p).float(), 1.0 - self.rate)
+            avg.lerp_(owned_storage(p).float(), 1.0 - rate)
         self.updates += 1
 
     @contextlib.contextmanager

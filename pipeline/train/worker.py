@@ -212,7 +212,7 @@ def build_worker(loop_config: dict, ctx: Any) -> Worker:
     worker = Worker(cfg, engine, stream, TrainState(), log, device, rank, world, precision,
                     fault=loop_config.get("fault", {}), aux=aux, objective=objective_name(cfg.model),
                     clock=clock_for(cfg.train.phase_timers, use_cuda), growth=growth,
-                    ema=WeightEMA(engine.module, cfg.train.ema_rate) if cfg.train.ema_rate else None,
+                    ema=WeightEMA(engine.module, cfg.train.ema_rate, cfg.train.ema_warmup) if cfg.train.ema_rate else None,
                     run_dir=loop_config.get("run_dir"), ctx=ctx)
     activate(worker.clock)
     # what Ray's OMP_NUM_THREADS gave each rank, and whether glibc keeps freed memory

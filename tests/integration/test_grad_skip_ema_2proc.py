@@ -47,7 +47,8 @@ def _train(rank: int, world: int, zero_stage: int) -> dict:
             gate.threshold = 100.0 * gate.last_norm  # far above an ordinary step, far below step 2's
         ema.update()
         snapshots.append(gathered_state_dict(engine.module))
-        expected = {k: RATE * v + (1 - RATE) * snapshots[-1][k] for k, v in expected.items()}
+        rate = min(RATE, (1 + step) / (10 + step))  # the warm-up (train.ema_warmup): 0.1, 0.18, ... after `step` updates
+        expected = {k: rate * v + (1 - rate) * snapshots[-1][k] for k, v in expected.items()}
     with ema.applied():
         averaged = gathered_state_dict(engine.module)
     restored = gathered_state_dict(engine.module)
