@@ -412,12 +412,12 @@ def run_sweep(cfg: VaepipeConfig, space: dict, resume: Optional[str] = None,
     else:
         from pipeline.sweep_progress import SweepProgress
 
-        total = len(points) if points is not None else cfg.tune.num_samples * grid_size(space)
+        samples = len(points) if points is not None else cfg.tune.num_samples
+        total = samples if points is not None else samples * grid_size(space)  # grid keys multiply the samples
         tuner = tune.Tuner(
             trainable,
             param_space=build_param_space(space, grid_as_choice=points is not None),
-            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode,
-                                        num_samples=len(points) if points is not None else cfg.tune.num_samples,
+            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=samples,
                                         scheduler=_scheduler(cfg, space), search_alg=_search_alg(cfg, points, cap),
                                         max_concurrent_trials=cap),
             run_config=tune.RunConfig(name=name, storage_path=storage,

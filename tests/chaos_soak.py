@@ -90,8 +90,6 @@ def check_against_reference(reference: Record, chaos: Record) -> None:
     """The interrupted run is the uninterrupted one: bit-for-bit final weights (CPU, fp32, ZeRO
     0-2), the same loss at every step, the same images (key and step), LoggedModels (steps) and
     committed checkpoints (steps), and nothing held twice."""
-    import torch
-
     assert not duplicates(chaos), f"held twice: {duplicates(chaos)}"
     differ = {s: (v, chaos.loss.get(s)) for s, v in reference.loss.items() if chaos.loss.get(s) != v}
     assert not differ, f"loss differs from the uninterrupted run at steps {sorted(differ)[:10]}: {differ}"
@@ -99,8 +97,15 @@ def check_against_reference(reference: Record, chaos: Record) -> None:
     assert set(chaos.images) == set(reference.images), (sorted(set(reference.images) ^ set(chaos.images)))
     assert chaos.model_steps == reference.model_steps, (chaos.model_steps, reference.model_steps)
     assert chaos.checkpoint_steps == reference.checkpoint_steps, (chaos.checkpoint_steps, reference.checkpoint_steps)
-    assert chaos.weights.keys() == reference.weights.keys()
-    changed = [k for k, v in reference.weights.items() if not torch.equal(chaos.weights[k], v)]
+    assert_same_weights(reference.weights, chaos.weights)
+
+
+def assert_same_weights(reference: dict, weights: dict) -> None:
+    """Bit for bit the same tensors under the same names."""
+    import torch
+
+    assert weights.keys() == reference.keys()
+    changed = [k for k, v in reference.items() if not torch.equal(weights[k], v)]
     assert not changed, f"final weights differ: {changed}"
 
 

@@ -11,8 +11,10 @@ it (bf16 weights and activations, an fp32 master copy that Adam updates), not wi
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -59,29 +61,41 @@ def run_baseline(cfg: VaepipeConfig, data: torch.Tensor, steps: int, warmup: int
     ``torch.compile`` (inductor, compiled during the first warm-up step); ``channels_last``: its
     convolutions on NHWC input as vaepipe runs them (``train.channels_last``), which a plain
     loop does not do."""
-    from models import build_model
-    from pipeline.train.memory_format import apply_channels_last
-
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(total_threads(cfg))
-    try:
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model)
-        if channels_last:
-            apply_channels_last(model)
-        opt = MasterWeights(model, cfg) if cfg.train.precision == "bf16" else PlainAdam(model, cfg)
+    with bare_threads(cfg):
+        model, opt = build_bare(cfg, channels_last)
         if compiled:
             model.compile()  # in place: the parameters (and Adam's references to them) stay the same
         batch = global_batch(cfg)
-        _steps(cfg, model, opt, data, batch, warmup, PhaseClock())
+        train_steps(cfg, model, opt, data, batch, warmup, PhaseClock())
         clock = PhaseClock()
         t0 = time.perf_counter()
-        _steps(cfg, model, opt, data, batch, steps, clock)
+        train_steps(cfg, model, opt, data, batch, steps, clock)
         elapsed = time.perf_counter() - t0
         return BaselineResult(steps * batch / elapsed, clock.take(steps), total_threads(cfg), batch, compiled,
                               channels_last)
+
+
+@contextlib.contextmanager
+def bare_threads(cfg: VaepipeConfig) -> Iterator[None]:
+    """The loop's threads: as many as the pipeline's workers have CPUs in total; put back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(total_threads(cfg))
+    try:
+        yield
     finally:
-        torch.set_num_threads(threads_before)
+        torch.set_num_threads(before)
+
+
+def build_bare(cfg: VaepipeConfig, channels_last: bool = False) -> tuple[torch.nn.Module, "PlainAdam"]:
+    """The model from ``train.seed`` and its optimizer, as a user's loop builds them."""
+    from models import build_model
+    from pipeline.train.memory_format import apply_channels_last
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    if channels_last:
+        apply_channels_last(model)
+    return model, MasterWeights(model, cfg) if cfg.train.precision == "bf16" else PlainAdam(model, cfg)
 
 
 class PlainAdam:
@@ -125,7 +139,10 @@ class MasterWeights(PlainAdam):
                 p.copy_(m)
 
 
-def _steps(cfg, model, opt, data: torch.Tensor, batch: int, steps: int, clock: PhaseClock) -> None:
+def train_steps(cfg, model, opt, data: torch.Tensor, batch: int, steps: int, clock: PhaseClock,
+                fresh_bits: bool = False) -> None:
+    """``steps`` optimizer steps on random permutations of ``data``; ``fresh_bits``: a new Bernoulli
+    draw of each batch's grey levels (dynamic binarisation, which the stream draws per epoch)."""
     if len(data) < batch:
         raise ValueError(f"the baseline needs at least one global batch ({batch} images); {cfg.data.path} gave {len(data)}")
     perm, pos = torch.randperm(len(data)), 0
@@ -133,7 +150,8 @@ def _steps(cfg, model, opt, data: torch.Tensor, batch: int, steps: int, clock: P
         with clock.phase("data_wait"):
             if pos + batch > len(data):
                 perm, pos = torch.randperm(len(data)), 0
-            x = data[perm[pos:pos + batch]].to(opt.dtype)
+            x = data[perm[pos:pos + batch]]
+            x = (torch.bernoulli(x) if fresh_bits else x).to(opt.dtype)
             pos += batch
         with clock.phase("forward"):
             loss = model(x, beta=cfg.model.beta, free_bits=cfg.schedule.free_bits)["loss"]

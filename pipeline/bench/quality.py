@@ -81,30 +81,14 @@ def pipeline_blob(cfg: VaepipeConfig) -> dict:
 
 def bare_blob(cfg: VaepipeConfig, data: torch.Tensor, steps: int) -> dict:
     """Train ``cfg`` in the bare loop from ``cfg.train.seed``; its weights as the evaluation reads them."""
-    from models import build_model
-    from pipeline.bench.baseline import MasterWeights, PlainAdam, global_batch, total_threads
+    from pipeline.bench.baseline import bare_threads, build_bare, global_batch, train_steps
     from pipeline.train.export import weights_blob
+    from pipeline.train.timers import PhaseClock
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(total_threads(cfg))
-    try:
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model)
-        opt = MasterWeights(model, cfg) if cfg.train.precision == "bf16" else PlainAdam(model, cfg)
-        batch, dynamic = global_batch(cfg), cfg.data.binarize == "dynamic"
-        perm, pos = torch.randperm(len(data)), 0
-        for _ in range(steps):
-            if pos + batch > len(data):
-                perm, pos = torch.randperm(len(data)), 0
-            x = data[perm[pos:pos + batch]]
-            pos += batch
-            x = torch.bernoulli(x) if dynamic else x
-            loss = model(x.to(opt.dtype), beta=cfg.model.beta, free_bits=cfg.schedule.free_bits)["loss"]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    with bare_threads(cfg):
+        model, opt = build_bare(cfg)
+        train_steps(cfg, model, opt, data, global_batch(cfg), steps, PhaseClock(),
+                    fresh_bits=cfg.data.binarize == "dynamic")
     state = {k: v.detach().float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     return weights_blob({"name": cfg.model.name, **dict(getattr(model, "config", {}) or to_dict(cfg)["model"])},
                         state, to_dict(cfg))

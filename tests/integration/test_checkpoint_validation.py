@@ -55,13 +55,13 @@ def test_validation_equals_the_elbo_of_the_checkpoint_weights_computed_here(run)
     from models import build_model
     from pipeline.data.stream import ShardStream
     from pipeline.evaluate.runner import SEED_STREAMS, sample_seed
+    from pipeline.train import weights_only
     from pipeline.train.checkpoint import CKPT_TAG, STATE_FILE
 
     ckpt = Path(run.result.checkpoint_path)
     assert json.loads((ckpt / STATE_FILE).read_text())["train_state"]["step"] == 12
     model = build_model(run.cfg.model)
-    states = torch.load(ckpt / CKPT_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    model.load_state_dict(states["module"])
+    model.load_state_dict(weights_only.load(str(ckpt / CKPT_TAG / "mp_rank_00_model_states.pt"))["module"])
     model.eval()
     stream = ShardStream(run.cfg.data.path, "valid", 8, 32, 0, 1, num_workers=0)
     elbos = []

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import base_overrides, free_port, start_mlflow_server, stop_process
 from pipeline import logged_models
-from pipeline.logger import RankZeroLogger
+from pipeline.logger import RankZeroLogger, logged_images
 
 OUTAGE_S = float(os.environ.get("VAEPIPE_TEST_OUTAGE_S", "8"))
 
@@ -100,9 +100,10 @@ def test_training_survives_the_tracking_server_going_away(ray_session, shards32,
         steps = [m.step for m in make_client(uri).get_metric_history(result.run_id, "loss")]
         assert steps == list(range(2, 61, 2))  # every window once, none lost, none twice
         client = make_client(uri)
-        pngs = [a.path.rsplit("/", 1)[-1].split("+")[:3] for a in client.list_artifacts(result.run_id, "images")
-                if a.path.endswith(".png")]
-        assert sorted((k, int(st)) for k, _, st in pngs if k == "samples") == [("samples", 0), ("samples", 30), ("samples", 60)]
+        images = logged_images(client, result.run_id)
+        samples = {key: paths for key, paths in images.items() if key[0] == "samples"}
+        assert sorted(samples) == [("samples", 0), ("samples", 30), ("samples", 60)]
+        assert all(len(paths) == 1 for paths in samples.values()), samples  # each once
         run = client.get_run(result.run_id)
         assert {k.split("/")[1].split("-")[0] for k in run.data.metrics if k.startswith("system/")} == {"rank0", "rank1"}
         assert run.info.status == "FINISHED"

@@ -210,31 +210,20 @@ def uninterrupted(ray_session, shards32, tmp_path_factory, mlflow_server):
     overrides = base_overrides(shards32, tmp, tracking_uri=mlflow_server,
                                **{**RESUME_MATH, **RECORDS, "dist.zero_stage": 2})
     result = _train(overrides)
-    client = _client(result.tracking_uri)
-    return {"loss": dict(_metric_steps(client, result.run_id, "loss")),
-            "weights": _final_weights(Path(result.checkpoint_path)),
-            "record": read_record(client, result.run_id, result.run_dir),
+    return {"record": read_record(_client(result.tracking_uri), result.run_id, result.run_dir),
             "result": result, "overrides": overrides, "server": mlflow_server}
-
-
-def _final_weights(ckpt: Path) -> dict:
-    from chaos_soak import final_weights
-
-    return final_weights(ckpt)
 
 
 def _assert_resume_reproduces(uninterrupted: dict, result, resumed_from: int) -> None:
     """Deterministic resume (issue: reliability): from the restore on, the same loss at every step
     and, at the end, bit for bit the uninterrupted run's weights (CPU, fp32, ZeRO-2)."""
-    import torch
+    from chaos_soak import assert_same_weights, final_weights
 
+    reference = uninterrupted["record"]
     loss = dict(_metric_steps(_client(result.tracking_uri), result.run_id, "loss"))
-    after = {s: v for s, v in uninterrupted["loss"].items() if s > resumed_from}
+    after = {s: v for s, v in reference.loss.items() if s > resumed_from}
     assert after and {s: loss[s] for s in after} == after
-    weights = _final_weights(Path(result.checkpoint_path))
-    assert weights.keys() == uninterrupted["weights"].keys()
-    for k, v in uninterrupted["weights"].items():
-        assert torch.equal(weights[k], v), k
+    assert_same_weights(reference.weights, final_weights(result.checkpoint_path))
 
 
 def _kill_when_paused(marker: Path, timeout: float = 600.0) -> threading.Thread:
